@@ -1,0 +1,119 @@
+"""What the state machine takes in (events) and gives out (a ``Transition``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, JsonValue
+
+from saga_celery._core.model import Dispatch, ErrorInfo, EventType, Kind, SagaRun
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AttemptStarted(_Event):
+    """A task message for (kind, key, attempt) was received and wants to run."""
+
+    kind: Kind
+    key: str
+    attempt: int
+    lease_live: bool = False
+    """Whether some delivery of this attempt holds a live lease right now."""
+
+
+class AttemptSucceeded(_Event):
+    kind: Kind
+    key: str
+    attempt: int
+    output: JsonValue = None
+
+
+class AttemptFailed(_Event):
+    kind: Kind
+    key: str
+    attempt: int
+    error: ErrorInfo
+    retryable: bool = True
+    """False for ``NonRetryableError`` and outputs that cannot be stored."""
+    draw: float = 1.0
+    """Uniform random number in [0, 1] for full jitter (the core reads no randomness)."""
+    via_retry: bool = True
+    """The reporting task can send the retry itself with ``Task.retry``."""
+
+
+class TerminateRequested(_Event):
+    rollback: bool
+    reason: str = "terminated by request"
+
+
+class RetryRollbackRequested(_Event):
+    pass
+
+
+Event = (
+    AttemptStarted | AttemptSucceeded | AttemptFailed | TerminateRequested | RetryRollbackRequested
+)
+
+
+class Decision(StrEnum):
+    """What a received task message should do (answers ``AttemptStarted``)."""
+
+    RUN = "run"
+    WAIT = "wait"
+    """Another delivery of this attempt holds a live lease: come back later."""
+    SKIP = "skip"
+    """Nothing to run: a duplicate, a cancelled step, or an attempt that already ended."""
+
+
+@dataclass
+class Transition:
+    """The outcome of applying one event: the new run and what to do about it."""
+
+    run: SagaRun
+    changed: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+    decision: Decision | None = None
+    refusal: str | None = None
+    """Set, with nothing changed, when the event is not allowed in the saga's status."""
+
+
+@dataclass
+class Ctx:
+    """Working state of one ``apply``: a private copy of the run plus what it produced."""
+
+    run: SagaRun
+    now: datetime
+    origin: str = "saga"
+    changed: bool = False
+    events: list[dict[str, Any]] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+
+    def emit(self, type_: EventType, **fields: Any) -> None:
+        self.changed = True
+        self.events.append(
+            {"type": type_, "saga_id": self.run.id, "timestamp": self.now.isoformat(), **fields}
+        )
+
+    def dispatch(self, dispatch: Dispatch) -> None:
+        self.changed = True
+        self.run.outbox[dispatch.id] = dispatch
+        self.dispatches.append(dispatch)
+
+    def transition(self, decision: Decision | None = None) -> Transition:
+        return Transition(
+            run=self.run,
+            changed=self.changed,
+            events=self.events,
+            dispatches=self.dispatches,
+            decision=decision,
+        )
+
+
+def error_fields(error: ErrorInfo | None) -> dict[str, Any] | None:
+    return None if error is None else error.model_dump()

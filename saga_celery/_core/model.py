@@ -1,0 +1,265 @@
+"""The saga's recorded state: plain pydantic models, no I/O.
+
+A ``SagaRun`` is the whole truth about one saga: its plan (captured when it was started, so
+a redeploy never changes a running saga), every step's attempts, the rollback's progress,
+and the outbox of task messages that are due to be sent.  The store persists it as one
+JSON document; the state machine in ``machine.py`` turns one ``SagaRun`` and one event into
+the next.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+
+class SagaStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    ROLLING_BACK = "rolling_back"
+    COMPLETE = "complete"
+    ERRORED = "errored"
+    TERMINATED = "terminated"
+
+
+TERMINAL_STATUSES: frozenset[SagaStatus] = frozenset(
+    {SagaStatus.COMPLETE, SagaStatus.ERRORED, SagaStatus.TERMINATED}
+)
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ERRORED = "errored"
+    CANCELLED = "cancelled"
+
+
+class RollbackStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETE = "complete"
+    ERRORED = "errored"
+
+
+class Kind(StrEnum):
+    """What a task message runs: a forward step or its rollback handler."""
+
+    STEP = "step"
+    ROLLBACK = "rollback"
+
+
+class Backoff(StrEnum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    EXPONENTIAL = "exponential"
+
+
+class RollbackMode(StrEnum):
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+
+class OnRollbackError(StrEnum):
+    HALT = "halt"
+    CONTINUE = "continue"
+
+
+class RollbackOutcome(StrEnum):
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ErrorInfo(_Frozen):
+    """An error as it appears everywhere: the exception's class name and ``str()``."""
+
+    type: str
+    message: str
+    step: str | None = None
+    """The failing step's name, where the error belongs to one (saga and rollback errors)."""
+
+
+class Policy(_Frozen):
+    """A resolved retry-and-timeout policy, in milliseconds (the core's unit of time)."""
+
+    limit: int
+    delay_ms: float
+    backoff: Backoff
+    max_delay_ms: float | None = None
+    jitter: bool = False
+    timeout_ms: float
+
+
+class StepSpec(_Frozen):
+    """One step of the plan: what to run, with which arguments, and how to undo it."""
+
+    key: str
+    """Unique within the saga: ``"<name>#<count>"``."""
+    name: str
+    count: int
+    stage: int
+    index: int
+    """Position within its stage (declaration order)."""
+    task: str
+    """Celery task name of the step."""
+    args: list[JsonValue] = Field(default_factory=list)
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+    immutable: bool = False
+    in_group: bool = False
+    """Declared inside a ``group``: the stage's output is then a list."""
+    policy: Policy
+    rollback_task: str | None = None
+    rollback_policy: Policy | None = None
+
+
+class Plan(_Frozen):
+    stages: list[list[StepSpec]]
+    rollback_mode: RollbackMode = RollbackMode.SEQUENTIAL
+    on_rollback_error: OnRollbackError = OnRollbackError.HALT
+
+    def spec(self, key: str) -> StepSpec:
+        for stage in self.stages:
+            for spec in stage:
+                if spec.key == key:
+                    return spec
+        raise KeyError(key)
+
+
+class AttemptRecord(_Record):
+    attempt: int
+    started_at: datetime
+    ended_at: datetime | None = None
+    success: bool | None = None
+    error: ErrorInfo | None = None
+    losses: int = 0
+    """How many times a worker died while running this attempt (redelivered each time)."""
+
+
+class RollbackRun(_Record):
+    status: RollbackStatus = RollbackStatus.PENDING
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    budget_base: int = 1
+    """Attempt number that opened the current retry budget (``retry_rollback`` opens a new one)."""
+    next_attempt: int | None = None
+    """The attempt a message has been sent for and that has not started yet."""
+
+
+class StepRun(_Record):
+    key: str
+    name: str
+    count: int
+    stage: int
+    start_seq: int | None = None
+    status: StepStatus = StepStatus.PENDING
+    output: JsonValue = None
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+    next_attempt: int | None = None
+    """The attempt a message has been sent for and that has not started yet."""
+    rollback: RollbackRun | None = None
+
+
+class RollbackProgress(_Record):
+    outcome: RollbackOutcome | None = None
+    error: ErrorInfo | None = None
+    total_steps: int
+    completed_steps: int = 0
+    order: list[str]
+    """Step keys in the order their handlers run: reverse step-start order."""
+    trigger_error: ErrorInfo
+
+
+class Dispatch(_Frozen):
+    """A task message that is due to be sent: the outbox entry written with the transition.
+
+    It stays in the outbox until the attempt it carries starts, so a message lost between
+    the transition and the send (a crash, a broker hiccup) is sent again by a redelivery or
+    by the recovery sweeper; the receiving side drops duplicates.
+    """
+
+    kind: Kind
+    key: str
+    attempt: int
+    due_at: datetime
+    retries: int
+    """Celery's ``request.retries`` for this message: retries so far in the current budget."""
+    origin: str
+    """Which recorded event produced it (``"<kind>:<key>:<attempt>"`` or ``"saga"``)."""
+    via_retry: bool = False
+    """Send it with ``Task.retry`` from the task that just failed (the normal retry path)."""
+
+    @property
+    def id(self) -> str:
+        return dispatch_id(self.kind, self.key, self.attempt)
+
+
+def dispatch_id(kind: Kind, key: str, attempt: int) -> str:
+    return f"{kind.value}:{key}:{attempt}"
+
+
+class Termination(_Record):
+    rollback: bool
+    error: ErrorInfo
+
+
+class SagaRun(_Record):
+    id: str
+    name: str
+    status: SagaStatus = SagaStatus.QUEUED
+    params: JsonValue = None
+    output: JsonValue = None
+    error: ErrorInfo | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    plan: Plan
+    steps: dict[str, StepRun]
+    next_seq: int = 1
+    rollback: RollbackProgress | None = None
+    terminate: Termination | None = None
+    outbox: dict[str, Dispatch] = Field(default_factory=dict)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def failing(self) -> bool:
+        """True once the saga failed or was told to stop: no forward step may start."""
+        return self.error is not None or self.terminate is not None
+
+
+EventType = Literal[
+    "saga_queued",
+    "saga_started",
+    "saga_completed",
+    "saga_errored",
+    "saga_terminated",
+    "step_started",
+    "step_completed",
+    "step_errored",
+    "attempt_started",
+    "attempt_completed",
+    "attempt_errored",
+    "rollback_started",
+    "rollback_step_started",
+    "rollback_step_completed",
+    "rollback_step_errored",
+    "rollback_attempt_started",
+    "rollback_attempt_completed",
+    "rollback_attempt_errored",
+    "rollback_completed",
+    "rollback_errored",
+    "terminate_requested",
+]

@@ -1,0 +1,78 @@
+"""Every error saga_celery raises, under one root.
+
+    SagaError
+    ├── SagaConfigError          (also ValueError)  bad retries/timeout/options, at decoration
+    ├── SagaDefinitionError      (also ValueError)  a saga with no steps, a rollback twice, ...
+    ├── SagaNotFoundError        (also LookupError) no saga with that id
+    ├── SagaConflictError                           a saga id reused with different params
+    ├── SagaStateError                              an operation the saga's status forbids
+    ├── StepOutputError                             a step output that cannot be stored
+    │   ├── OutputNotSerializableError
+    │   └── OutputTooLargeError
+    └── SagaStoreError                              the saga store failed
+        ├── SagaStoreUnavailableError (also ConnectionError)  Redis cannot be reached
+        └── SagaCorruptStateError                   a stored record is not saga_celery's
+
+    NonRetryableError  raised by user code in a step or rollback handler: do not retry.
+
+Errors carry structured attributes (``saga_id``, ``step``) where they belong to one.
+"""
+
+from __future__ import annotations
+
+
+class SagaError(Exception):
+    """Root of every error saga_celery raises."""
+
+    def __init__(self, message: str, *, saga_id: str | None = None, step: str | None = None):
+        super().__init__(message)
+        self.saga_id = saga_id
+        self.step = step
+
+
+class SagaConfigError(SagaError, ValueError):
+    """A step's or rollback's configuration is invalid (raised when the module is imported)."""
+
+
+class SagaDefinitionError(SagaError, ValueError):
+    """A saga or step is declared in a way that cannot run."""
+
+
+class SagaNotFoundError(SagaError, LookupError):
+    """No saga with that id exists (or its retention expired)."""
+
+
+class SagaConflictError(SagaError):
+    """A saga id was reused with different params or a different saga."""
+
+
+class SagaStateError(SagaError):
+    """The saga's status does not allow the requested operation."""
+
+
+class StepOutputError(SagaError):
+    """A step returned an output saga_celery cannot store; the saga fails and rolls back."""
+
+
+class OutputNotSerializableError(StepOutputError):
+    """The step's output is not JSON-serializable."""
+
+
+class OutputTooLargeError(StepOutputError):
+    """The step's JSON output is larger than ``SagaApp(max_output_bytes=...)``."""
+
+
+class SagaStoreError(SagaError):
+    """The saga store failed to read or write saga state."""
+
+
+class SagaStoreUnavailableError(SagaStoreError, ConnectionError):
+    """The saga store (Redis) cannot be reached."""
+
+
+class SagaCorruptStateError(SagaStoreError):
+    """A record under the saga key prefix is not a saga_celery record this version can read."""
+
+
+class NonRetryableError(Exception):
+    """Raise it in a step or rollback handler to skip the remaining retries."""
