@@ -1,0 +1,7 @@
+"""Where saga runs, their events and their leases are kept: Redis, or memory in tests."""
+
+from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
+from saga_celery._store.memory import MemoryStore
+from saga_celery._store.redis import RedisStore
+
+__all__ = ["LeaseAction", "LeaseChange", "MemoryStore", "RedisStore", "SagaStore", "Snapshot"]

@@ -1,0 +1,98 @@
+"""The saga store interface: where ``SagaRun`` documents, their events and leases live.
+
+Every write of one saga is one atomic compare-and-set on the saga's version, together with
+the lifecycle events it records and the lease it takes or gives back, so a transition is
+either wholly recorded or not at all.  Implementations: ``RedisStore`` (production, and
+fakeredis in fast tests) and ``MemoryStore`` (the in-memory twin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from saga_celery._core.model import SagaRun
+
+EventDict = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A saga as loaded: the run, the version to compare-and-set against, and a lease."""
+
+    run: SagaRun
+    version: int
+    lease_holder: str | None = None
+    """Token holding the lease asked for in ``load(lease=...)``, or None if free/expired."""
+
+
+class LeaseAction(StrEnum):
+    ACQUIRE = "acquire"
+    RELEASE = "release"
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseChange:
+    """A lease taken (only if free) or given back (only by its holder) with a commit."""
+
+    name: str
+    token: str
+    action: LeaseAction
+    ttl_ms: int = 0
+
+
+class SagaStore(Protocol):
+    """Persistence for saga runs.  All methods raise ``SagaStoreError`` subclasses only."""
+
+    def ping(self) -> None:
+        """Raise ``SagaStoreUnavailableError`` if the store cannot be reached."""
+
+    def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
+        """Store a new run at version 1 with its first events; False if the id exists."""
+
+    def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
+        """The run and its version (None if unknown), and who holds ``lease`` if asked."""
+
+    def commit(
+        self,
+        run: SagaRun,
+        *,
+        version: int,
+        events: Sequence[EventDict],
+        lease: LeaseChange | None = None,
+        terminal: bool = False,
+    ) -> bool:
+        """Write ``run`` as version+1 if the stored version is still ``version``.
+
+        Appends ``events`` to the saga's event stream in order, applies ``lease`` (an
+        acquire fails the whole commit if another token holds the lease), and when
+        ``terminal`` drops the saga from the active index and starts its retention clock.
+        Returns False, writing nothing, on a version or lease conflict.
+        """
+
+    def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:
+        """Extend a lease this token holds; False if it no longer holds it."""
+
+    def release_lease(self, saga_id: str, name: str, token: str) -> bool:
+        """Give back a lease this token holds; False if it did not hold it."""
+
+    def read_events(
+        self,
+        saga_id: str,
+        *,
+        after: str = "0",
+        count: int | None = None,
+        block_ms: int | None = None,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Events after stream id ``after``, oldest first, waiting up to ``block_ms``."""
+
+    def active_ids(self, limit: int = 1000) -> list[str]:
+        """Ids of sagas that may not be terminal yet, oldest first (a superset)."""
+
+    def list_ids(self, limit: int = 100) -> list[str]:
+        """Ids of known sagas, newest first."""
+
+    def forget_active(self, saga_id: str) -> None:
+        """Drop an id from the active index (the sweeper found it terminal or gone)."""

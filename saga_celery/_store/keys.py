@@ -1,0 +1,64 @@
+"""Every Redis key and field name saga_celery writes, in one place.
+
+Per saga, all keys carry the hash tag ``{<id>}`` so Redis Cluster puts them in one slot and
+one Lua script may touch them all::
+
+    <prefix>{<id>}:state          hash    v = version (int), d = the SagaRun JSON
+    <prefix>{<id>}:events         stream  one field, e = the event's JSON
+    <prefix>{<id>}:lease:<name>   string  the holder's token, with a PX time to live
+
+Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster works)::
+
+    <prefix>index                 zset    every saga id, score = created_at in epoch ms
+    <prefix>active                zset    ids that may not be terminal yet, same score
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saga_celery._core.model import SagaRun
+
+DEFAULT_PREFIX = "saga:"
+
+VERSION_FIELD = "v"
+DATA_FIELD = "d"
+EVENT_FIELD = "e"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Key names under one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if "{" in self.prefix or "}" in self.prefix:
+            # Cluster hashes the first {...} of a key: a brace in the prefix would hide the
+            # saga's own hash tag and scatter one saga's keys over several slots.
+            raise ValueError(f"a saga key prefix may not contain '{{' or '}}': {self.prefix!r}")
+
+    def state(self, saga_id: str) -> str:
+        return f"{self._tagged(saga_id)}:state"
+
+    def events(self, saga_id: str) -> str:
+        return f"{self._tagged(saga_id)}:events"
+
+    def lease(self, saga_id: str, name: str) -> str:
+        return f"{self._tagged(saga_id)}:lease:{name}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}index"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}active"
+
+    def _tagged(self, saga_id: str) -> str:
+        return f"{self.prefix}{{{saga_id}}}"
+
+
+def index_score(run: SagaRun) -> int:
+    """The score of a saga in the index and active sets: its creation time in epoch ms."""
+    return int(run.created_at.timestamp() * 1000)

@@ -1,0 +1,227 @@
+"""``MemoryStore``: the in-memory twin of ``RedisStore``, for fast tests.
+
+Same semantics, under one lock: runs are kept as their JSON (so a load round-trips exactly
+as from Redis), version and lease conflicts write nothing, leases and retention expire by
+an injected clock, and ``read_events(block_ms=...)`` waits on a condition.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic_core import PydanticSerializationError, to_json
+
+from saga_celery._core.model import SagaRun
+from saga_celery._errors import SagaConfigError, SagaStoreError
+from saga_celery._store.base import EventDict, LeaseAction, LeaseChange, Snapshot
+from saga_celery._store.keys import index_score
+
+
+@dataclass
+class _Record:
+    version: int
+    data: str
+    events: list[tuple[tuple[int, int], str]] = field(default_factory=list)
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class _Lease:
+    token: str
+    expires_at: float
+
+
+class MemoryStore:
+    """A ``SagaStore`` in plain dicts; ``clock`` (seconds) drives leases and retention."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, retention_ms: int | None = None
+    ) -> None:
+        if retention_ms is not None and retention_ms <= 0:
+            raise SagaConfigError(f"retention_ms must be positive or None, not {retention_ms}")
+        self._clock = clock
+        self._retention_ms = retention_ms
+        self._changed = threading.Condition(threading.Lock())
+        self._records: dict[str, _Record] = {}
+        self._leases: dict[tuple[str, str], _Lease] = {}
+        self._index: dict[str, int] = {}
+        self._active: dict[str, int] = {}
+        self._last_event = 0
+
+    def ping(self) -> None:
+        return None
+
+    def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
+        encoded = _encode_events(run.id, events)
+        with self._changed:
+            self._index.setdefault(run.id, index_score(run))
+            self._active.setdefault(run.id, index_score(run))
+            if self._record(run.id) is not None:
+                return False
+            record = _Record(version=1, data=run.model_dump_json())
+            self._records[run.id] = record
+            self._append(record, encoded)
+            return True
+
+    def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
+        with self._changed:
+            record = self._record(saga_id)
+            if record is None:
+                return None
+            holder = self._holder(saga_id, lease) if lease is not None else None
+            version, data = record.version, record.data
+        return Snapshot(run=SagaRun.model_validate_json(data), version=version, lease_holder=holder)
+
+    def commit(
+        self,
+        run: SagaRun,
+        *,
+        version: int,
+        events: Sequence[EventDict],
+        lease: LeaseChange | None = None,
+        terminal: bool = False,
+    ) -> bool:
+        if lease is not None and lease.action is LeaseAction.ACQUIRE:
+            _check_ttl(lease.ttl_ms)
+        encoded = _encode_events(run.id, events)
+        with self._changed:
+            record = self._record(run.id)
+            if record is None or record.version != version or self._lease_taken(run.id, lease):
+                # As in Redis, where the index update rides in the same pipeline regardless.
+                self._active.setdefault(run.id, index_score(run))
+                return False
+            record.version, record.data = version + 1, run.model_dump_json()
+            self._append(record, encoded)
+            self._apply_lease(run.id, lease)
+            self._finish(run, record, terminal)
+            return True
+
+    def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:
+        _check_ttl(ttl_ms)
+        with self._changed:
+            if self._holder(saga_id, name) != token:
+                return False
+            self._leases[saga_id, name] = _Lease(token, self._clock() + ttl_ms / 1000)
+            return True
+
+    def release_lease(self, saga_id: str, name: str, token: str) -> bool:
+        with self._changed:
+            if self._holder(saga_id, name) != token:
+                return False
+            del self._leases[saga_id, name]
+            return True
+
+    def read_events(
+        self,
+        saga_id: str,
+        *,
+        after: str = "0",
+        count: int | None = None,
+        block_ms: int | None = None,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        if count is not None and count < 1:
+            raise ValueError(f"count must be positive or None, not {count}")
+        start = _parse_stream_id(saga_id, after)
+        timeout = max(block_ms or 0, 0) / 1000
+        with self._changed:
+            self._changed.wait_for(lambda: bool(self._newer(saga_id, start)), timeout)
+            entries = self._newer(saga_id, start)
+        if count is not None:
+            entries = entries[:count]
+        return [(f"{ms}-{seq}", json.loads(data)) for (ms, seq), data in entries]
+
+    def active_ids(self, limit: int = 1000) -> list[str]:
+        with self._changed:
+            ranked = sorted(self._active.items(), key=lambda item: (item[1], item[0]))
+        return [saga_id for saga_id, _ in ranked[: max(limit, 0)]]
+
+    def list_ids(self, limit: int = 100) -> list[str]:
+        with self._changed:
+            ranked = sorted(self._index.items(), key=lambda item: (item[1], item[0]), reverse=True)
+        return [saga_id for saga_id, _ in ranked[: max(limit, 0)]]
+
+    def forget_active(self, saga_id: str) -> None:
+        with self._changed:
+            self._active.pop(saga_id, None)
+
+    # -- helpers (called with the lock held) ----------------------------------------------
+
+    def _record(self, saga_id: str) -> _Record | None:
+        record = self._records.get(saga_id)
+        expires_at = record.expires_at if record is not None else None
+        if expires_at is not None and self._clock() >= expires_at:
+            del self._records[saga_id]
+            return None
+        return record
+
+    def _holder(self, saga_id: str, name: str) -> str | None:
+        lease = self._leases.get((saga_id, name))
+        if lease is None:
+            return None
+        if self._clock() >= lease.expires_at:
+            del self._leases[saga_id, name]
+            return None
+        return lease.token
+
+    def _lease_taken(self, saga_id: str, lease: LeaseChange | None) -> bool:
+        if lease is None or lease.action is not LeaseAction.ACQUIRE:
+            return False
+        return self._holder(saga_id, lease.name) not in (None, lease.token)
+
+    def _apply_lease(self, saga_id: str, lease: LeaseChange | None) -> None:
+        if lease is None:
+            return
+        if lease.action is LeaseAction.ACQUIRE:
+            expires_at = self._clock() + lease.ttl_ms / 1000
+            self._leases[saga_id, lease.name] = _Lease(lease.token, expires_at)
+        elif self._holder(saga_id, lease.name) == lease.token:
+            del self._leases[saga_id, lease.name]
+
+    def _finish(self, run: SagaRun, record: _Record, terminal: bool) -> None:
+        if terminal:
+            self._active.pop(run.id, None)
+            if self._retention_ms is not None:
+                record.expires_at = self._clock() + self._retention_ms / 1000
+                return
+        else:
+            self._active.setdefault(run.id, index_score(run))
+        record.expires_at = None
+
+    def _append(self, record: _Record, encoded: list[str]) -> None:
+        for data in encoded:
+            self._last_event += 1
+            record.events.append(((self._last_event, 0), data))
+        if encoded:
+            self._changed.notify_all()
+
+    def _newer(self, saga_id: str, start: tuple[int, int]) -> list[tuple[tuple[int, int], str]]:
+        record = self._record(saga_id)
+        if record is None:
+            return []
+        return [entry for entry in record.events if entry[0] > start]
+
+
+def _check_ttl(ttl_ms: int) -> None:
+    if ttl_ms <= 0:
+        raise ValueError(f"a lease's ttl_ms must be positive, not {ttl_ms}")
+
+
+def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[str]:
+    try:
+        return [to_json(dict(event)).decode() for event in events]
+    except PydanticSerializationError as exc:
+        raise SagaStoreError(f"An event is not JSON-serializable: {exc}", saga_id=saga_id) from exc
+
+
+def _parse_stream_id(saga_id: str, stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError as exc:
+        message = f"Invalid stream id {stream_id!r}: expected '<ms>-<seq>'"
+        raise SagaStoreError(message, saga_id=saga_id) from exc

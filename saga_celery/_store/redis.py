@@ -1,0 +1,392 @@
+"""``RedisStore``: saga runs, events and leases in Redis, one round trip per operation.
+
+Each write of one saga is one Lua script over that saga's hash-tagged keys (see
+``scripts.py``), sent in one pipeline with the updates of the global index sets, which stay
+out of the scripts so that Redis Cluster can run them.  The index sets are therefore only
+eventually exact: ``active`` is kept a superset of the non-terminal sagas.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
+
+import redis
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError, to_json
+from redis.client import Pipeline
+from redis.commands.core import Script
+
+from saga_celery._core.model import SagaRun
+from saga_celery._errors import (
+    SagaConfigError,
+    SagaCorruptStateError,
+    SagaError,
+    SagaStoreError,
+    SagaStoreUnavailableError,
+)
+from saga_celery._store import scripts
+from saga_celery._store.base import EventDict, LeaseAction, LeaseChange, Snapshot
+from saga_celery._store.keys import (
+    DATA_FIELD,
+    DEFAULT_PREFIX,
+    EVENT_FIELD,
+    VERSION_FIELD,
+    KeySpace,
+    index_score,
+)
+
+DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+"""How long a terminal saga's state and events are kept: a week."""
+
+_FIX_CORRUPT = (
+    "The key under the saga prefix was not written by this version of saga_celery: "
+    "delete it, or give saga_celery a key prefix of its own."
+)
+
+
+class RedisStore:
+    """The production ``SagaStore``; works with ``fakeredis.FakeRedis`` clients too."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention_ms: int | None = DEFAULT_RETENTION_MS,
+    ) -> None:
+        self._client = client
+        try:
+            self._keys = KeySpace(prefix)
+        except ValueError as exc:
+            raise SagaConfigError(str(exc)) from exc
+        self._retention_ms = _check_retention(retention_ms)
+        self._where = _describe(client)
+        self._create = client.register_script(scripts.CREATE)
+        self._commit = client.register_script(scripts.COMMIT)
+        self._renew = client.register_script(scripts.RENEW_LEASE)
+        self._release = client.register_script(scripts.RELEASE_LEASE)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        retention_ms: int | None = DEFAULT_RETENTION_MS,
+        socket_timeout: float = 5.0,
+    ) -> RedisStore:
+        """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``)."""
+        try:
+            client = redis.Redis.from_url(
+                url,
+                socket_connect_timeout=socket_timeout,
+                socket_timeout=socket_timeout,
+                health_check_interval=30,
+            )
+        except ValueError as exc:
+            raise SagaConfigError(f"Invalid Redis URL for the saga store: {exc}") from exc
+        return cls(client, prefix=prefix, retention_ms=retention_ms)
+
+    @property
+    def prefix(self) -> str:
+        return self._keys.prefix
+
+    def ping(self) -> None:
+        with self._errors():
+            self._client.ping()
+
+    def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
+        keys = [self._keys.state(run.id), self._keys.events(run.id)]
+        args: list[str | bytes] = [run.model_dump_json(), *_encode_events(run.id, events)]
+        score = {run.id: index_score(run)}
+
+        def queue(pipe: Pipeline) -> None:
+            pipe.evalsha(self._create.sha, len(keys), *keys, *args)
+            pipe.zadd(self._keys.index, score, nx=True)
+            pipe.zadd(self._keys.active, score, nx=True)
+
+        return int(self._pipeline(run.id, self._create, queue)[0]) == 1
+
+    def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
+        keys = [self._keys.state(saga_id)]
+        with self._errors(saga_id):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hmget(keys[0], [VERSION_FIELD, DATA_FIELD])
+            if lease is not None:
+                keys.append(self._keys.lease(saga_id, lease))
+                pipe.get(keys[1])
+            replies = pipe.execute(raise_on_error=False)
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                with self._errors(saga_id, key=key):
+                    raise reply
+        version, data = replies[0]
+        if version is None and data is None:
+            return None
+        run, number = self._parse_state(saga_id, keys[0], version, data)
+        holder = _text(replies[1]) if lease is not None else None
+        return Snapshot(run=run, version=number, lease_holder=holder)
+
+    def commit(
+        self,
+        run: SagaRun,
+        *,
+        version: int,
+        events: Sequence[EventDict],
+        lease: LeaseChange | None = None,
+        terminal: bool = False,
+    ) -> bool:
+        keys = [self._keys.state(run.id), self._keys.events(run.id)]
+        if lease is not None:
+            keys.append(self._keys.lease(run.id, lease.name))
+        retention = self._retention_ms if terminal else None
+        args: list[str | bytes] = [
+            str(version),
+            str(version + 1),
+            run.model_dump_json(),
+            *_lease_args(lease),
+            "" if retention is None else str(retention),
+            *_encode_events(run.id, events),
+        ]
+        score = {run.id: index_score(run)}
+
+        def queue(pipe: Pipeline) -> None:
+            pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+            if terminal:
+                pipe.zrem(self._keys.active, run.id)
+            else:
+                pipe.zadd(self._keys.active, score, nx=True)
+
+        committed = int(self._pipeline(run.id, self._commit, queue)[0]) == 1
+        if terminal and not committed:
+            # The ZREM ran although the transition did not: the saga may still be live.
+            with self._errors(run.id):
+                self._client.zadd(self._keys.active, score, nx=True)
+        return committed
+
+    def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:
+        _check_ttl(ttl_ms)
+        key = self._keys.lease(saga_id, name)
+        with self._errors(saga_id):
+            return int(self._renew(keys=[key], args=[token, ttl_ms])) == 1
+
+    def release_lease(self, saga_id: str, name: str, token: str) -> bool:
+        key = self._keys.lease(saga_id, name)
+        with self._errors(saga_id):
+            return int(self._release(keys=[key], args=[token])) == 1
+
+    def read_events(
+        self,
+        saga_id: str,
+        *,
+        after: str = "0",
+        count: int | None = None,
+        block_ms: int | None = None,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        if count is not None and count < 1:
+            raise ValueError(f"count must be positive or None, not {count}")
+        key = self._keys.events(saga_id)
+        deadline = time.monotonic() + max(block_ms or 0, 0) / 1000
+        while True:
+            wait_ms = self._block_slice(deadline)
+            with self._errors(saga_id):
+                reply = self._client.xread({key: after}, count=count, block=wait_ms)
+            entries = _stream_entries(reply)
+            if entries or wait_ms is None or time.monotonic() >= deadline:
+                return [_decode_entry(saga_id, key, entry, self._corrupt) for entry in entries]
+
+    def active_ids(self, limit: int = 1000) -> list[str]:
+        if limit <= 0:
+            return []
+        with self._errors(key=self._keys.active):
+            ids = self._client.zrange(self._keys.active, 0, limit - 1)
+        return [_str(i) for i in cast(list[bytes | str], ids)]
+
+    def list_ids(self, limit: int = 100) -> list[str]:
+        if limit <= 0:
+            return []
+        with self._errors(key=self._keys.index):
+            ids = self._client.zrevrange(self._keys.index, 0, limit - 1)
+        return [_str(i) for i in cast(list[bytes | str], ids)]
+
+    def forget_active(self, saga_id: str) -> None:
+        with self._errors(saga_id, key=self._keys.active):
+            self._client.zrem(self._keys.active, saga_id)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _pipeline(
+        self, saga_id: str, script: Script, queue: Callable[[Pipeline], None]
+    ) -> list[Any]:
+        """Run one pipeline whose first command is ``script``'s EVALSHA: one round trip.
+
+        redis-py's own pipeline script support asks SCRIPT EXISTS before every execute (a
+        second round trip), so a NOSCRIPT reply (a restarted or failed-over Redis) is
+        handled here instead: load the script and send the pipeline again.  That is safe
+        because the script did not run and the other commands are idempotent.
+        """
+        with self._errors(saga_id):
+            for _ in range(2):
+                pipe = self._client.pipeline(transaction=False)
+                queue(pipe)
+                try:
+                    return pipe.execute()
+                except redis.exceptions.NoScriptError:
+                    self._client.script_load(script.script)
+        raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
+
+    def _parse_state(
+        self, saga_id: str, key: str, version: object, data: object
+    ) -> tuple[SagaRun, int]:
+        try:
+            number = int(cast(str, version))
+            run = SagaRun.model_validate_json(cast(str, data))
+            if number < 1:
+                raise ValueError(f"version {number} is not positive")
+        except (TypeError, ValueError, ValidationError) as exc:
+            detail = f"{key} does not hold a readable saga record ({_first_line(exc)})"
+            raise self._corrupt(saga_id, detail) from exc
+        if run.id != saga_id:
+            raise self._corrupt(saga_id, f"{key} holds the record of saga {run.id!r}")
+        return run, number
+
+    def _block_slice(self, deadline: float) -> int | None:
+        """How long the next XREAD may block, in ms: None for not at all.
+
+        A BLOCK longer than the socket timeout would end in a TimeoutError, so a long wait
+        is cut into slices of half of it (Redis ends a BLOCK up to ~100 ms late).
+        """
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        if left_ms <= 0:
+            return None
+        timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout")
+        if timeout is None:
+            return left_ms
+        return min(left_ms, max(1, int(timeout * 500)))
+
+    def _corrupt(self, saga_id: str | None, detail: str) -> SagaCorruptStateError:
+        whose = f"Saga {saga_id!r} in Redis" if saga_id is not None else "Redis"
+        message = f"{whose} at {self._where}: {detail}. {_FIX_CORRUPT}"
+        return SagaCorruptStateError(message, saga_id=saga_id)
+
+    @contextmanager
+    def _errors(self, saga_id: str | None = None, *, key: str | None = None) -> Iterator[None]:
+        """Turn redis-py's errors into ``SagaStoreError``s that say what to do.
+
+        ``key``, when one command on one key runs, names it in a WRONGTYPE error.
+        """
+        try:
+            yield
+        except SagaError:
+            raise
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            message = (
+                f"Redis at {self._where} cannot be reached ({exc}). Check the saga store's "
+                "Redis URL and that Redis is running."
+            )
+            raise SagaStoreUnavailableError(message, saga_id=saga_id) from exc
+        except redis.ResponseError as exc:
+            # Pipelines prefix the server's message ("Command # 1 (...) caused error: ...").
+            text = str(exc)
+            if "WRONGTYPE" in text:
+                raise self._corrupt(saga_id, _wrong_type(text, key, self.prefix)) from exc
+            raise SagaStoreError(f"Redis at {self._where} refused: {exc}", saga_id=saga_id) from exc
+        except redis.RedisError as exc:
+            raise SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id) from exc
+
+
+def _check_retention(retention_ms: int | None) -> int | None:
+    if retention_ms is not None and retention_ms <= 0:
+        raise SagaConfigError(f"retention_ms must be positive or None, not {retention_ms}")
+    return retention_ms
+
+
+def _check_ttl(ttl_ms: int) -> None:
+    if ttl_ms <= 0:
+        raise ValueError(f"a lease's ttl_ms must be positive, not {ttl_ms}")
+
+
+def _lease_args(lease: LeaseChange | None) -> list[str]:
+    if lease is None:
+        return ["", "", ""]
+    if lease.action is LeaseAction.ACQUIRE:
+        _check_ttl(lease.ttl_ms)
+    return [lease.action.value, lease.token, str(lease.ttl_ms)]
+
+
+def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[bytes]:
+    try:
+        return [to_json(dict(event)) for event in events]
+    except PydanticSerializationError as exc:
+        raise SagaStoreError(f"An event is not JSON-serializable: {exc}", saga_id=saga_id) from exc
+
+
+def _wrong_type(text: str, key: str | None, prefix: str) -> str:
+    """What a WRONGTYPE error says, naming the key, without pipeline noise if it can."""
+    if key is not None:
+        return f"{key} holds the wrong Redis type"
+    ours = text[text.index("WRONGTYPE") :]
+    # Our scripts name the key; Redis's own WRONGTYPE does not, but the pipeline prefix does.
+    return ours if prefix in ours else text
+
+
+def _describe(client: redis.Redis) -> str:
+    """Where the client connects, for messages: host:port/db or the socket; no password."""
+    kwargs = client.connection_pool.connection_kwargs
+    db = kwargs.get("db", 0)
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={db}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
+
+
+def _stream_entries(reply: object) -> list[Any]:
+    """The entries of a one-stream XREAD reply, in RESP2 (a list) or RESP3 (a dict) shape."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, Mapping) else [e for _, e in cast(Any, reply)]
+    found: list[Any] = []
+    for entries in streams:
+        # redis-py 8 nests a stream's entries (tuples) in one more list under RESP3.
+        found.extend(entries[0] if entries and isinstance(entries[0], list) else entries)
+    return found
+
+
+def _decode_entry(
+    saga_id: str,
+    key: str,
+    entry: Any,
+    corrupt: Callable[[str, str], SagaCorruptStateError],
+) -> tuple[str, dict[str, Any]]:
+    stream_id, fields = entry
+    value = fields.get(EVENT_FIELD.encode(), fields.get(EVENT_FIELD))
+    try:
+        event = _event_dict(value)
+    except ValueError as exc:
+        raise corrupt(saga_id, f"{key} entry {_str(stream_id)} is not an event") from exc
+    return _str(stream_id), event
+
+
+def _event_dict(value: object) -> dict[str, Any]:
+    """A stored event JSON as a dict; ValueError if it is not one."""
+    if not isinstance(value, bytes | str):
+        raise ValueError(f"expected JSON text, got {type(value).__name__}")
+    event = json.loads(value)
+    if not isinstance(event, dict):
+        raise ValueError(f"expected a JSON object, got {type(event).__name__}")
+    return event
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _str(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,0 +1,102 @@
+"""The Lua scripts behind every atomic update of one saga.
+
+Each script touches only the keys of one saga (one hash tag, so one Cluster slot), checks
+everything before it writes anything (Redis does not roll a script back when it fails
+halfway), and compares strings only (Lua 5.1 prints large numbers in exponent form).
+A key of the wrong type is reported as ``WRONGTYPE <key> ...`` so the store can name it.
+"""
+
+from __future__ import annotations
+
+_WRONG_TYPE = """
+local function wrong_type(key, wanted)
+  local t = redis.call('TYPE', key)
+  if type(t) == 'table' then t = t['ok'] end
+  if t == 'none' or t == wanted then return nil end
+  return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. wanted
+end
+"""
+
+CREATE = """
+-- Store a new saga at version 1 with its first events.
+-- KEYS[1]   state hash     <prefix>{id}:state
+-- KEYS[2]   event stream   <prefix>{id}:events
+-- ARGV[1]   the SagaRun JSON
+-- ARGV[2..] event JSONs, oldest first
+-- Returns 1 if created, 0 if the state key already exists (nothing written).
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+-- A stream left without its state (retention, a manual delete) belonged to an older saga.
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'v', '1', 'd', ARGV[1])
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[i])
+end
+return 1
+"""
+
+COMMIT = (
+    """
+-- Commit one saga transition: compare-and-set the version, append events, apply a lease.
+-- KEYS[1]   state hash        <prefix>{id}:state
+-- KEYS[2]   event stream      <prefix>{id}:events
+-- KEYS[3]   lease (optional)  <prefix>{id}:lease:<name>
+-- ARGV[1]   expected version  ARGV[2] new version  ARGV[3] the SagaRun JSON
+-- ARGV[4]   lease action: 'acquire', 'release' or ''
+-- ARGV[5]   lease token       ARGV[6] lease time to live in ms (acquire)
+-- ARGV[7]   retention in ms: state and events expire after it; '' keeps them forever
+-- ARGV[8..] event JSONs, oldest first
+-- Returns 1 if committed, 0 on a version or lease conflict (nothing written).
+"""
+    + _WRONG_TYPE
+    + """
+local bad = wrong_type(KEYS[1], 'hash') or wrong_type(KEYS[2], 'stream')
+if not bad and #KEYS == 3 then bad = wrong_type(KEYS[3], 'string') end
+if bad then return redis.error_reply(bad) end
+
+if redis.call('HGET', KEYS[1], 'v') ~= ARGV[1] then return 0 end
+local holder = false
+if #KEYS == 3 then holder = redis.call('GET', KEYS[3]) end
+if ARGV[4] == 'acquire' and holder and holder ~= ARGV[5] then return 0 end
+
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3])
+for i = 8, #ARGV do
+  redis.call('XADD', KEYS[2], '*', 'e', ARGV[i])
+end
+if ARGV[4] == 'acquire' then
+  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+elseif ARGV[4] == 'release' and holder == ARGV[5] then
+  redis.call('DEL', KEYS[3])
+end
+if ARGV[7] == '' then
+  -- retry_rollback() revives a terminal saga: its records must not expire under it.
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[7])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+return 1
+"""
+)
+
+RENEW_LEASE = """
+-- Extend a lease, only if this token still holds it.
+-- KEYS[1]  lease   <prefix>{id}:lease:<name>
+-- ARGV[1]  token   ARGV[2] time to live in ms
+-- Returns 1 if extended, 0 if the token does not hold the lease.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LEASE = """
+-- Give back a lease, only if this token holds it.
+-- KEYS[1]  lease   <prefix>{id}:lease:<name>
+-- ARGV[1]  token
+-- Returns 1 if released, 0 if the token did not hold the lease.
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""

@@ -1,0 +1,582 @@
+"""The ``SagaStore`` contract: every implementation behaves the same way."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import fakeredis
+import pytest
+import redis
+from redis import crc
+
+import saga_celery._store as store_package
+from saga_celery._core.model import SagaStatus
+from saga_celery._errors import (
+    SagaConfigError,
+    SagaCorruptStateError,
+    SagaStoreError,
+    SagaStoreUnavailableError,
+)
+from saga_celery._store import (
+    LeaseAction,
+    LeaseChange,
+    MemoryStore,
+    RedisStore,
+    SagaStore,
+    Snapshot,
+)
+from tests.contract.conftest import REDIS_URL, Backend, make_event, make_run
+
+pytestmark = pytest.mark.timeout(30)
+
+LEASE = "attempt:reserve#1:1"
+
+
+def acquire(token: str, ttl_ms: int = 10_000) -> LeaseChange:
+    return LeaseChange(LEASE, token, LeaseAction.ACQUIRE, ttl_ms)
+
+
+def release(token: str) -> LeaseChange:
+    return LeaseChange(LEASE, token, LeaseAction.RELEASE)
+
+
+def types(store: SagaStore, saga_id: str, after: str = "0") -> list[str]:
+    return [event["type"] for _, event in store.read_events(saga_id, after=after)]
+
+
+def version_of(store: SagaStore, saga_id: str) -> int:
+    snapshot = store.load(saga_id)
+    assert snapshot is not None
+    return snapshot.version
+
+
+# -- create and load ------------------------------------------------------------------------
+
+
+def test_create_then_load_round_trips(store: SagaStore) -> None:
+    """A created run loads back equal, at version 1, with its first events."""
+    run = make_run()
+    assert store.create(run, [make_event(run, "saga_queued")]) is True
+    snapshot = store.load(run.id)
+    assert snapshot is not None
+    assert snapshot.run == run
+    assert snapshot.version == 1
+    assert snapshot.lease_holder is None
+    assert types(store, run.id) == ["saga_queued"]
+
+
+def test_create_twice_keeps_the_first_run(store: SagaStore) -> None:
+    """Creating an id that exists returns False and leaves the first run and events alone."""
+    first = make_run("order-1")
+    store.create(first, [make_event(first, "saga_queued")])
+    second = make_run("order-1", params={"order": 43})
+    assert store.create(second, [make_event(second, "saga_queued")]) is False
+    snapshot = store.load("order-1")
+    assert snapshot is not None
+    assert snapshot.run == first
+    assert types(store, "order-1") == ["saga_queued"]
+
+
+def test_load_unknown_id_is_none(store: SagaStore) -> None:
+    """Loading an id that was never created returns None, with or without a lease."""
+    assert store.load("nope") is None
+    assert store.load("nope", lease=LEASE) is None
+
+
+# -- commit ---------------------------------------------------------------------------------
+
+
+def test_commit_at_current_version_bumps_it(store: SagaStore) -> None:
+    """A commit at the stored version writes the run as version + 1."""
+    run = make_run()
+    store.create(run, [])
+    running = run.model_copy(update={"status": SagaStatus.RUNNING})
+    assert store.commit(running, version=1, events=[make_event(run, "saga_started")]) is True
+    snapshot = store.load(run.id)
+    assert snapshot is not None
+    assert (snapshot.version, snapshot.run) == (2, running)
+
+
+def test_stale_commit_writes_nothing(store: SagaStore) -> None:
+    """A commit at an old version returns False and adds neither state nor events."""
+    run = make_run()
+    store.create(run, [make_event(run, "saga_queued")])
+    store.commit(run, version=1, events=[make_event(run, "saga_started")])
+    stale = run.model_copy(update={"status": SagaStatus.COMPLETE})
+    assert store.commit(stale, version=1, events=[make_event(run, "saga_completed")]) is False
+    snapshot = store.load(run.id)
+    assert snapshot is not None
+    assert (snapshot.version, snapshot.run) == (2, run)
+    assert types(store, run.id) == ["saga_queued", "saga_started"]
+
+
+def test_commit_to_unknown_saga_fails(store: SagaStore) -> None:
+    """A commit for an id that was never created returns False and creates nothing."""
+    run = make_run()
+    assert store.commit(run, version=1, events=[make_event(run, "saga_started")]) is False
+    assert store.load(run.id) is None
+
+
+def test_replayed_commit_applies_once(store: SagaStore) -> None:
+    """A commit sent twice (redis-py's retry after a dropped reply) fails the second time."""
+    run = make_run()
+    store.create(run, [])
+    events = [make_event(run, "saga_started"), make_event(run, "step_started")]
+    assert store.commit(run, version=1, events=events) is True
+    assert store.commit(run, version=1, events=events) is False
+    assert version_of(store, run.id) == 2
+    assert [event for _, event in store.read_events(run.id)] == events
+
+
+def test_events_are_appended_in_order_and_read_after_an_id(store: SagaStore) -> None:
+    """Events of successive commits come back oldest first; ``after`` is exclusive."""
+    run = make_run()
+    store.create(run, [make_event(run, "saga_queued")])
+    store.commit(run, version=1, events=[make_event(run, "saga_started")])
+    store.commit(run, version=2, events=[make_event(run, "step_started", step="reserve")])
+    read = store.read_events(run.id)
+    assert [event["type"] for _, event in read] == ["saga_queued", "saga_started", "step_started"]
+    assert read[2][1]["step"] == "reserve"
+    assert types(store, run.id, after=read[0][0]) == ["saga_started", "step_started"]
+    assert store.read_events(run.id, after=read[2][0]) == []
+    assert [i for i, _ in store.read_events(run.id, count=2)] == [read[0][0], read[1][0]]
+
+
+def test_read_events_of_unknown_saga_is_empty(store: SagaStore) -> None:
+    """Reading the events of an unknown saga returns an empty list, also when blocking."""
+    assert store.read_events("nope") == []
+    assert store.read_events("nope", block_ms=50) == []
+
+
+def test_read_events_blocks_until_a_commit(store: SagaStore) -> None:
+    """A blocking read returns as soon as another thread commits a newer event."""
+    run = make_run()
+    store.create(run, [make_event(run, "saga_queued")])
+    ((last, _),) = store.read_events(run.id)
+
+    def commit_later() -> None:
+        time.sleep(0.2)
+        store.commit(run, version=1, events=[make_event(run, "saga_started")])
+
+    thread = threading.Thread(target=commit_later)
+    started = time.monotonic()
+    thread.start()
+    read = store.read_events(run.id, after=last, block_ms=2000)
+    thread.join()
+    assert [event["type"] for _, event in read] == ["saga_started"]
+    assert time.monotonic() - started < 1.5
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+def test_commit_acquires_a_free_lease(store: SagaStore) -> None:
+    """A commit with an acquire takes a free lease, and load(lease=...) names its holder."""
+    run = make_run()
+    store.create(run, [])
+    assert store.commit(run, version=1, events=[], lease=acquire("worker-a")) is True
+    snapshot = store.load(run.id, lease=LEASE)
+    assert snapshot is not None
+    assert snapshot.lease_holder == "worker-a"
+
+
+def test_acquire_of_a_held_lease_fails_the_commit(store: SagaStore) -> None:
+    """An acquire while another token holds the lease writes nothing; the holder may re-acquire."""
+    run = make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], lease=acquire("worker-a"))
+    event = make_event(run, "attempt_started")
+    assert store.commit(run, version=2, events=[event], lease=acquire("worker-b")) is False
+    assert version_of(store, run.id) == 2
+    assert types(store, run.id) == []
+    assert store.commit(run, version=2, events=[event], lease=acquire("worker-a")) is True
+    assert version_of(store, run.id) == 3
+
+
+def test_release_lease_only_by_its_holder(store: SagaStore) -> None:
+    """Releasing a lease returns False for another token and True for the holder."""
+    run = make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], lease=acquire("worker-a"))
+    assert store.release_lease(run.id, LEASE, "worker-b") is False
+    assert store.release_lease(run.id, LEASE, "worker-a") is True
+    assert store.release_lease(run.id, LEASE, "worker-a") is False
+    snapshot = store.load(run.id, lease=LEASE)
+    assert snapshot is not None
+    assert snapshot.lease_holder is None
+
+
+def test_commit_releases_a_lease_only_for_its_holder(store: SagaStore) -> None:
+    """A release with a commit frees the lease if the token holds it, and commits either way."""
+    run = make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], lease=acquire("worker-a"))
+    assert store.commit(run, version=2, events=[], lease=release("worker-b")) is True
+    holder = store.load(run.id, lease=LEASE)
+    assert holder is not None
+    assert holder.lease_holder == "worker-a"
+    assert store.commit(run, version=3, events=[], lease=release("worker-a")) is True
+    freed = store.load(run.id, lease=LEASE)
+    assert freed is not None
+    assert freed.lease_holder is None
+
+
+def test_renew_lease_only_by_its_holder(backend: Backend) -> None:
+    """Renewing extends the holder's lease past its first deadline; another token cannot."""
+    store, run = backend.store, make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], lease=acquire("worker-a", ttl_ms=300))
+    assert store.renew_lease(run.id, LEASE, "worker-b", 5000) is False
+    assert store.renew_lease(run.id, LEASE, "worker-a", 5000) is True
+    backend.elapse_ms(400)
+    snapshot = store.load(run.id, lease=LEASE)
+    assert snapshot is not None
+    assert snapshot.lease_holder == "worker-a"
+
+
+def test_lease_expires(backend: Backend) -> None:
+    """A lease not renewed runs out: nobody holds it, renew fails and another token takes it."""
+    store, run = backend.store, make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], lease=acquire("worker-a", ttl_ms=50))
+    backend.elapse_ms(200)
+    snapshot = store.load(run.id, lease=LEASE)
+    assert snapshot is not None
+    assert snapshot.lease_holder is None
+    assert store.renew_lease(run.id, LEASE, "worker-a", 1000) is False
+    assert store.commit(run, version=2, events=[], lease=acquire("worker-b")) is True
+
+
+def test_lease_ttl_must_be_positive(store: SagaStore) -> None:
+    """An acquire or renew with a non-positive ttl is a programming error, not a silent no-op."""
+    run = make_run()
+    store.create(run, [])
+    with pytest.raises(ValueError, match="ttl_ms"):
+        store.commit(run, version=1, events=[], lease=acquire("worker-a", ttl_ms=0))
+    with pytest.raises(ValueError, match="ttl_ms"):
+        store.renew_lease(run.id, LEASE, "worker-a", 0)
+
+
+def test_read_events_count_must_be_positive(store: SagaStore) -> None:
+    """A read with a non-positive count is a programming error, as redis-py makes it."""
+    with pytest.raises(ValueError, match="count"):
+        store.read_events("any", count=0)
+
+
+# -- indexes --------------------------------------------------------------------------------
+
+
+def test_terminal_commit_leaves_the_active_index(store: SagaStore) -> None:
+    """A terminal commit drops the saga from active_ids; a non-terminal one keeps it there."""
+    live, done = make_run(created=1), make_run(created=2)
+    store.create(live, [])
+    store.create(done, [])
+    store.commit(live, version=1, events=[])
+    assert store.commit(done, version=1, events=[], terminal=True) is True
+    assert store.active_ids() == [live.id]
+    assert store.list_ids() == [done.id, live.id]
+
+
+def test_conflicting_terminal_commit_keeps_the_saga_active(store: SagaStore) -> None:
+    """A terminal commit that loses a version conflict leaves the saga in active_ids."""
+    run = make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[])
+    assert store.commit(run, version=1, events=[], terminal=True) is False
+    assert store.active_ids() == [run.id]
+
+
+def test_commit_after_terminal_makes_the_saga_active_again(store: SagaStore) -> None:
+    """A non-terminal commit after a terminal one (retry_rollback) puts the id back in active."""
+    run = make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], terminal=True)
+    assert store.active_ids() == []
+    assert store.commit(run, version=2, events=[]) is True
+    assert store.active_ids() == [run.id]
+
+
+def test_active_ids_oldest_first_and_forget(store: SagaStore) -> None:
+    """active_ids lists by creation time, oldest first, up to limit; forget_active drops one."""
+    runs = [make_run(created=seconds) for seconds in (30, 10, 20)]
+    for run in runs:
+        store.create(run, [])
+    assert store.active_ids() == [runs[1].id, runs[2].id, runs[0].id]
+    assert store.active_ids(limit=2) == [runs[1].id, runs[2].id]
+    store.forget_active(runs[2].id)
+    assert store.active_ids() == [runs[1].id, runs[0].id]
+    assert store.active_ids(limit=0) == []
+
+
+def test_list_ids_newest_first(store: SagaStore) -> None:
+    """list_ids lists every saga, terminal or not, newest first, up to limit."""
+    runs = [make_run(created=seconds) for seconds in (10, 30, 20)]
+    for run in runs:
+        store.create(run, [])
+    store.commit(runs[1], version=1, events=[], terminal=True)
+    assert store.list_ids() == [runs[1].id, runs[2].id, runs[0].id]
+    assert store.list_ids(limit=1) == [runs[1].id]
+
+
+def test_memory_retention_expires_terminal_sagas() -> None:
+    """The memory twin forgets a terminal saga's state and events once retention passes."""
+    clock = {"now": 0.0}
+    store = MemoryStore(clock=lambda: clock["now"], retention_ms=1000)
+    run = make_run()
+    store.create(run, [make_event(run, "saga_queued")])
+    store.commit(run, version=1, events=[], terminal=True)
+    clock["now"] = 0.9
+    assert store.load(run.id) is not None
+    clock["now"] = 1.1
+    assert store.load(run.id) is None
+    assert store.read_events(run.id) == []
+    assert store.create(run, []) is True
+
+
+# -- what lives in Redis --------------------------------------------------------------------
+
+
+def saga_keys(backend: Backend) -> list[str]:
+    assert backend.client is not None
+    keys = [k.decode() for k in backend.client.scan_iter(match=f"{backend.prefix}*")]
+    return sorted(k for k in keys if k not in {f"{backend.prefix}index", f"{backend.prefix}active"})
+
+
+def test_terminal_commit_starts_the_retention_clock(redis_backend: Backend) -> None:
+    """A terminal commit puts the retention TTL on the state and events keys, not before."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    store.create(run, [make_event(run, "saga_queued")])
+    state, events = (f"{redis_backend.prefix}{{{run.id}}}:{name}" for name in ("state", "events"))
+    assert (client.pttl(state), client.pttl(events)) == (-1, -1)
+    store.commit(run, version=1, events=[], terminal=True)
+    week_ms = 7 * 24 * 3600 * 1000
+    assert week_ms - 60_000 < client.pttl(state) <= week_ms
+    assert week_ms - 60_000 < client.pttl(events) <= week_ms
+    store.commit(run, version=2, events=[])
+    assert (client.pttl(state), client.pttl(events)) == (-1, -1)
+
+
+def test_all_keys_of_a_saga_share_its_hash_tag(redis_backend: Backend) -> None:
+    """Every key of one saga carries ``{id}``, so they share one Redis Cluster slot."""
+    store, run = redis_backend.store, make_run()
+    store.create(run, [make_event(run, "saga_queued")])
+    store.commit(run, version=1, events=[make_event(run, "saga_started")], lease=acquire("w"))
+    keys = saga_keys(redis_backend)
+    assert len(keys) == 3
+    assert all(f"{{{run.id}}}" in key for key in keys)
+    key_slot = cast(Callable[[bytes], int], crc.key_slot)
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+
+
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], Any]], int]:
+    """Counts the requests sent to Redis (a pipeline is one) while a callable runs."""
+    sent = [0]
+    original = cast(Callable[..., None], redis.connection.AbstractConnection.send_packed_command)
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+
+    def count(operation: Callable[[], Any]) -> int:
+        before = sent[0]
+        operation()
+        return sent[0] - before
+
+    return count
+
+
+def test_every_operation_is_one_round_trip(
+    redis_backend: Backend, round_trips: Callable[[Callable[[], Any]], int]
+) -> None:
+    """Each store method sends exactly one request to Redis once its scripts are loaded."""
+    store = redis_backend.store
+
+    def scenario(run: Any) -> dict[str, Callable[[], Any]]:
+        return {
+            "ping": store.ping,
+            "create": lambda: store.create(run, [make_event(run, "saga_queued")]),
+            "load": lambda: store.load(run.id, lease=LEASE),
+            "commit": lambda: store.commit(run, version=1, events=[], lease=acquire("w")),
+            "renew_lease": lambda: store.renew_lease(run.id, LEASE, "w", 5000),
+            "release_lease": lambda: store.release_lease(run.id, LEASE, "w"),
+            "read_events": lambda: store.read_events(run.id),
+            "active_ids": store.active_ids,
+            "list_ids": store.list_ids,
+            "terminal commit": lambda: store.commit(run, version=2, events=[], terminal=True),
+            "forget_active": lambda: store.forget_active(run.id),
+        }
+
+    for operation in scenario(make_run()).values():
+        operation()  # loads the scripts and opens the connection
+    counts = {name: round_trips(op) for name, op in scenario(make_run()).items()}
+    assert counts == dict.fromkeys(counts, 1)
+
+
+def test_a_flushed_script_is_loaded_again(redis_backend: Backend) -> None:
+    """After Redis forgets the scripts (restart, failover) the next commit reloads them."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    store.create(run, [])
+    client.script_flush()
+    assert store.commit(run, version=1, events=[make_event(run, "saga_started")]) is True
+    client.script_flush()
+    assert store.create(make_run(), []) is True
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"not json", b'{"id": "x"}', b"[]"],
+    ids=["not-json", "missing-fields", "not-an-object"],
+)
+def test_unreadable_state_is_corrupt(redis_backend: Backend, data: bytes) -> None:
+    """A state record saga_celery cannot parse raises SagaCorruptStateError naming the saga."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    store.create(run, [])
+    state = f"{redis_backend.prefix}{{{run.id}}}:state"
+    client.hset(state, "d", data)
+    with pytest.raises(SagaCorruptStateError, match=r"delete it") as raised:
+        store.load(run.id)
+    assert raised.value.saga_id == run.id
+    assert state in str(raised.value)
+    assert isinstance(raised.value.__cause__, Exception)
+
+
+def test_unreadable_version_is_corrupt(redis_backend: Backend) -> None:
+    """A version that is not a positive integer raises SagaCorruptStateError."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    store.create(run, [])
+    client.hset(f"{redis_backend.prefix}{{{run.id}}}:state", "v", "one")
+    with pytest.raises(SagaCorruptStateError) as raised:
+        store.load(run.id)
+    assert raised.value.saga_id == run.id
+
+
+def test_a_key_of_the_wrong_type_is_corrupt(redis_backend: Backend) -> None:
+    """A saga key holding the wrong Redis type fails load, commit and reads with a clear error."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    state = f"{redis_backend.prefix}{{{run.id}}}:state"
+    client.set(state, "hello")
+    for operation in (
+        lambda: store.load(run.id),
+        lambda: store.commit(run, version=1, events=[]),
+    ):
+        with pytest.raises(SagaCorruptStateError, match=run.id) as raised:
+            operation()
+        assert raised.value.saga_id == run.id
+    assert client.get(state) == b"hello"
+
+
+def test_a_wrong_type_events_key_fails_the_commit_before_writing(redis_backend: Backend) -> None:
+    """A commit whose events key is not a stream writes nothing and names the key."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    store.create(run, [])
+    events = f"{redis_backend.prefix}{{{run.id}}}:events"
+    client.set(events, "hello")
+    with pytest.raises(SagaCorruptStateError, match=events):
+        store.commit(run, version=1, events=[make_event(run, "saga_started")])
+    assert version_of(store, run.id) == 1
+    if redis_backend.kind == "redis":  # fakeredis 2.41 crashes (AttributeError) on this XREAD
+        with pytest.raises(SagaCorruptStateError):
+            store.read_events(run.id)
+
+
+# -- configuration and failures -------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable() -> Iterator[RedisStore]:
+    store = RedisStore.from_url("redis://:hunter2@127.0.0.1:1/0", socket_timeout=0.5)
+    yield store
+
+
+def test_unreachable_redis_is_a_saga_error(unreachable: RedisStore) -> None:
+    """An unreachable Redis raises SagaStoreUnavailableError, named without its password."""
+    run = make_run()
+    for operation in (
+        unreachable.ping,
+        lambda: unreachable.load(run.id),
+        lambda: unreachable.create(run, []),
+        lambda: unreachable.commit(run, version=1, events=[]),
+        lambda: unreachable.read_events(run.id),
+    ):
+        with pytest.raises(SagaStoreUnavailableError) as raised:
+            operation()
+        message = str(raised.value)
+        assert "127.0.0.1:1/0" in message
+        assert "check the saga store's redis url" in message.lower()
+        assert "hunter2" not in message
+        assert isinstance(raised.value, ConnectionError)
+        assert isinstance(raised.value.__cause__, redis.ConnectionError)
+
+
+def test_bad_configuration_is_refused() -> None:
+    """A prefix that would break the hash tag, or a non-positive retention, is refused."""
+    with pytest.raises(SagaConfigError, match="prefix"):
+        RedisStore.from_url("redis://127.0.0.1:1/0", prefix="saga{x}:")
+    with pytest.raises(SagaConfigError, match="retention_ms"):
+        RedisStore.from_url("redis://127.0.0.1:1/0", retention_ms=0)
+    with pytest.raises(SagaConfigError, match="retention_ms"):
+        MemoryStore(retention_ms=-1)
+    with pytest.raises(SagaConfigError, match="URL"):
+        RedisStore.from_url("http://127.0.0.1:6379/0")
+
+
+def test_an_event_that_is_not_json_is_refused(store: SagaStore) -> None:
+    """An event that cannot be stored as JSON raises SagaStoreError and writes nothing."""
+    run = make_run()
+    with pytest.raises(SagaStoreError, match="JSON"):
+        store.create(run, [{"type": "saga_queued", "payload": object()}])
+    assert store.load(run.id) is None
+
+
+def test_exported_members() -> None:
+    """The store package exports exactly its public names, sorted."""
+    expected = ["LeaseAction", "LeaseChange", "MemoryStore", "RedisStore", "SagaStore", "Snapshot"]
+    assert store_package.__all__ == expected
+
+
+def test_resp3_and_decoded_responses_work(redis_backend: Backend) -> None:
+    """The store reads the same with RESP3 and with decode_responses=True clients."""
+    for protocol in (2, 3):
+        if redis_backend.kind == "redis":
+            client = redis.Redis.from_url(REDIS_URL, protocol=protocol, decode_responses=True)
+        else:
+            client = fakeredis.FakeRedis(protocol=protocol, decode_responses=True)
+        store, run = RedisStore(client, prefix=redis_backend.prefix), make_run()
+        assert store.create(run, [make_event(run, "saga_queued")]) is True
+        assert store.commit(run, version=1, events=[], lease=acquire("w")) is True
+        assert store.load(run.id, lease=LEASE) == Snapshot(run, 2, "w")
+        assert types(store, run.id) == ["saga_queued"]
+        assert store.read_events(run.id, after="0", block_ms=10) != []
+        assert run.id in store.list_ids()
+        client.close()
+
+
+def test_a_block_longer_than_the_socket_timeout_still_waits(real_redis_backend: Backend) -> None:
+    """A blocking read longer than the client's socket timeout waits it out, no TimeoutError."""
+    prefix = real_redis_backend.prefix
+    store = RedisStore.from_url(REDIS_URL, prefix=prefix, socket_timeout=0.3)
+    started = time.monotonic()
+    assert store.read_events("quiet", block_ms=700) == []
+    assert 0.6 < time.monotonic() - started < 2
+
+
+def test_a_wrong_type_index_key_is_corrupt(redis_backend: Backend) -> None:
+    """A global index key of the wrong Redis type raises SagaCorruptStateError naming it."""
+    client, store = redis_backend.client, redis_backend.store
+    assert client is not None
+    client.set(f"{redis_backend.prefix}active", "hello")
+    for operation in (store.active_ids, lambda: store.create(make_run(), [])):
+        with pytest.raises(SagaCorruptStateError, match=f"{redis_backend.prefix}active"):
+            operation()
