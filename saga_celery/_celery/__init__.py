@@ -1,0 +1,1 @@
+"""The Celery adapter: the only part of saga_celery that imports celery."""

@@ -1,0 +1,179 @@
+"""``SagaApp``: saga steps, rollbacks and sagas on an existing Celery app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from saga_celery._celery.definition import SagaDefinition
+from saga_celery._celery.dispatch import Dispatcher
+from saga_celery._celery.handle import SagaHandle
+from saga_celery._celery.recovery import recover
+from saga_celery._celery.routing import SagaRouter, configure, visibility_timeout
+from saga_celery._celery.runtime import Runtime, RuntimeSettings
+from saga_celery._celery.tasks import (
+    SagaRollbackTask,
+    SagaStepTask,
+    build_task,
+    time_limits,
+    unwrap,
+)
+from saga_celery._core.config import StepConfig, parse_duration, resolve_config
+from saga_celery._engine import Engine, utcnow
+from saga_celery._errors import SagaConfigError, SagaDefinitionError
+from saga_celery._store import RedisStore, SagaStore
+
+_ROLLBACK_CONFIG_KEYS = frozenset({"retries", "timeout", "name"})
+
+
+class SagaApp:
+    """Saga support for one Celery app: ``@sagas.step``, ``sagas.saga(...)``, ``sagas.run(id)``.
+
+    ``redis_url`` (saga state) defaults to the broker URL.  ``steps_queue`` and
+    ``rollbacks_queue`` name the two queues (compensation never waits behind forward
+    traffic).  ``max_output_bytes`` caps a step's JSON output.  ``lease_ttl`` is how long a
+    running attempt's lease outlives its last renewal (how soon a killed worker's attempt
+    can run again).  ``retention`` is how long a finished saga's state is kept.
+    """
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        redis_url: str | None = None,
+        prefix: str = "saga:",
+        steps_queue: str = "saga.steps",
+        rollbacks_queue: str = "saga.rollbacks",
+        max_output_bytes: int = 1_048_576,
+        lease_ttl: object = "8 seconds",
+        retention: object = "7 days",
+        store: SagaStore | None = None,
+    ) -> None:
+        self.app = app
+        self.router = SagaRouter(steps_queue, rollbacks_queue)
+        configure(app, self.router)
+        lease_ms = _positive_ms("lease_ttl", lease_ttl)
+        retention_ms = _positive_ms("retention", retention)
+        if store is None:
+            store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
+                                        retention_ms=retention_ms)
+        self.store = store
+        self.engine = Engine(store, clock=utcnow)
+        self.dispatcher = Dispatcher(app, utcnow)
+        self.runtime = Runtime(self.engine, self.dispatcher,
+                               RuntimeSettings(lease_ttl_ms=lease_ms,
+                                               max_output_bytes=max_output_bytes))
+
+    def _state_url(self, redis_url: str | None) -> str:
+        url = redis_url or str(self.app.conf.broker_url or "")
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise SagaConfigError(
+                "SagaApp needs redis_url=... for saga state: the broker "
+                f"({url.split('://')[0] or 'unset'}) is not Redis")
+        return url
+
+    # --- declaring steps --------------------------------------------------------------
+
+    def step(self, fn: Any = None, *, retries: Any = None, timeout: Any = None,
+             rollback: Callable[..., Any] | None = None,
+             rollback_config: dict[str, Any] | None = None, name: str | None = None,
+             **task_options: Any) -> Any:
+        """Make a function (or an existing Celery task) a saga step; see the README."""
+
+        def decorate(target: Any) -> SagaStepTask:
+            func, bind, existing, options = unwrap(target)
+            task_name = name or existing or self.app.gen_task_name(func.__name__,
+                                                                   func.__module__)
+            config = self._config(task_name, retries, timeout)
+            task: SagaStepTask = self._build(func, SagaStepTask, bind, task_name, config,
+                                             {**options, **task_options})
+            self.router.step_tasks.add(task_name)
+            if rollback is not None:
+                self.register_rollback(task, rollback, **_rollback_config(task_name,
+                                                                         rollback_config))
+            elif rollback_config is not None:
+                raise SagaConfigError(f"step {task_name!r}: rollback_config given without "
+                                      "rollback=", step=task_name)
+            return task
+
+        return decorate if fn is None else decorate(fn)
+
+    def register_rollback(self, step: SagaStepTask, handler: Any, *, retries: Any = None,
+                          timeout: Any = None, name: str | None = None,
+                          task_options: dict[str, Any] | None = None) -> SagaRollbackTask:
+        """Register ``handler`` as the rollback of ``step`` (``@step.rollback`` calls this)."""
+        current = type(step).saga_rollback
+        if current is not None:
+            raise SagaDefinitionError(
+                f"step {step.name!r} already has a rollback handler ({current.name!r}); "
+                "a step has at most one", step=step.name)
+        func, bind, existing, options = unwrap(handler)
+        task_name = name or existing or f"{step.name}.rollback"
+        config = self._config(f"rollback of {step.name}", retries, timeout)
+        options = {**options, **(task_options or {}), "saga_step_name": step.name}
+        task: SagaRollbackTask = self._build(func, SagaRollbackTask, bind, task_name, config,
+                                             options)
+        type(step).saga_rollback = task
+        self.router.rollback_tasks.add(task_name)
+        return task
+
+    def _config(self, owner: str, retries: Any, timeout: Any) -> StepConfig:
+        config = resolve_config(owner=owner, retries=retries, timeout=timeout)
+        limit = visibility_timeout(self.app)
+        if limit is not None and config.longest_wait_s() >= limit:
+            raise SagaConfigError(
+                f"{owner!r}: its longest retry delay plus timeout "
+                f"({config.longest_wait_s():g} s) must stay below the Redis transport's "
+                f"visibility_timeout ({limit:g} s), or Redis redelivers waiting messages. "
+                "Lower retries.delay / retries.max_delay / timeout, or raise "
+                "broker_transport_options['visibility_timeout'].", step=owner)
+        return config
+
+    def _build(self, func: Callable[..., Any], base: type[Any], bind: bool, name: str,
+               config: StepConfig, options: dict[str, Any]) -> Any:
+        queue = options.pop("queue", None)
+        if queue is not None:
+            self.router.explicit[name] = queue.name if isinstance(queue, Queue) else str(queue)
+        options.update(time_limits(config), saga_app=self, saga_config=config,
+                       max_retries=config.retries.limit)
+        return build_task(self.app, func, base=base, bind=bind, name=name, options=options)
+
+    # --- sagas -----------------------------------------------------------------------
+
+    def saga(self, name: str, stages: Sequence[Any], *, rollback_mode: str = "sequential",
+             on_rollback_error: str = "halt") -> SagaDefinition:
+        """Declare a saga: a list of stages, each a step signature or a ``group`` of them."""
+        return SagaDefinition(self, name, stages, rollback_mode=rollback_mode,
+                              on_rollback_error=on_rollback_error)
+
+    def run(self, saga_id: str) -> SagaHandle:
+        """A handle on an existing saga; ``SagaNotFoundError`` if there is none."""
+        self.engine.load(saga_id)
+        return SagaHandle(self, saga_id)
+
+    def recover(self, *, grace: object = "30 seconds") -> int:
+        """Send again every due message of an unfinished saga that has not started in time."""
+        return recover(self.engine, self.dispatcher, grace=parse_duration(grace))
+
+
+def _rollback_config(step: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    config = dict(config or {})
+    unknown = set(config) - _ROLLBACK_CONFIG_KEYS
+    if unknown:
+        raise SagaConfigError(f"step {step!r}: unknown rollback_config keys "
+                              f"{sorted(unknown)} (allowed: retries, timeout, name)", step=step)
+    return config
+
+
+def _positive_ms(field: str, value: object) -> int:
+    try:
+        duration = parse_duration(value)
+    except ValueError as exc:
+        raise SagaConfigError(f"SagaApp({field}=...): {exc}") from exc
+    if duration <= timedelta(0):
+        raise SagaConfigError(f"SagaApp({field}=...) must be positive, got {value!r}")
+    return int(duration.total_seconds() * 1000)

@@ -1,0 +1,119 @@
+"""A declared saga: its stages turned into a ``Plan``, validated when declared."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery import Task
+from celery.canvas import Signature, _chain, chord, group
+
+from saga_celery._celery.handle import SagaHandle
+from saga_celery._celery.tasks import SagaStepTask
+from saga_celery._core.model import OnRollbackError, Plan, RollbackMode, StepSpec
+from saga_celery._errors import SagaDefinitionError, SagaError
+
+if TYPE_CHECKING:
+    from saga_celery._celery.app import SagaApp
+
+SAGA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
+
+
+class SagaDefinition:
+    """``sagas.saga(name, stages)``: start runs of it with ``apply_async``."""
+
+    def __init__(self, sagas: SagaApp, name: str, stages: Sequence[Any], *,
+                 rollback_mode: str, on_rollback_error: str) -> None:
+        self.sagas = sagas
+        self.name = name
+        self.plan = Plan(stages=_stages(sagas, name, stages),
+                         rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
+                         on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
+                                                   on_rollback_error))
+
+    def apply_async(self, *, saga_id: str | None = None, params: Any = None) -> SagaHandle:
+        """Start a run (or return the existing one with this ``saga_id`` and params)."""
+        saga_id = _checked_id(saga_id)
+        params = _json(params if params is not None else {}, f"params of saga {saga_id!r}")
+        transition, created = self.sagas.engine.submit(
+            saga_id=saga_id, name=self.name, plan=self.plan, params=params)
+        if created:
+            self.sagas.dispatcher.send(transition.run, transition.dispatches)
+        return SagaHandle(self.sagas, saga_id)
+
+    def __repr__(self) -> str:
+        steps = [[s.name for s in stage] for stage in self.plan.stages]
+        return f"<SagaDefinition {self.name!r} {steps}>"
+
+
+def _checked_id(saga_id: str | None) -> str:
+    if saga_id is None:
+        return uuid.uuid4().hex
+    if not isinstance(saga_id, str) or not SAGA_ID_RE.match(saga_id):
+        raise SagaError(f"invalid saga_id {saga_id!r}: use 1-200 characters of letters, digits "
+                        "and . _ : @ / - (starting with a letter or digit)")
+    return saga_id
+
+
+_E = TypeVar("_E", RollbackMode, OnRollbackError)
+_T = TypeVar("_T")
+
+
+def _choice(enum: type[_E], field: str, value: str) -> _E:
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise SagaDefinitionError(f"{field}={value!r} is not one of {allowed}") from None
+
+
+def _json(value: _T, what: str) -> _T:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SagaDefinitionError(f"{what} must be JSON-serializable: {exc}") from exc
+    return value
+
+
+def _stages(sagas: SagaApp, name: str, stages: Sequence[Any]) -> list[list[StepSpec]]:
+    if isinstance(stages, Signature) or not isinstance(stages, Sequence) or not stages:
+        raise SagaDefinitionError(f"saga {name!r} has no steps: pass a non-empty list of step "
+                                  "signatures or groups")
+    counts: Counter[str] = Counter()
+    plan = []
+    for index, item in enumerate(stages):
+        in_group = isinstance(item, group)
+        members = list(item.tasks) if in_group else [item]
+        if not members:
+            raise SagaDefinitionError(f"saga {name!r}: stage {index} is an empty group")
+        plan.append([_spec(sagas, name, member, index, pos, in_group, counts)
+                     for pos, member in enumerate(members)])
+    return plan
+
+
+def _spec(sagas: SagaApp, saga: str, item: Any, stage: int, index: int, in_group: bool,
+          counts: Counter[str]) -> StepSpec:
+    sig = item.s() if isinstance(item, Task) else item
+    if isinstance(sig, _chain | chord | group) or not isinstance(sig, Signature):
+        raise SagaDefinitionError(
+            f"saga {saga!r}, stage {stage}: {item!r} is not a step signature; a stage is "
+            "one step signature (step.s(...)) or a group of them")
+    task = sagas.app.tasks.get(sig.task)
+    if not isinstance(task, SagaStepTask):
+        raise SagaDefinitionError(f"saga {saga!r}: task {sig.task!r} is not a saga step "
+                                  "(decorate it with @sagas.step)", step=sig.task)
+    counts[task.name] += 1
+    rollback = type(task).saga_rollback
+    where = f"arguments of step {task.name!r} in saga {saga!r}"
+    return StepSpec(
+        key=f"{task.name}#{counts[task.name]}", name=task.name, count=counts[task.name],
+        stage=stage, index=index, task=task.name, args=_json(list(sig.args), where),
+        kwargs=_json(dict(sig.kwargs), where), immutable=bool(sig.immutable),
+        in_group=in_group, policy=task.saga_config.policy(),
+        rollback_task=None if rollback is None else rollback.name,
+        rollback_policy=None if rollback is None else rollback.saga_config.policy(),
+    )

@@ -1,0 +1,60 @@
+"""One background thread per process that keeps the leases of running attempts alive."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import structlog
+
+from saga_celery._engine import Engine, Lease
+from saga_celery._errors import SagaStoreError
+
+log = structlog.get_logger("saga_celery")
+
+
+class LeaseKeeper:
+    """Renews every held lease each ``ttl/3``; a killed process simply stops renewing."""
+
+    def __init__(self, engine: Engine, ttl_ms: int) -> None:
+        self.engine = engine
+        self.interval_s = ttl_ms / 3000.0
+        self._held: dict[tuple[str, str, str], Lease] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = 0
+
+    @contextmanager
+    def hold(self, saga_id: str, lease: Lease) -> Iterator[None]:
+        entry = (saga_id, lease.name, lease.token)
+        with self._lock:
+            self._held[entry] = lease
+        self._ensure_thread()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(entry, None)
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid():  # threads do not survive fork: one per process
+            return
+        self._pid = os.getpid()
+        threading.Thread(target=self._loop, name="saga-lease-keeper", daemon=True).start()
+
+    def _loop(self) -> None:
+        while not self._wake.wait(self.interval_s):
+            with self._lock:
+                held = list(self._held.items())
+            for (saga_id, _, _), lease in held:
+                self._renew(saga_id, lease)
+
+    def _renew(self, saga_id: str, lease: Lease) -> None:
+        try:
+            if not self.engine.renew(saga_id, lease):
+                log.warning("saga.lease_lost", saga_id=saga_id, lease=lease.name)
+        except SagaStoreError as exc:
+            log.warning("saga.lease_renew_failed", saga_id=saga_id, lease=lease.name,
+                        error=str(exc))

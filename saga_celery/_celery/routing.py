@@ -1,0 +1,79 @@
+"""Queues and routing: steps to one queue, rollbacks and coordination to another."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from saga_celery._celery.control import CONTROL_KEY
+
+RESTORE_DEFAULTS = {
+    # kombu's defaults (10 s x 10 throttle, 300 s mutex) leave a killed worker's messages
+    # unrestored for ~100 s after the visibility timeout; these keep it to seconds.
+    "unacked_restore_interval": 2,
+    "unacked_restore_throttle": 1,
+    "unacked_mutex_expire": 30,
+}
+
+
+class SagaRouter:
+    """A ``task_routes`` router: per-step queues first, then by kind of saga message."""
+
+    def __init__(self, steps_queue: str, rollbacks_queue: str) -> None:
+        self.steps_queue = steps_queue
+        self.rollbacks_queue = rollbacks_queue
+        self.step_tasks: set[str] = set()
+        self.rollback_tasks: set[str] = set()
+        self.explicit: dict[str, str] = {}
+
+    def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+                 **_: Any) -> dict[str, str] | None:
+        if name in self.explicit:
+            return {"queue": self.explicit[name]}
+        if name in self.rollback_tasks:
+            return {"queue": self.rollbacks_queue}
+        if name in self.step_tasks:
+            return {"queue": self.steps_queue}
+        control = kwargs.get(CONTROL_KEY) if isinstance(kwargs, dict) else None
+        if isinstance(control, dict):
+            kind = control.get("kind")
+            return {"queue": self.rollbacks_queue if kind == "rollback" else self.steps_queue}
+        return None
+
+
+def configure(app: Celery, router: SagaRouter) -> None:
+    """Install the router and queues, and shorten kombu's unacked-restore period."""
+    conf = app.conf
+    existing = conf.task_routes
+    if existing is None:
+        routes: tuple[Any, ...] = ()
+    elif isinstance(existing, list | tuple):
+        routes = tuple(existing)
+    else:
+        routes = (existing,)
+    conf.task_routes = (router, *routes)
+    queues = list(conf.task_queues or [_queue(conf.task_default_queue)])
+    names = {q.name for q in queues}
+    for name in (router.steps_queue, router.rollbacks_queue):
+        if name not in names:
+            queues.append(_queue(name))
+    conf.task_queues = queues
+    options = dict(conf.broker_transport_options or {})
+    for key, value in RESTORE_DEFAULTS.items():
+        options.setdefault(key, value)
+    conf.broker_transport_options = options
+
+
+def _queue(name: str) -> Queue:
+    """A direct queue bound the way Celery binds the queues it creates itself."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def visibility_timeout(app: Celery) -> float | None:
+    """The Redis transport's visibility timeout, or None for brokers without one."""
+    url = str(app.conf.broker_url or "")
+    if not url.startswith(("redis://", "rediss://", "sentinel://", "redis+socket://")):
+        return None
+    return float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))

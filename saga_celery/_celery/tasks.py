@@ -1,0 +1,118 @@
+"""Saga step and rollback tasks: ordinary Celery tasks that know when they run in a saga."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from celery import Celery, Task
+from celery.local import Proxy
+
+from saga_celery._celery.control import split_control
+from saga_celery._celery.dispatch import ARGS_REPR
+from saga_celery._core.config import StepConfig
+from saga_celery._errors import SagaDefinitionError
+
+if TYPE_CHECKING:
+    from saga_celery._celery.app import SagaApp
+
+TIME_LIMIT_GRACE_S = 2.0
+"""The hard limit falls this long after the soft one, for a body that ignores the soft one."""
+
+_GENERATED = frozenset({"app", "name", "run", "_decorated", "__doc__", "__module__",
+                        "__annotations__", "__header__", "__wrapped__", "__qualname__",
+                        "__dict__", "__weakref__"})
+_FORCED = frozenset({"acks_late", "reject_on_worker_lost", "serializer", "Request"})
+"""Options a saga task must keep: redelivery and the hard-timeout hook depend on them."""
+
+
+class SagaTask(Task):  # type: ignore[misc]
+    """Common ground: late acks, redelivery on worker loss, JSON, ids-only kwargs repr."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    serializer = "json"
+    typing = False  # checked in apply_async, minus the saga's control kwarg
+    Request = "saga_celery._celery.request:SagaRequest"
+    saga_app: ClassVar[SagaApp]
+    saga_config: ClassVar[StepConfig]
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        control, _ = split_control(dict(kwargs or {}))
+        if control is None:
+            if self.app.strict_typing:  # Celery's own check, which the control kwarg would fail
+                self.__header__(*(args or ()), **(kwargs or {}))
+        else:
+            options.setdefault("kwargsrepr", control.kwargs_repr())
+            options.setdefault("argsrepr", ARGS_REPR)
+        return super().apply_async(args, kwargs, **options)
+
+
+class SagaStepTask(SagaTask):
+    """A saga step.  Outside a saga (plain ``.delay()``) it runs like any Celery task."""
+
+    saga_rollback: ClassVar[SagaRollbackTask | None] = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        control, rest = split_control(kwargs)
+        if control is None:
+            return super().__call__(*args, **kwargs)
+        self.saga_app.runtime.run_step(self, control, args, rest, self.saga_config)
+        return None
+
+    def rollback(self, fn: Callable[..., Any] | None = None, *, retries: Any = None,
+                 timeout: Any = None, name: str | None = None, **task_options: Any) -> Any:
+        """Register this step's rollback handler: ``@step.rollback(retries=..., timeout=...)``."""
+
+        def register(handler: Callable[..., Any]) -> SagaRollbackTask:
+            return self.saga_app.register_rollback(self, handler, retries=retries,
+                                                   timeout=timeout, name=name,
+                                                   task_options=task_options)
+
+        return register if fn is None else register(fn)
+
+
+class SagaRollbackTask(SagaTask):
+    """A rollback handler: called with a ``RollbackContext``."""
+
+    saga_step_name: ClassVar[str]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        control, _rest = split_control(kwargs)
+        if control is None:
+            return super().__call__(*args, **kwargs)
+        self.saga_app.runtime.run_rollback(self, control, self.saga_config)
+        return None
+
+
+def time_limits(config: StepConfig) -> dict[str, float]:
+    soft = config.timeout.total_seconds()
+    return {"soft_time_limit": soft, "time_limit": soft + TIME_LIMIT_GRACE_S}
+
+
+def unwrap(target: Any) -> tuple[Callable[..., Any], bool, str | None, dict[str, Any]]:
+    """A function, or an existing Celery task: (function, bind, name, its task options)."""
+    if isinstance(target, Proxy):
+        target = target._get_current_object()
+    if not isinstance(target, Task):
+        if not callable(target):
+            raise SagaDefinitionError(f"a saga step must be a function or a Celery task, "
+                                      f"got {target!r}")
+        return target, False, None, {}
+    if isinstance(target, SagaTask):
+        raise SagaDefinitionError(f"task {target.name!r} is already a saga step or rollback")
+    raw = type(target).__dict__.get("run")
+    bind = not isinstance(raw, staticmethod)
+    fn = raw.__func__ if isinstance(raw, staticmethod) else raw
+    if fn is None:
+        raise SagaDefinitionError(f"cannot wrap task {target.name!r}: it defines no run()")
+    options = {k: v for k, v in type(target).__dict__.items()
+               if k not in _GENERATED | _FORCED and not k.startswith("__")}
+    target.app.tasks.pop(target.name, None)  # re-registered below as a saga step
+    return fn, bind, target.name, options
+
+
+def build_task(app: Celery, fn: Callable[..., Any], *, base: type[SagaTask], bind: bool,
+               name: str | None, options: dict[str, Any]) -> Any:
+    return app.task(fn, base=base, bind=bind, name=name, lazy=False, **options)

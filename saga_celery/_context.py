@@ -1,0 +1,68 @@
+"""What a running step or rollback handler knows about itself."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, JsonValue
+
+from saga_celery._core.config import StepConfig
+from saga_celery._errors import SagaError
+
+
+class StepContext(BaseModel):
+    """The running step, from ``saga_celery.current_step()`` inside its body."""
+
+    model_config = ConfigDict(frozen=True)
+
+    saga_id: str
+    step: str
+    """The step's name (its Celery task name unless ``name=`` overrode it)."""
+    count: int
+    """1-based occurrence of this step's name in the saga."""
+    attempt: int
+    """1-based attempt number."""
+    config: StepConfig
+    params: JsonValue
+    idempotency_key: str
+    """Stable across retries and redeliveries; unique per saga, step and count."""
+
+
+class RollbackContext(BaseModel):
+    """What a rollback handler gets: the step's output and the error that failed the saga."""
+
+    model_config = ConfigDict(frozen=True)
+
+    saga_id: str
+    step: str
+    count: int
+    attempt: int
+    """Attempt number of this rollback handler (continues across ``retry_rollback``)."""
+    output: JsonValue
+    """The step's output, or None if the step itself failed."""
+    error: dict[str, Any] | None
+    """``{"type", "message"}`` of the error that failed the saga (``Terminated`` on terminate)."""
+    params: JsonValue
+    config: StepConfig
+    idempotency_key: str
+    """Its own key (not the step's), stable across the rollback's retries."""
+
+
+_current: ContextVar[StepContext | None] = ContextVar("saga_celery_step", default=None)
+
+
+def current_step() -> StepContext:
+    """The context of the step running in this task; ``SagaError`` outside a saga step."""
+    ctx = _current.get()
+    if ctx is None:
+        raise SagaError("current_step() was called outside a running saga step")
+    return ctx
+
+
+def step_idempotency_key(saga_id: str, step: str, count: int) -> str:
+    return f"{saga_id}:{step}:{count}"
+
+
+def rollback_idempotency_key(saga_id: str, step: str, count: int) -> str:
+    return f"{saga_id}:{step}:{count}:rollback"

@@ -1,0 +1,146 @@
+"""The engine: load a saga, apply one event with the pure core, commit it atomically.
+
+Between the core (pure) and the Celery adapter (messages): it owns the compare-and-set
+loop, leases, event ids and the structlog line of every lifecycle event.  No Celery here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from pydantic import JsonValue
+
+from saga_celery._core.events import AttemptStarted, Decision, Event, Transition
+from saga_celery._core.machine import apply, start_saga
+from saga_celery._core.model import Plan
+from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
+from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
+
+log = structlog.get_logger("saga_celery")
+
+MAX_CONFLICTS = 200
+"""Compare-and-set retries before giving up: only a pathological storm of writers hits it."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The lease a delivery takes when it runs an attempt, and gives back when it ends."""
+
+    name: str
+    token: str
+    ttl_ms: int
+
+
+def lease_name(kind: str, key: str) -> str:
+    return f"{kind}:{key}"
+
+
+class Engine:
+    """Applies events to stored sagas; every write is one atomic commit."""
+
+    def __init__(self, store: SagaStore, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.clock = clock
+
+    def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
+               ) -> tuple[Transition, bool]:
+        """Create the saga, or return the existing one if it has the same name and params."""
+        transition = start_saga(saga_id=saga_id, name=name, plan=plan, params=params,
+                                now=self.clock())
+        events = _with_ids(transition.events, saga_id, 1)
+        if self.store.create(transition.run, events):
+            _log(events)
+            return transition, True
+        existing = self.load(saga_id).run
+        if existing.name != name or existing.params != params:
+            raise SagaConflictError(
+                f"saga id {saga_id!r} is already used by a {existing.name!r} saga with "
+                f"params {existing.params!r}; got {name!r} with params {params!r}. "
+                "Use a new saga_id, or the same params to get the existing run.",
+                saga_id=saga_id)
+        return Transition(run=existing), False
+
+    def load(self, saga_id: str) -> Snapshot:
+        snapshot = self.store.load(saga_id)
+        if snapshot is None:
+            raise SagaNotFoundError(
+                f"no saga with id {saga_id!r} (never started, or its retention expired)",
+                saga_id=saga_id)
+        return snapshot
+
+    def handle(self, saga_id: str, event: Event, *, lease: Lease | None = None) -> Transition:
+        """Apply ``event`` and commit it; retried on concurrent writes.
+
+        With ``lease`` and an ``AttemptStarted`` event, the lease is taken with the commit
+        when the answer is RUN; with an end event it is given back with the commit.
+        """
+        for _ in range(MAX_CONFLICTS):
+            snapshot, applied = self._load_for(saga_id, event, lease)
+            transition = apply(snapshot.run, applied, now=self.clock())
+            if not transition.changed:
+                return transition
+            if self._commit(snapshot, transition, event, lease):
+                return transition
+            time.sleep(0.001)
+        raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
+                             f"{type(event).__name__}", saga_id=saga_id)
+
+    def _load_for(self, saga_id: str, event: Event, lease: Lease | None
+                  ) -> tuple[Snapshot, Event]:
+        """Load the saga; a start event learns whether another delivery holds the lease."""
+        started = lease is not None and isinstance(event, AttemptStarted)
+        snapshot = self.store.load(saga_id, lease=lease.name if lease and started else None)
+        if snapshot is None:
+            raise SagaNotFoundError(f"no saga with id {saga_id!r}", saga_id=saga_id)
+        if lease is not None and isinstance(event, AttemptStarted):
+            live = snapshot.lease_holder not in (None, lease.token)
+            event = event.model_copy(update={"lease_live": live})
+        return snapshot, event
+
+    def _commit(self, snapshot: Snapshot, transition: Transition, event: Event,
+                lease: Lease | None) -> bool:
+        change = _lease_change(transition, event, lease)
+        version = snapshot.version
+        events = _with_ids(transition.events, transition.run.id, version + 1)
+        terminal = transition.run.is_terminal and not snapshot.run.is_terminal
+        ok = self.store.commit(transition.run, version=version, events=events, lease=change,
+                               terminal=terminal)
+        if ok:
+            _log(events)
+        return ok
+
+    def release(self, saga_id: str, lease: Lease) -> None:
+        self.store.release_lease(saga_id, lease.name, lease.token)
+
+    def renew(self, saga_id: str, lease: Lease) -> bool:
+        return self.store.renew_lease(saga_id, lease.name, lease.token, lease.ttl_ms)
+
+
+def _lease_change(transition: Transition, event: Event, lease: Lease | None
+                  ) -> LeaseChange | None:
+    if lease is None:
+        return None
+    if isinstance(event, AttemptStarted):
+        if transition.decision == Decision.RUN:
+            return LeaseChange(lease.name, lease.token, LeaseAction.ACQUIRE, lease.ttl_ms)
+        return None
+    return LeaseChange(lease.name, lease.token, LeaseAction.RELEASE)
+
+
+def _with_ids(events: list[dict[str, Any]], saga_id: str, version: int) -> list[dict[str, Any]]:
+    return [{**e, "event_id": f"{saga_id}/{version}.{i}"} for i, e in enumerate(events)]
+
+
+def _log(events: list[dict[str, Any]]) -> None:
+    for e in events:
+        fields = {k: v for k, v in e.items() if k != "type"}
+        log.info(f"saga.{e['type']}", saga_event=e["type"], **fields)
