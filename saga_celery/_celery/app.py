@@ -16,6 +16,7 @@ from saga_celery._celery.recovery import recover
 from saga_celery._celery.routing import SagaRouter, configure, visibility_timeout
 from saga_celery._celery.runtime import Runtime, RuntimeSettings
 from saga_celery._celery.tasks import (
+    TIME_LIMIT_GRACE_S,
     SagaRollbackTask,
     SagaStepTask,
     build_task,
@@ -28,6 +29,7 @@ from saga_celery._errors import SagaConfigError, SagaDefinitionError
 from saga_celery._store import RedisStore, SagaStore
 
 _ROLLBACK_CONFIG_KEYS = frozenset({"retries", "timeout", "name"})
+RECOVER_TASK = "saga_celery.recover"
 
 
 class SagaApp:
@@ -38,6 +40,8 @@ class SagaApp:
     traffic).  ``max_output_bytes`` caps a step's JSON output.  ``lease_ttl`` is how long a
     running attempt's lease outlives its last renewal (how soon a killed worker's attempt
     can run again).  ``retention`` is how long a finished saga's state is kept.
+    ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
+    and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
     """
 
     def __init__(
@@ -51,6 +55,8 @@ class SagaApp:
         max_output_bytes: int = 1_048_576,
         lease_ttl: object = "8 seconds",
         retention: object = "7 days",
+        recovery_interval: object = "30 seconds",
+        recovery_grace: object = "60 seconds",
         store: SagaStore | None = None,
     ) -> None:
         self.app = app
@@ -67,6 +73,20 @@ class SagaApp:
         self.runtime = Runtime(self.engine, self.dispatcher,
                                RuntimeSettings(lease_ttl_ms=lease_ms,
                                                max_output_bytes=max_output_bytes))
+        self.recovery_grace = parse_duration(recovery_grace)
+        self._register_recovery(_positive_ms("recovery_interval", recovery_interval) / 1000)
+
+    def _register_recovery(self, interval_s: float) -> None:
+        """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""
+
+        def sweep() -> int:
+            return self.recover()
+
+        self.app.task(sweep, name=RECOVER_TASK, ignore_result=True, lazy=False, shared=False)
+        self.router.rollback_tasks.add(RECOVER_TASK)
+        schedule = dict(self.app.conf.beat_schedule or {})
+        schedule.setdefault(RECOVER_TASK, {"task": RECOVER_TASK, "schedule": interval_s})
+        self.app.conf.beat_schedule = schedule
 
     def _state_url(self, redis_url: str | None) -> str:
         url = redis_url or str(self.app.conf.broker_url or "")
@@ -89,15 +109,18 @@ class SagaApp:
             task_name = name or existing or self.app.gen_task_name(func.__name__,
                                                                    func.__module__)
             config = self._config(task_name, retries, timeout)
+            if rollback is None and rollback_config is not None:
+                raise SagaConfigError(f"step {task_name!r}: rollback_config given without "
+                                      "rollback=", step=task_name)
+            handler_config = _rollback_config(task_name, rollback_config)
+            if rollback is not None:  # validated before anything is registered
+                self._config(f"rollback of {task_name}", handler_config.get("retries"),
+                             handler_config.get("timeout"))
             task: SagaStepTask = self._build(func, SagaStepTask, bind, task_name, config,
                                              {**options, **task_options})
             self.router.step_tasks.add(task_name)
             if rollback is not None:
-                self.register_rollback(task, rollback, **_rollback_config(task_name,
-                                                                         rollback_config))
-            elif rollback_config is not None:
-                raise SagaConfigError(f"step {task_name!r}: rollback_config given without "
-                                      "rollback=", step=task_name)
+                self.register_rollback(task, rollback, **handler_config)
             return task
 
         return decorate if fn is None else decorate(fn)
@@ -124,10 +147,11 @@ class SagaApp:
     def _config(self, owner: str, retries: Any, timeout: Any) -> StepConfig:
         config = resolve_config(owner=owner, retries=retries, timeout=timeout)
         limit = visibility_timeout(self.app)
-        if limit is not None and config.longest_wait_s() >= limit:
+        longest = config.longest_wait_s() + TIME_LIMIT_GRACE_S
+        if limit is not None and longest >= limit:
             raise SagaConfigError(
-                f"{owner!r}: its longest retry delay plus timeout "
-                f"({config.longest_wait_s():g} s) must stay below the Redis transport's "
+                f"{owner!r}: its longest retry delay plus timeout and hard-limit grace "
+                f"({longest:g} s) must stay below the Redis transport's "
                 f"visibility_timeout ({limit:g} s), or Redis redelivers waiting messages. "
                 "Lower retries.delay / retries.max_delay / timeout, or raise "
                 "broker_transport_options['visibility_timeout'].", step=owner)
@@ -155,9 +179,10 @@ class SagaApp:
         self.engine.load(saga_id)
         return SagaHandle(self, saga_id)
 
-    def recover(self, *, grace: object = "30 seconds") -> int:
-        """Send again every due message of an unfinished saga that has not started in time."""
-        return recover(self.engine, self.dispatcher, grace=parse_duration(grace))
+    def recover(self, *, grace: object = None) -> int:
+        """One recovery sweep (see ``saga_celery._celery.recovery``); returns messages re-sent."""
+        delay = self.recovery_grace if grace is None else parse_duration(grace)
+        return recover(self.engine, self.dispatcher, grace=delay)
 
 
 def _rollback_config(step: str, config: dict[str, Any] | None) -> dict[str, Any]:

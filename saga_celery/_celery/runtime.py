@@ -137,9 +137,12 @@ class Runtime:
     def _execute(self, task: Task, control: Control, lease: Lease, config: StepConfig,
                  body: Callable[[], Any]) -> None:
         timeout_s = config.timeout.total_seconds()
+        def deadline() -> None:
+            self.record_timeout(control, timeout_s, lease)
+
         try:
             with self.keeper.hold(control.saga_id, lease):
-                output = call_with_timeout(body, timeout_s)
+                output = call_with_timeout(body, timeout_s, deadline)
             output = self._checked_output(output) if control.kind == Kind.STEP else None
         except Exception as exc:
             self._failed(task, control, lease, exc, error_info(exc, timeout_s=timeout_s),
@@ -200,14 +203,19 @@ class Runtime:
     def record_hard_timeout(self, control: Control, hostname: str | None, pid: int | None,
                             task_id: str | None, timeout_s: float) -> None:
         """The child was killed at the hard time limit and cannot record its own failure."""
+        self.record_timeout(control, timeout_s, None,
+                            detail=" (hard time limit: the pool process was killed)")
+        self.release_lost_lease(control, hostname, pid, task_id)
+
+    def record_timeout(self, control: Control, timeout_s: float, lease: Lease | None, *,
+                       detail: str = "") -> None:
+        """Fail a running attempt at its deadline on behalf of a body that cannot stop."""
         error = ErrorInfo(type="TimeoutError",
-                          message=f"the attempt exceeded its timeout of {timeout_s:g} s "
-                                  "(hard time limit: the pool process was killed)")
+                          message=f"the attempt exceeded its timeout of {timeout_s:g} s{detail}")
         ended = AttemptFailed(kind=control.kind, key=control.key, attempt=control.attempt,
                               error=error, draw=random.random(), via_retry=False)
-        transition = self.engine.handle(control.saga_id, ended)
+        transition = self.engine.handle(control.saga_id, ended, lease=lease)
         self.dispatcher.send(transition.run, transition.dispatches)
-        self.release_lost_lease(control, hostname, pid, task_id)
 
     def release_lost_lease(self, control: Control, hostname: str | None, pid: int | None,
                            task_id: str | None) -> None:

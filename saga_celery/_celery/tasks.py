@@ -22,7 +22,7 @@ TIME_LIMIT_GRACE_S = 2.0
 _GENERATED = frozenset({"app", "name", "run", "_decorated", "__doc__", "__module__",
                         "__annotations__", "__header__", "__wrapped__", "__qualname__",
                         "__dict__", "__weakref__"})
-_FORCED = frozenset({"acks_late", "reject_on_worker_lost", "serializer", "Request"})
+_FORCED = frozenset({"acks_late", "reject_on_worker_lost", "serializer", "Request", "typing"})
 """Options a saga task must keep: redelivery and the hard-timeout hook depend on them."""
 
 
@@ -109,10 +109,13 @@ def unwrap(target: Any) -> tuple[Callable[..., Any], bool, str | None, dict[str,
         raise SagaDefinitionError(f"cannot wrap task {target.name!r}: it defines no run()")
     options = {k: v for k, v in type(target).__dict__.items()
                if k not in _GENERATED | _FORCED and not k.startswith("__")}
+    for attr, setting in Task.from_config:  # filled in from app.conf when Celery bound it
+        if attr in options and options[attr] == target.app.conf.get(setting):
+            del options[attr]
     target.app.tasks.pop(target.name, None)  # re-registered below as a saga step
     return fn, bind, target.name, options
 
 
 def build_task(app: Celery, fn: Callable[..., Any], *, base: type[SagaTask], bind: bool,
                name: str | None, options: dict[str, Any]) -> Any:
-    return app.task(fn, base=base, bind=bind, name=name, lazy=False, **options)
+    return app.task(fn, base=base, bind=bind, name=name, lazy=False, shared=False, **options)

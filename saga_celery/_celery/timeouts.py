@@ -1,66 +1,106 @@
 """Per-attempt timeouts on pools where Celery's time limits do not apply (threads, solo).
 
 On prefork Celery's soft limit raises ``SoftTimeLimitExceeded`` in the body and its hard
-limit kills the child; elsewhere a watchdog timer raises ``AttemptTimeout`` in the thread
-running the body, the way Celery's soft limit does with a signal.
+limit kills the child.  Elsewhere the library enforces the timeout itself:
+
+- in the main thread (the solo pool) a ``SIGALRM`` timer raises ``AttemptTimeout`` in the
+  body, interrupting even a blocking sleep or socket read, as Celery's soft limit does;
+- in another thread (the threads pool), where no signal can reach the body, a watchdog
+  raises ``AttemptTimeout`` in it at its next Python instruction and, because a blocking
+  call may never get there, records the attempt as timed out itself at the deadline (the
+  body's late result is then a duplicate and ignored), as Celery's hard limit does.
 """
 
 from __future__ import annotations
 
 import ctypes
+import signal
 import threading
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
+from billiard.process import current_process
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
-_in_prefork_child = False
+_in_pool_child = False
 
 
 class AttemptTimeout(Exception):
     """An attempt ran past its timeout on a pool without Celery time limits."""
 
 
-def _mark_prefork_child(**_: Any) -> None:
-    global _in_prefork_child
-    _in_prefork_child = True
+def _mark_pool_child(**_: Any) -> None:
+    global _in_pool_child
+    # the solo pool sends worker_process_init too, from the worker's main process
+    _in_pool_child = current_process().name != "MainProcess"
 
 
-worker_process_init.connect(_mark_prefork_child, weak=False)
+worker_process_init.connect(_mark_pool_child, weak=False)
 
 
 def celery_enforces_limits() -> bool:
     """True inside a prefork pool process, where Celery's time limits apply."""
-    return _in_prefork_child
+    return _in_pool_child
 
 
 def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, SoftTimeLimitExceeded | AttemptTimeout)
 
 
+def call_with_timeout(fn: Callable[[], Any], timeout_s: float,
+                      on_deadline: Callable[[], None] | None = None) -> Any:
+    """Run ``fn`` in this thread; stop it with ``AttemptTimeout`` once ``timeout_s`` passes.
+
+    ``on_deadline`` runs at the deadline on a pool thread, where the body may be stuck in a
+    call no exception can interrupt.
+    """
+    if celery_enforces_limits():
+        return fn()
+    if threading.current_thread() is threading.main_thread():
+        return _with_alarm(fn, timeout_s)
+    return _with_watchdog(fn, timeout_s, on_deadline)
+
+
+def _raise_timeout(signum: int, frame: FrameType | None) -> None:
+    raise AttemptTimeout
+
+
+def _with_alarm(fn: Callable[[], Any], timeout_s: float) -> Any:
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class _Watchdog:
-    def __init__(self, thread_id: int) -> None:
+    def __init__(self, thread_id: int, on_deadline: Callable[[], None] | None) -> None:
         self.thread_id = thread_id
+        self.on_deadline = on_deadline
         self.lock = threading.Lock()
         self.running = True
 
     def fire(self) -> None:
         with self.lock:
-            if self.running:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(self.thread_id), ctypes.py_object(AttemptTimeout))
+            if not self.running:
+                return
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.thread_id), ctypes.py_object(AttemptTimeout))
+        if self.on_deadline is not None:
+            self.on_deadline()
 
     def finish(self) -> None:
         with self.lock:
             self.running = False
 
 
-def call_with_timeout(fn: Callable[[], Any], timeout_s: float) -> Any:
-    """Run ``fn`` in this thread; raise ``AttemptTimeout`` in it once ``timeout_s`` passes."""
-    if celery_enforces_limits():
-        return fn()
-    watchdog = _Watchdog(threading.get_ident())
+def _with_watchdog(fn: Callable[[], Any], timeout_s: float,
+                   on_deadline: Callable[[], None] | None) -> Any:
+    watchdog = _Watchdog(threading.get_ident(), on_deadline)
     timer = threading.Timer(timeout_s, watchdog.fire)
     timer.daemon = True
     timer.start()

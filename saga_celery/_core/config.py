@@ -83,7 +83,7 @@ class StepConfig(BaseModel):
     def longest_wait_s(self) -> float:
         """The longest retry delay plus the timeout: what a broker must keep a message for."""
         r = self.retries
-        longest_delay = r.delay.total_seconds()
+        longest_delay = r.delay.total_seconds() if r.limit > 0 else 0.0
         if r.backoff == Backoff.LINEAR:
             longest_delay *= max(r.limit, 1)
         elif r.backoff == Backoff.EXPONENTIAL:

@@ -116,4 +116,5 @@ class Ctx:
 
 
 def error_fields(error: ErrorInfo | None) -> dict[str, Any] | None:
-    return None if error is None else error.model_dump()
+    """An error as events carry it: ``{"type", "message"}``, plus ``step`` where it has one."""
+    return None if error is None else error.model_dump(exclude_none=True)
