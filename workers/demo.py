@@ -1,0 +1,297 @@
+"""``python -m workers.demo`` (``make demo``): two orders on a real worker, one rolled back.
+
+With ``SAGA_REDIS_URL`` set, the demo uses that Redis; unset, it serves an embedded
+Redis-protocol server in this process.  It starts ``celery -A workers.app worker`` (prefork,
+2 processes) against it, places an order that completes and one whose last step fails so
+the steps that started are rolled back, prints both sagas and their ledger effects, and
+exits 0 only if both ended as they should.  The worker's log goes to a temporary file,
+printed only when something went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import redis
+import structlog
+
+from saga_celery import SagaState
+from saga_celery._core.state import AttemptView, StepView
+from saga_celery._embedded import EmbeddedRedis, start_embedded_redis
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT_S = 60.0
+SAGA_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+LOG_TAIL_LINES = 200
+
+
+class Worker:
+    """A ``celery -A workers.app worker`` subprocess, leader of its own process group."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.node = f"saga-demo-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+        fd, name = tempfile.mkstemp(prefix="saga-demo-worker-", suffix=".log")
+        self.log_path = Path(name)
+        command = [
+            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            "-P", "prefork", "-c", "2", "-n", self.node,
+            "--without-gossip", "--without-mingle",
+            # INFO, not WARNING: the "<node> ready." line is how the demo knows it can start.
+            "--loglevel", "INFO",
+        ]  # fmt: skip
+        with os.fdopen(fd, "wb") as log_file:
+            self.popen = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=subprocess.STDOUT, process_group=0,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float) -> str | None:
+        """Wait until the worker says it is ready; return why it is not, or None."""
+        marker = f"{self.node} ready."
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if marker in self.log():
+                return None
+            if self.popen.poll() is not None:
+                return f"the worker exited with status {self.popen.returncode}"
+            time.sleep(0.1)
+        return f"the worker was not ready after {timeout:g} s"
+
+    def stop(self) -> None:
+        """SIGTERM (Celery's warm shutdown), then SIGKILL its whole process group."""
+        if self.popen.poll() is None:
+            with suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.popen.wait(STOP_TIMEOUT_S)
+        with suppress(ProcessLookupError):  # pool processes left behind, or a stuck main
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+def worker_env(redis_url: str, *, embedded: bool) -> dict[str, str]:
+    """This process's environment for the worker (and for this process's own app)."""
+    env = dict(os.environ)
+    env["SAGA_REDIS_URL"] = redis_url
+    if embedded:  # the embedded server is the only Redis there is
+        env["SAGA_BROKER_URL"] = redis_url
+    # Short, so Redis redelivers quickly what a lost worker held; still above every
+    # retry delay plus timeout of the shop's steps (checked when they are declared).
+    env.setdefault("SAGA_VISIBILITY_TIMEOUT", "60")
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def unreachable(url: str) -> str | None:
+    """Why Redis at ``url`` cannot be used, or None."""
+    try:
+        with redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        return f"cannot reach Redis at {url} ({exc}): start it, or unset SAGA_REDIS_URL"
+    return None
+
+
+# --- printing -------------------------------------------------------------------------
+
+
+def _attempts(attempts: list[AttemptView]) -> str:
+    if not attempts:
+        return "-"
+    outcomes = ["ok" if a.success else "failed" if a.success is False else "running"
+                for a in attempts]
+    return f"{len(attempts)} ({', '.join(outcomes)})"
+
+
+def _step_row(step: StepView, rolled_back: bool) -> list[str]:
+    handler = step.rollback
+    rollback = ("-", "-") if handler is None or not rolled_back else (
+        str(handler.status), _attempts(handler.attempts))
+    start = "-" if step.start_seq is None else str(step.start_seq)
+    return [step.name, start, str(step.status), _attempts(step.attempts), *rollback]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def _header(state: SagaState) -> str:
+    parts = [f"saga {state.id} ({state.name}): status={state.status}"]
+    if state.error is not None:
+        parts.append(f"error={state.error.type} in {state.error.step}: {state.error.message}")
+    else:
+        parts.append(f"output={json.dumps(state.output)}")
+    rollback = state.rollback
+    if rollback is None:
+        parts.append("rollback=none")
+    else:
+        parts.append(f"rollback={rollback.outcome or 'running'} "
+                     f"({rollback.completed_steps}/{rollback.total_steps} steps compensated)")
+    return "  ".join(parts)
+
+
+def _failures(state: SagaState) -> list[str]:
+    """Every failed attempt, step or rollback, oldest first."""
+    failed = []
+    for step in state.steps:
+        runs = [("step", step.attempts)]
+        if step.rollback is not None:
+            runs.append(("rollback", step.rollback.attempts))
+        for kind, attempts in runs:
+            failed += [(a.started_at, f"{step.name} {kind} attempt {a.attempt}: "
+                                      f"{a.error.type}: {a.error.message}")
+                       for a in attempts if a.error is not None]
+    return [line for _, line in sorted(failed)]
+
+
+def _rollback_order(events: list[dict[str, Any]]) -> str:
+    started = [str(e["step"]) for e in events if e["type"] == "rollback_step_started"]
+    return " -> ".join(started)
+
+
+def _effect(entry: dict[str, Any]) -> str:
+    action = str(entry.get("action"))
+    if "sku" in entry:
+        what = f"{entry['qty']} x {entry['sku']} (reservation {entry['reservation_id']})"
+    elif "amount" in entry:
+        what = f"{entry['amount']} cents (charge {entry['charge_id']})"
+    elif "ticket_id" in entry:
+        what = f"ticket {entry['ticket_id']} (charge {entry['charge_id']})"
+    else:
+        what = json.dumps({k: v for k, v in entry.items() if k not in ("action", "key")})
+    return f"{action:<14} {what}"
+
+
+def report(state: SagaState, events: list[dict[str, Any]],
+           effects: list[dict[str, Any]]) -> str:
+    """A saga's state, rollback order and ledger effects as plain text."""
+    columns = ["step", "start", "forward", "attempts", "rollback", "rollback attempts"]
+    rows = [columns, *(_step_row(s, state.rollback is not None) for s in state.steps)]
+    lines = [_header(state), *(f"  {line}" for line in _table(rows))]
+    if state.rollback is not None:
+        lines.append(f"  rolled back in reverse start order: {_rollback_order(events)}")
+    failures = _failures(state)
+    if failures:
+        lines += ["  failed attempts:", *(f"    {line}" for line in failures)]
+    lines.append("  ledger effects, in order:")
+    lines += [f"    {_effect(e)}" for e in effects] or ["    (none)"]
+    return "\n".join(lines)
+
+
+def problems(ok: SagaState, failed: SagaState) -> list[str]:
+    """Why the demo did not go as it should (empty when it did)."""
+    found = []
+    if ok.status != "complete":
+        found.append(f"saga {ok.id} should be complete, it is {ok.status}")
+    if failed.status != "errored":
+        found.append(f"saga {failed.id} should be errored, it is {failed.status}")
+    outcome = None if failed.rollback is None else failed.rollback.outcome
+    if outcome != "complete":
+        found.append(f"saga {failed.id} should have rollback outcome complete, it has {outcome}")
+    return found
+
+
+# --- running --------------------------------------------------------------------------
+
+
+def run_orders() -> list[str]:
+    """Place the two orders and print them; return what went wrong."""
+    from workers import shop
+
+    # This process's own saga events would interleave JSON lines with the demo's output.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    print("Placing two orders (reserve_inventory -> charge_payment -> create_ticket): one "
+          "completes;\nin the other, create_ticket fails on every attempt and refund_payment "
+          "fails once, so the saga rolls back.", flush=True)
+    tag = uuid.uuid4().hex[:6]
+    ok_run = shop.place_order.apply_async(saga_id=f"order-{tag}-ok", params={})
+    failing_run = shop.place_order.apply_async(
+        saga_id=f"order-{tag}-fails",
+        params={"fail_at": "create_ticket", "flaky": ["refund_payment"]},
+    )
+    states = []
+    for label, run in (("an order that completes", ok_run),
+                       ("an order whose create_ticket fails, so it rolls back", failing_run)):
+        try:
+            state = run.wait(timeout=SAGA_TIMEOUT_S)
+        except TimeoutError as exc:
+            return [str(exc)]
+        states.append(state)
+        text = report(state, run.events(), shop.ledger_entries(state.id))
+        print(f"\n== {label}\n{text}", flush=True)
+    print()
+    return problems(*states)
+
+
+def demo(redis_url: str, *, embedded: bool) -> int:
+    """Start a worker on ``redis_url``, run the orders, stop the worker; the exit status."""
+    env = worker_env(redis_url, embedded=embedded)
+    os.environ.update(env)  # this process imports workers.app with the same settings
+    worker = Worker(env)
+    print(f"Started worker {worker.node} (celery -A workers.app worker, prefork, 2 processes)",
+          flush=True)
+    failed: list[str] = []
+    try:
+        problem = worker.wait_ready(READY_TIMEOUT_S)
+        failed = [problem] if problem else run_orders()
+    except Exception:
+        failed = [traceback.format_exc()]
+    finally:
+        worker.stop()
+    if failed:
+        tail = worker.log().splitlines()[-LOG_TAIL_LINES:]
+        print("\n".join(["", f"--- worker log ({worker.log_path}), last lines:", *tail,
+                         "--- end of worker log"]), file=sys.stderr)
+        print("\nDEMO FAILED:\n" + "\n".join(f"  - {p}" for p in failed), file=sys.stderr)
+        return 1
+    worker.log_path.unlink(missing_ok=True)
+    return 0
+
+
+def main() -> int:
+    started = time.monotonic()
+    url = os.environ.get("SAGA_REDIS_URL") or None
+    server: EmbeddedRedis | None = None
+    if url is None:
+        server = start_embedded_redis()
+        url = server.url
+        print(f"SAGA_REDIS_URL is not set: using an embedded Redis server at {url}", flush=True)
+    else:
+        print(f"Using Redis at {url} (SAGA_REDIS_URL)", flush=True)
+        problem = unreachable(url)
+        if problem is not None:
+            print(f"DEMO FAILED: {problem}", file=sys.stderr)
+            return 1
+    try:
+        status = demo(url, embedded=server is not None)
+    finally:
+        if server is not None:
+            server.stop()
+    verdict = "passed" if status == 0 else "FAILED"
+    print(f"demo {verdict} in {time.monotonic() - started:.1f} s")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
