@@ -7,6 +7,7 @@ loop, leases, event ids and the structlog line of every lifecycle event.  No Cel
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,9 +16,10 @@ from typing import Any
 import structlog
 from pydantic import JsonValue
 
+from saga_celery._core.attempts import find_attempt
 from saga_celery._core.events import AttemptStarted, Decision, Event, Transition
-from saga_celery._core.machine import apply, start_saga
-from saga_celery._core.model import Plan
+from saga_celery._core.machine import apply_owned, start_saga
+from saga_celery._core.model import Kind, Plan, SagaRun
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
 from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
 
@@ -45,11 +47,20 @@ def lease_name(kind: str, key: str) -> str:
 
 
 class Engine:
-    """Applies events to stored sagas; every write is one atomic commit."""
+    """Applies events to stored sagas; every write is one atomic commit.
 
-    def __init__(self, store: SagaStore, *, clock: Callable[[], datetime] = utcnow) -> None:
+    After a commit the engine knows the saga's exact state and version, so the next event
+    for it in this process (a step's end, often the next step's start) goes straight to the
+    compare-and-set without loading first.  A stale entry only costs a conflict and a real
+    load; an answer that changes nothing is never taken from it without a real load.
+    """
+
+    def __init__(self, store: SagaStore, *, clock: Callable[[], datetime] = utcnow,
+                 cache_size: int = 1024) -> None:
         self.store = store
         self.clock = clock
+        self._cache: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._cache_size = cache_size
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
                ) -> tuple[Transition, bool]:
@@ -83,16 +94,39 @@ class Engine:
         With ``lease`` and an ``AttemptStarted`` event, the lease is taken with the commit
         when the answer is RUN; with an end event it is given back with the commit.
         """
+        cached = self._cache.pop(saga_id, None)
         for _ in range(MAX_CONFLICTS):
-            snapshot, applied = self._load_for(saga_id, event, lease)
-            transition = apply(snapshot.run, applied, now=self.clock())
+            snapshot, applied = self._cached_for(cached, event) or self._load_for(
+                saga_id, event, lease)
+            was_terminal = snapshot.run.is_terminal
+            transition = apply_owned(snapshot.run, applied, now=self.clock())
+            if not transition.changed and cached is not None:
+                cached = None  # "nothing to do" must come from the stored state
+                continue
+            cached = None
             if not transition.changed:
                 return transition
-            if self._commit(snapshot, transition, event, lease):
+            if self._commit(snapshot.version, was_terminal, transition, event, lease):
                 return transition
             time.sleep(0.001)
         raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
                              f"{type(event).__name__}", saga_id=saga_id)
+
+    def _cached_for(self, cached: tuple[int, str] | None, event: Event
+                    ) -> tuple[Snapshot, Event] | None:
+        """The remembered state, unless the event needs the lease (a redelivery)."""
+        if cached is None:
+            return None
+        version, data = cached
+        run = SagaRun.model_validate_json(data)
+        if isinstance(event, AttemptStarted) and _has_attempt(run, event):
+            return None
+        return Snapshot(run, version), event
+
+    def _remember(self, saga_id: str, version: int, data: str) -> None:
+        self._cache[saga_id] = (version, data)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def _load_for(self, saga_id: str, event: Event, lease: Lease | None
                   ) -> tuple[Snapshot, Event]:
@@ -106,15 +140,17 @@ class Engine:
             event = event.model_copy(update={"lease_live": live})
         return snapshot, event
 
-    def _commit(self, snapshot: Snapshot, transition: Transition, event: Event,
+    def _commit(self, version: int, was_terminal: bool, transition: Transition, event: Event,
                 lease: Lease | None) -> bool:
         change = _lease_change(transition, event, lease)
-        version = snapshot.version
         events = _with_ids(transition.events, transition.run.id, version + 1)
-        terminal = transition.run.is_terminal and not snapshot.run.is_terminal
+        terminal = transition.run.is_terminal and not was_terminal
+        data = transition.run.model_dump_json()
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
-                               terminal=terminal)
+                               terminal=terminal, encoded=data)
         if ok:
+            if not transition.run.is_terminal:
+                self._remember(transition.run.id, version + 1, data)
             _log(events)
         return ok
 
@@ -144,3 +180,9 @@ def _log(events: list[dict[str, Any]]) -> None:
     for e in events:
         fields = {k: v for k, v in e.items() if k != "type"}
         log.info(f"saga.{e['type']}", saga_event=e["type"], **fields)
+
+
+def _has_attempt(run: SagaRun, event: AttemptStarted) -> bool:
+    step = run.steps.get(event.key)
+    item = step if event.kind == Kind.STEP or step is None else step.rollback
+    return item is None or find_attempt(item, event.attempt) is not None

@@ -78,7 +78,15 @@ def start_saga(
 
 def apply(run: SagaRun, event: Event, *, now: datetime) -> Transition:
     """Apply one event to a copy of ``run``."""
-    ctx = Ctx(run=run.model_copy(deep=True), now=now)
+    return apply_owned(SagaRun.model_validate(run.model_dump()), event, now=now)
+
+
+def apply_owned(run: SagaRun, event: Event, *, now: datetime) -> Transition:
+    """``apply`` on a run the caller hands over and will not use again (a fresh load).
+
+    Saves the copy, which costs more than the rest of a transition (``bench/RESULTS.md``).
+    """
+    ctx = Ctx(run=run, now=now)
     if isinstance(event, AttemptStarted):
         return _on_started(ctx, event)
     if isinstance(event, AttemptSucceeded):

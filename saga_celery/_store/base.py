@@ -63,13 +63,15 @@ class SagaStore(Protocol):
         events: Sequence[EventDict],
         lease: LeaseChange | None = None,
         terminal: bool = False,
+        encoded: str | None = None,
     ) -> bool:
         """Write ``run`` as version+1 if the stored version is still ``version``.
 
         Appends ``events`` to the saga's event stream in order, applies ``lease`` (an
         acquire fails the whole commit if another token holds the lease), and when
         ``terminal`` drops the saga from the active index and starts its retention clock.
-        Returns False, writing nothing, on a version or lease conflict.
+        Returns False, writing nothing, on a version or lease conflict.  ``encoded`` is
+        ``run.model_dump_json()`` when the caller already has it.
         """
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:

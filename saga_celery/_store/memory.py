@@ -57,7 +57,7 @@ class MemoryStore:
         return None
 
     def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
-        encoded = _encode_events(run.id, events)
+        lines = _encode_events(run.id, events)
         with self._changed:
             self._index.setdefault(run.id, index_score(run))
             self._active.setdefault(run.id, index_score(run))
@@ -65,7 +65,7 @@ class MemoryStore:
                 return False
             record = _Record(version=1, data=run.model_dump_json())
             self._records[run.id] = record
-            self._append(record, encoded)
+            self._append(record, lines)
             return True
 
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
@@ -85,18 +85,19 @@ class MemoryStore:
         events: Sequence[EventDict],
         lease: LeaseChange | None = None,
         terminal: bool = False,
+        encoded: str | None = None,
     ) -> bool:
         if lease is not None and lease.action is LeaseAction.ACQUIRE:
             _check_ttl(lease.ttl_ms)
-        encoded = _encode_events(run.id, events)
+        lines = _encode_events(run.id, events)
         with self._changed:
             record = self._record(run.id)
             if record is None or record.version != version or self._lease_taken(run.id, lease):
                 # As in Redis, where the index update rides in the same pipeline regardless.
                 self._active.setdefault(run.id, index_score(run))
                 return False
-            record.version, record.data = version + 1, run.model_dump_json()
-            self._append(record, encoded)
+            record.version, record.data = version + 1, encoded or run.model_dump_json()
+            self._append(record, lines)
             self._apply_lease(run.id, lease)
             self._finish(run, record, terminal)
             return True

@@ -139,6 +139,7 @@ class RedisStore:
         events: Sequence[EventDict],
         lease: LeaseChange | None = None,
         terminal: bool = False,
+        encoded: str | None = None,
     ) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
@@ -147,7 +148,7 @@ class RedisStore:
         args: list[str | bytes] = [
             str(version),
             str(version + 1),
-            run.model_dump_json(),
+            encoded or run.model_dump_json(),
             *_lease_args(lease),
             "" if retention is None else str(retention),
             *_encode_events(run.id, events),

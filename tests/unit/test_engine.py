@@ -398,7 +398,7 @@ def test_siblings_finishing_at_once_lose_no_update(repetition: int) -> None:
     recorded (compare-and-set retries), and the next stage is sent exactly once."""
     names = ["b", "c", "d", "e"]
     store = SlowLoadStore()
-    engine = Engine(store)
+    engine = Engine(store, cache_size=0)  # race on loads, not on the cache
     saga = submit(engine, "s-1", plan(names, "z"))
     for name in names:
         saga.start(name)
@@ -425,7 +425,7 @@ def test_failure_and_sibling_success_at_once_both_count(repetition: int) -> None
     """One sibling fails while another succeeds at the same moment: the success is kept, the
     next stage never starts, and the rollback opens once, with the latest-started step."""
     store = SlowLoadStore()
-    engine = Engine(store)
+    engine = Engine(store, cache_size=0)  # race on loads, not on the cache
     saga = submit(engine, "s-1", plan(["b", "c"], "z"))
     saga.start("b")
     saga.start("c")
@@ -444,3 +444,56 @@ def test_failure_and_sibling_success_at_once_both_count(repetition: int) -> None
     assert run.rollback is not None and run.rollback.order == ["c#1", "b#1"]
     types = [e["type"] for e in stored_events(store, "s-1")]
     assert types.count("rollback_started") == 1
+
+
+class CountingStore(MemoryStore):
+    """Counts loads, to see which transitions needed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = 0
+
+    def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
+        self.loads += 1
+        return super().load(saga_id, lease=lease)
+
+
+def test_after_a_commit_the_next_transition_skips_the_load() -> None:
+    """A step's start and end handled by one engine load the saga once, not twice."""
+    store = CountingStore()
+    engine = Engine(store)
+    saga = submit(engine, "s-1", plan("a", "b"))
+    saga.start("a")
+    loads = store.loads
+    saga.ok("a", "A")
+    saga.start("b")
+    saga.ok("b", "B")
+    assert store.loads == loads
+    assert engine.load("s-1").run.status == "complete"
+
+
+def test_a_stale_cached_state_converges_through_the_stored_one() -> None:
+    """When another process moved the saga on, the cached state only costs a conflict."""
+    store = MemoryStore()
+    mine, theirs = Engine(store), Engine(store)
+    submit(mine, "s-1", plan(["a", "b"], "c"))
+    mine.handle("s-1", AttemptStarted(kind=Kind.STEP, key="a#1", attempt=1))
+    theirs.handle("s-1", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1))
+    theirs.handle("s-1", AttemptSucceeded(kind=Kind.STEP, key="b#1", attempt=1, output="B"))
+    t = mine.handle("s-1", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1, output="A"))
+    assert [d.id for d in t.dispatches] == ["step:c#1:1"]
+    run = store.load("s-1")
+    assert run is not None
+    assert [run.run.steps[k].status for k in ("a#1", "b#1")] == ["complete", "complete"]
+
+
+def test_a_skip_is_never_decided_on_a_stale_cached_state() -> None:
+    """A start the cached state knows nothing about is checked against the stored state."""
+    store = MemoryStore()
+    mine, theirs = Engine(store), Engine(store)
+    submit(mine, "s-1", plan("a", "b"))
+    mine.handle("s-1", AttemptStarted(kind=Kind.STEP, key="a#1", attempt=1))
+    theirs.handle("s-1", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1, output="A"))
+    # mine still remembers the state before b was sent; b's message must run anyway
+    t = mine.handle("s-1", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1))
+    assert t.decision == Decision.RUN
