@@ -33,6 +33,7 @@ def recover(engine: Engine, dispatcher: Dispatcher, *, grace: timedelta,
     """Sweep the active sagas once; returns how many messages were sent again."""
     sent = 0
     now = engine.clock()
+    engine.store.prune_index(limit)  # ids whose retention ran out: `list` has nothing to show
     for saga_id in engine.store.active_ids(limit):
         snapshot = engine.store.load(saga_id)
         if snapshot is None or snapshot.run.is_terminal:

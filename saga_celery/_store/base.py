@@ -98,3 +98,6 @@ class SagaStore(Protocol):
 
     def forget_active(self, saga_id: str) -> None:
         """Drop an id from the active index (the sweeper found it terminal or gone)."""
+
+    def prune_index(self, limit: int = 1000) -> int:
+        """Drop the ids among the ``limit`` oldest indexed whose saga expired; how many."""

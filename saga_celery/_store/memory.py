@@ -150,6 +150,14 @@ class MemoryStore:
         with self._changed:
             self._active.pop(saga_id, None)
 
+    def prune_index(self, limit: int = 1000) -> int:
+        with self._changed:
+            oldest = sorted(self._index.items(), key=lambda item: (item[1], item[0]))[:limit]
+            gone = [saga_id for saga_id, _ in oldest if self._record(saga_id) is None]
+            for saga_id in gone:
+                del self._index[saga_id]
+        return len(gone)
+
     # -- helpers (called with the lock held) ----------------------------------------------
 
     def _record(self, saga_id: str) -> _Record | None:

@@ -218,6 +218,22 @@ class RedisStore:
         with self._errors(saga_id, key=self._keys.active):
             self._client.zrem(self._keys.active, saga_id)
 
+    def prune_index(self, limit: int = 1000) -> int:
+        if limit <= 0:
+            return 0
+        with self._errors(key=self._keys.index):
+            ids = [_str(i) for i in cast(list[bytes | str],
+                                         self._client.zrange(self._keys.index, 0, limit - 1))]
+            if not ids:
+                return 0
+            pipe = self._client.pipeline(transaction=False)
+            for saga_id in ids:
+                pipe.exists(self._keys.state(saga_id))
+            gone = [i for i, exists in zip(ids, pipe.execute(), strict=True) if not exists]
+            if gone:
+                self._client.zrem(self._keys.index, *gone)
+        return len(gone)
+
     # -- helpers -----------------------------------------------------------------------
 
     def _pipeline(

@@ -580,3 +580,30 @@ def test_a_wrong_type_index_key_is_corrupt(redis_backend: Backend) -> None:
     for operation in (store.active_ids, lambda: store.create(make_run(), [])):
         with pytest.raises(SagaCorruptStateError, match=f"{redis_backend.prefix}active"):
             operation()
+
+
+
+def test_memory_prune_index_drops_only_expired_sagas() -> None:
+    """Pruning the index removes the ids whose retention ran out and keeps the live ones."""
+    clock = {"now": 0.0}
+    store = MemoryStore(clock=lambda: clock["now"], retention_ms=1000)
+    done, live = make_run("p-1"), make_run("p-2")
+    for run in (done, live):
+        store.create(run, [])
+    store.commit(done, version=1, events=[], terminal=True)
+    assert store.prune_index() == 0
+    clock["now"] = 1.1
+    assert store.prune_index() == 1
+    assert store.list_ids() == ["p-2"]
+
+
+def test_redis_prune_index_drops_only_vanished_sagas(redis_backend: Backend) -> None:
+    """In Redis, ids whose state key expired leave the index; the others stay."""
+    store, client = redis_backend.store, redis_backend.client
+    assert client is not None
+    for saga_id in ("p-1", "p-2"):
+        store.create(make_run(saga_id), [])
+    client.delete(f"{redis_backend.prefix}{{p-1}}:state")
+    assert store.prune_index() == 1
+    assert store.list_ids() == ["p-2"]
+    assert store.prune_index() == 0
