@@ -29,8 +29,8 @@ import redis
 import structlog
 
 from saga_celery import SagaState
-from saga_celery._core.state import AttemptView, StepView
 from saga_celery._embedded import EmbeddedRedis, start_embedded_redis
+from saga_celery._table import status_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 60.0
@@ -114,62 +114,6 @@ def unreachable(url: str) -> str | None:
 # --- printing -------------------------------------------------------------------------
 
 
-def _attempts(attempts: list[AttemptView]) -> str:
-    if not attempts:
-        return "-"
-    outcomes = ["ok" if a.success else "failed" if a.success is False else "running"
-                for a in attempts]
-    return f"{len(attempts)} ({', '.join(outcomes)})"
-
-
-def _step_row(step: StepView, rolled_back: bool) -> list[str]:
-    handler = step.rollback
-    rollback = ("-", "-") if handler is None or not rolled_back else (
-        str(handler.status), _attempts(handler.attempts))
-    start = "-" if step.start_seq is None else str(step.start_seq)
-    return [step.name, start, str(step.status), _attempts(step.attempts), *rollback]
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-            for row in rows]
-
-
-def _header(state: SagaState) -> str:
-    parts = [f"saga {state.id} ({state.name}): status={state.status}"]
-    if state.error is not None:
-        parts.append(f"error={state.error.type} in {state.error.step}: {state.error.message}")
-    else:
-        parts.append(f"output={json.dumps(state.output)}")
-    rollback = state.rollback
-    if rollback is None:
-        parts.append("rollback=none")
-    else:
-        parts.append(f"rollback={rollback.outcome or 'running'} "
-                     f"({rollback.completed_steps}/{rollback.total_steps} steps compensated)")
-    return "  ".join(parts)
-
-
-def _failures(state: SagaState) -> list[str]:
-    """Every failed attempt, step or rollback, oldest first."""
-    failed = []
-    for step in state.steps:
-        runs = [("step", step.attempts)]
-        if step.rollback is not None:
-            runs.append(("rollback", step.rollback.attempts))
-        for kind, attempts in runs:
-            failed += [(a.started_at, f"{step.name} {kind} attempt {a.attempt}: "
-                                      f"{a.error.type}: {a.error.message}")
-                       for a in attempts if a.error is not None]
-    return [line for _, line in sorted(failed)]
-
-
-def _rollback_order(events: list[dict[str, Any]]) -> str:
-    started = [str(e["step"]) for e in events if e["type"] == "rollback_step_started"]
-    return " -> ".join(started)
-
-
 def _effect(entry: dict[str, Any]) -> str:
     action = str(entry.get("action"))
     if "sku" in entry:
@@ -186,14 +130,7 @@ def _effect(entry: dict[str, Any]) -> str:
 def report(state: SagaState, events: list[dict[str, Any]],
            effects: list[dict[str, Any]]) -> str:
     """A saga's state, rollback order and ledger effects as plain text."""
-    columns = ["step", "start", "forward", "attempts", "rollback", "rollback attempts"]
-    rows = [columns, *(_step_row(s, state.rollback is not None) for s in state.steps)]
-    lines = [_header(state), *(f"  {line}" for line in _table(rows))]
-    if state.rollback is not None:
-        lines.append(f"  rolled back in reverse start order: {_rollback_order(events)}")
-    failures = _failures(state)
-    if failures:
-        lines += ["  failed attempts:", *(f"    {line}" for line in failures)]
+    lines = status_lines(state, events)
     lines.append("  ledger effects, in order:")
     lines += [f"    {_effect(e)}" for e in effects] or ["    (none)"]
     return "\n".join(lines)
