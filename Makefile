@@ -5,7 +5,7 @@ PY = $(VENV)/bin/python
 STAMP = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo fleet bench chaos clean
 
 install: $(STAMP)
 
@@ -28,6 +28,18 @@ lint: install
 
 demo: install
 	$(PY) -m workers.demo
+
+# The fleet topology as local processes: private redis-server, two worker pools, beat, Flower.
+fleet: install
+	$(PY) -m workers.fleet $(FLEET_ARGS)
+
+# Saga overhead against plain Celery chains, on a real prefork worker and real Redis.
+bench: install
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+# 1,000+ sagas while workers are SIGKILLed, Redis restarts and a worker is SIGSTOPped.
+chaos: install
+	$(PY) -m tests.chaos.run $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,13 +1,15 @@
 """The deployable Celery app: saga steps and rollbacks on ordinary Celery workers.
 
-Start workers from the repository root (the settings come from the environment, see
-``WorkerSettings``)::
+Every setting comes from a ``SAGA_*`` environment variable (see ``WorkerSettings``).  The
+fleet's processes, started from the repository root (or the image's working directory)::
 
-    celery -A workers.app worker                     # every saga queue
-    celery -A workers.app worker -Q saga.steps       # forward steps only
-    celery -A workers.app worker -Q saga.rollbacks   # rollbacks and coordination only
+    celery -A workers.app worker -Q saga.steps       # the step pool: forward steps
+    celery -A workers.app worker -Q saga.rollbacks   # the rollback pool: rollbacks, recovery
+    celery -A workers.app beat                       # exactly one: the recovery sweep's clock
+    celery -A workers.app flower                     # basic auth from SAGA_FLOWER_USER/PASSWORD
 
-Every saga lifecycle event is logged as one JSON line on the worker's standard output.
+``celery -A workers.app worker`` with no ``-Q`` consumes every saga queue (one pool for
+everything).  Every saga lifecycle event is logged as one JSON line on standard output.
 """
 
 from __future__ import annotations
@@ -16,59 +18,24 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from celery import Celery
 
 from saga_celery import SagaApp
+from workers.settings import DEFAULT_REDIS_URL, WorkerSettings
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WorkerSettings:
-    """What a worker deployment is configured with (read from ``SAGA_*`` variables)."""
-
-    redis_url: str = DEFAULT_REDIS_URL
-    """Saga state (``SAGA_REDIS_URL``)."""
-    broker_url: str = DEFAULT_REDIS_URL
-    """Celery's broker (``SAGA_BROKER_URL``; defaults to ``redis_url``)."""
-    steps_queue: str = "saga.steps"
-    """Queue of forward steps (``SAGA_STEPS_QUEUE``)."""
-    rollbacks_queue: str = "saga.rollbacks"
-    """Queue of rollbacks and coordination (``SAGA_ROLLBACKS_QUEUE``)."""
-    imports: tuple[str, ...] = ("workers.shop",)
-    """Modules that declare sagas (``SAGA_IMPORTS``, comma-separated)."""
-    visibility_timeout: int = 3600
-    """The Redis transport's visibility timeout in seconds (``SAGA_VISIBILITY_TIMEOUT``)."""
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:
-        """Settings from ``environ`` (default ``os.environ``); unset or empty means default."""
-        env = {k: v for k, v in (os.environ if environ is None else environ).items() if v}
-        redis_url = env.get("SAGA_REDIS_URL", DEFAULT_REDIS_URL)
-        imports = env.get("SAGA_IMPORTS", "workers.shop")
-        return cls(
-            redis_url=redis_url,
-            broker_url=env.get("SAGA_BROKER_URL", redis_url),
-            steps_queue=env.get("SAGA_STEPS_QUEUE", "saga.steps"),
-            rollbacks_queue=env.get("SAGA_ROLLBACKS_QUEUE", "saga.rollbacks"),
-            imports=tuple(m.strip() for m in imports.split(",") if m.strip()),
-            visibility_timeout=_seconds(env.get("SAGA_VISIBILITY_TIMEOUT", "3600")),
-        )
-
-
-def _seconds(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"SAGA_VISIBILITY_TIMEOUT must be a positive number of seconds, "
-                         f"got {raw!r}")
-    return value
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "WorkerSettings",
+    "app",
+    "configure_logging",
+    "create_app",
+    "export_flower_auth",
+    "sagas",
+    "settings",
+]
 
 
 def configure_logging() -> None:
@@ -95,23 +62,44 @@ def create_app(settings: WorkerSettings) -> tuple[Celery, SagaApp]:
     celery_app = Celery("saga_workers", broker=settings.broker_url, set_as_current=True)
     celery_app.conf.update(
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # A task whose worker dies is redelivered, not lost (saga tasks set this themselves).
+        task_acks_late=True,
+        # One message reserved per pool process: a long step never holds others hostage.
         worker_prefetch_multiplier=1,
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
+        # Events for Flower: sent, received, started, succeeded, failed, retried.
         worker_send_task_events=True,
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
     )
-    saga_app = SagaApp(celery_app, redis_url=settings.redis_url,
+    if settings.broker_url.startswith("rediss://"):
+        celery_app.conf.broker_use_ssl = settings.tls_options()
+    if settings.redis_url.startswith("rediss://"):
+        celery_app.conf.redis_backend_use_ssl = settings.tls_options()
+    saga_app = SagaApp(celery_app, redis_url=settings.state_url, prefix=settings.prefix,
                        steps_queue=settings.steps_queue,
-                       rollbacks_queue=settings.rollbacks_queue)
+                       rollbacks_queue=settings.rollbacks_queue,
+                       recovery_interval=timedelta(seconds=settings.recovery_interval))
     return celery_app, saga_app
+
+
+def export_flower_auth(settings: WorkerSettings) -> None:
+    """Hand the basic-auth credentials to ``celery -A workers.app flower``.
+
+    Flower reads its ``FLOWER_*`` variables after Celery has imported this module, so one
+    set here is seen; one the operator set (``FLOWER_BASIC_AUTH``) wins.
+    """
+    credentials = settings.flower_basic_auth
+    if credentials is not None:
+        os.environ.setdefault("FLOWER_BASIC_AUTH", credentials)
 
 
 settings = WorkerSettings.from_env()
 configure_logging()
 app, sagas = create_app(settings)
+export_flower_auth(settings)
 
 # Last: these modules declare their steps with `from workers.app import sagas`.
 for _module in settings.imports:

@@ -43,7 +43,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
-_redis = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+_redis = redis.Redis.from_url(settings.state_url, decode_responses=True)
 _record_once = _redis.register_script(_RECORD_ONCE)
 
 
