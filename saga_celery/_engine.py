@@ -6,7 +6,6 @@ loop, leases, event ids and the structlog line of every lifecycle event.  No Cel
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,21 +93,24 @@ class Engine:
         With ``lease`` and an ``AttemptStarted`` event, the lease is taken with the commit
         when the answer is RUN; with an end event it is given back with the commit.
         """
-        cached = self._cache.pop(saga_id, None)
+        memo = self._cached_for(self._cache.pop(saga_id, None), event)
+        fresh: tuple[Snapshot, Event] | None = None
         for _ in range(MAX_CONFLICTS):
-            snapshot, applied = self._cached_for(cached, event) or self._load_for(
-                saga_id, event, lease)
+            snapshot, applied = memo or fresh or self._load_for(saga_id, event, lease)
+            from_memo, memo, fresh = memo is not None, None, None
             was_terminal = snapshot.run.is_terminal
             transition = apply_owned(snapshot.run, applied, now=self.clock())
-            if not transition.changed and cached is not None:
-                cached = None  # "nothing to do" must come from the stored state
-                continue
-            cached = None
             if not transition.changed:
+                if from_memo:
+                    continue  # "nothing to do" must come from the stored state
                 return transition
-            if self._commit(snapshot.version, was_terminal, transition, event, lease):
+            data = transition.run.model_dump_json()
+            if self._commit(snapshot.version, was_terminal, transition, event, lease, data):
                 return transition
-            time.sleep(0.001)
+            fresh = self._load_for(saga_id, event, lease)
+            if _landed(fresh[0], snapshot.version, data):
+                self._committed(snapshot.version, transition, data)
+                return transition
         raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
                              f"{type(event).__name__}", saga_id=saga_id)
 
@@ -141,18 +143,20 @@ class Engine:
         return snapshot, event
 
     def _commit(self, version: int, was_terminal: bool, transition: Transition, event: Event,
-                lease: Lease | None) -> bool:
+                lease: Lease | None, data: str) -> bool:
         change = _lease_change(transition, event, lease)
         events = _with_ids(transition.events, transition.run.id, version + 1)
         terminal = transition.run.is_terminal and not was_terminal
-        data = transition.run.model_dump_json()
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
                                terminal=terminal, encoded=data)
         if ok:
-            if not transition.run.is_terminal:
-                self._remember(transition.run.id, version + 1, data)
-            _log(events)
+            self._committed(version, transition, data)
         return ok
+
+    def _committed(self, version: int, transition: Transition, data: str) -> None:
+        if not transition.run.is_terminal:
+            self._remember(transition.run.id, version + 1, data)
+        _log(_with_ids(transition.events, transition.run.id, version + 1))
 
     def release(self, saga_id: str, lease: Lease) -> None:
         self.store.release_lease(saga_id, lease.name, lease.token)
@@ -186,3 +190,13 @@ def _has_attempt(run: SagaRun, event: AttemptStarted) -> bool:
     step = run.steps.get(event.key)
     item = step if event.kind == Kind.STEP or step is None else step.rollback
     return item is None or find_attempt(item, event.attempt) is not None
+
+
+def _landed(stored: Snapshot, version: int, data: str) -> bool:
+    """Whether a commit reported as a conflict was in fact written.
+
+    redis-py retries a command whose reply was lost with the connection; the retry then
+    fails the version check of the write that did land.  Replaying the event would be wrong
+    (a start would count its own lease as a lost worker, a terminate would be refused).
+    """
+    return stored.version == version + 1 and stored.run.model_dump_json() == data

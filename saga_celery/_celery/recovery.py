@@ -24,6 +24,7 @@ from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._core.attempts import budget_base, open_attempt
 from saga_celery._core.model import Dispatch, Kind, SagaRun, dispatch_id
 from saga_celery._engine import Engine, lease_name
+from saga_celery._errors import SagaCorruptStateError
 
 log = structlog.get_logger("saga_celery")
 
@@ -35,7 +36,11 @@ def recover(engine: Engine, dispatcher: Dispatcher, *, grace: timedelta,
     now = engine.clock()
     engine.store.prune_index(limit)  # ids whose retention ran out: `list` has nothing to show
     for saga_id in engine.store.active_ids(limit):
-        snapshot = engine.store.load(saga_id)
+        try:
+            snapshot = engine.store.load(saga_id)
+        except SagaCorruptStateError as exc:  # one bad record must not stop the sweep
+            log.error("saga.recovery_skipped_corrupt", saga_id=saga_id, error=str(exc))
+            continue
         if snapshot is None or snapshot.run.is_terminal:
             engine.store.forget_active(saga_id)
             continue

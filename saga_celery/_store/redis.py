@@ -162,12 +162,23 @@ class RedisStore:
             else:
                 pipe.zadd(self._keys.active, score, nx=True)
 
-        committed = int(self._pipeline(run.id, self._commit, queue)[0]) == 1
+        try:
+            committed = int(self._pipeline(run.id, self._commit, queue)[0]) == 1
+        except SagaStoreError:
+            if terminal:
+                self._restore_active(run.id, score)
+            raise
         if terminal and not committed:
-            # The ZREM ran although the transition did not: the saga may still be live.
-            with self._errors(run.id):
-                self._client.zadd(self._keys.active, score, nx=True)
+            self._restore_active(run.id, score)
         return committed
+
+    def _restore_active(self, saga_id: str, score: Mapping[str, float]) -> None:
+        """The ZREM ran although the transition did not: the saga may still be live."""
+        try:
+            with self._errors(saga_id):
+                self._client.zadd(self._keys.active, score, nx=True)
+        except SagaStoreError:
+            pass  # the sweep only misses it until the next commit re-adds it
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:
         _check_ttl(ttl_ms)
@@ -194,7 +205,7 @@ class RedisStore:
         deadline = time.monotonic() + max(block_ms or 0, 0) / 1000
         while True:
             wait_ms = self._block_slice(deadline)
-            with self._errors(saga_id):
+            with self._errors(saga_id, key=key):
                 reply = self._client.xread({key: after}, count=count, block=wait_ms)
             entries = _stream_entries(reply)
             if entries or wait_ms is None or time.monotonic() >= deadline:
