@@ -15,6 +15,7 @@ from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.recovery import recover
 from saga_celery._celery.routing import SagaRouter, configure, visibility_timeout
 from saga_celery._celery.runtime import Runtime, RuntimeSettings
+from saga_celery._celery.security import check_app
 from saga_celery._celery.tasks import (
     TIME_LIMIT_GRACE_S,
     SagaRollbackTask,
@@ -59,6 +60,7 @@ class SagaApp:
         recovery_grace: object = "60 seconds",
         store: SagaStore | None = None,
     ) -> None:
+        check_app(app.conf, redis_url=redis_url)
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)

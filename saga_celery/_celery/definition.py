@@ -39,6 +39,7 @@ class SagaDefinition:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
         saga_id = _checked_id(saga_id)
         params = _json(params if params is not None else {}, f"params of saga {saga_id!r}")
+        _check_size(params, self.sagas.runtime.settings.max_output_bytes, saga_id)
         transition, created = self.sagas.engine.submit(
             saga_id=saga_id, name=self.name, plan=self.plan, params=params)
         if created:
@@ -77,6 +78,16 @@ def _json(value: _T, what: str) -> _T:
     except (TypeError, ValueError) as exc:
         raise SagaDefinitionError(f"{what} must be JSON-serializable: {exc}") from exc
     return value
+
+
+def _check_size(params: Any, limit: int, saga_id: str) -> None:
+    """Params live in the saga record, rewritten by every transition: cap them like outputs."""
+    size = len(json.dumps(params, allow_nan=False).encode())
+    if size > limit:
+        raise SagaDefinitionError(
+            f"params of saga {saga_id!r} are {size} bytes of JSON, over the limit of {limit} "
+            "(SagaApp(max_output_bytes=...)): pass a reference to the data (an id, a URL) "
+            "instead of the data itself", saga_id=saga_id)
 
 
 def _stages(sagas: SagaApp, name: str, stages: Sequence[Any]) -> list[list[StepSpec]]:

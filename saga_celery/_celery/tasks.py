@@ -10,6 +10,7 @@ from celery.local import Proxy
 
 from saga_celery._celery.control import split_control
 from saga_celery._celery.dispatch import ARGS_REPR
+from saga_celery._celery.security import signing
 from saga_celery._core.config import StepConfig
 from saga_celery._errors import SagaDefinitionError
 
@@ -32,11 +33,15 @@ class SagaTask(Task):  # type: ignore[misc]
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
-    serializer = "json"
     typing = False  # checked in apply_async, minus the saga's control kwarg
     Request = "saga_celery._celery.request:SagaRequest"
     saga_app: ClassVar[SagaApp]
     saga_config: ClassVar[StepConfig]
+
+    @property
+    def serializer(self) -> str:
+        """JSON, signed (Celery's ``auth``) when the app signs messages: never pickle."""
+        return "auth" if signing(self.app.conf) else "json"
 
     def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         control, _ = split_control(dict(kwargs or {}))

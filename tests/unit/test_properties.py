@@ -1,0 +1,519 @@
+"""Properties of the pure core: random sagas, delivered by a hostile scheduler, keep their promises.
+
+A plan is drawn at random (1-5 stages, groups of 1-3, handlers, retry limits, rollback mode,
+on_rollback_error); then a scheduler plays Celery and the workers.  It keeps the messages in
+flight (everything the core dispatched, duplicates included) and the attempts running, and
+on each turn picks one thing to happen: a message is delivered, a running attempt succeeds
+or fails, an old message is delivered again, an end event is re-sent, a worker dies under a
+running attempt, or the saga's owner terminates it or retries its rollback.  Once its chaos
+budget is spent it only delivers and finishes until nothing is left in flight.
+
+Every transition is checked (purity, idempotence, the world and the run agree) and every
+finished run is checked against SPEC section 4 and 5.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from saga_celery._core.attempts import open_attempt
+from saga_celery._core.events import (
+    AttemptFailed,
+    AttemptStarted,
+    AttemptSucceeded,
+    Decision,
+    Event,
+    RetryRollbackRequested,
+    TerminateRequested,
+    Transition,
+)
+from saga_celery._core.machine import WORKER_LOST_LIMIT, apply, stage_output
+from saga_celery._core.model import (
+    ErrorInfo,
+    Kind,
+    OnRollbackError,
+    Plan,
+    RollbackMode,
+    RollbackOutcome,
+    RollbackRun,
+    RollbackStatus,
+    SagaRun,
+    SagaStatus,
+    StepRun,
+    StepSpec,
+    dispatch_id,
+)
+from saga_celery._core.state import to_state
+from tests.unit.sim import Sim, policy
+
+NAMES = ("a", "b", "c", "d")
+Msg = tuple[Kind, str, int]
+"""A task message as the scheduler sees it: (kind, step key, attempt)."""
+
+PROPERTY = settings(max_examples=50, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# --- random plans ------------------------------------------------------------------------
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> Plan:
+    """1-5 stages of 1-3 steps; a name keeps one config wherever it appears (one Celery task)."""
+    shape = {name: (draw(st.booleans()), draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+             for name in NAMES}
+    stages = draw(st.lists(st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
+                           min_size=1, max_size=5))
+    seen: Counter[str] = Counter()
+    rows = []
+    for i, names in enumerate(stages):
+        in_group = len(names) > 1 or draw(st.booleans())
+        row = []
+        for j, name in enumerate(names):
+            seen[name] += 1
+            handler, limit, rb_limit = shape[name]
+            row.append(StepSpec(
+                key=f"{name}#{seen[name]}", name=name, count=seen[name], stage=i, index=j,
+                task=name, in_group=in_group, policy=policy(limit),
+                rollback_task=f"{name}.rollback" if handler else None,
+                rollback_policy=policy(rb_limit) if handler else None))
+        rows.append(row)
+    return Plan(stages=rows, rollback_mode=draw(st.sampled_from(list(RollbackMode))),
+                on_rollback_error=draw(st.sampled_from(list(OnRollbackError))))
+
+
+# --- the scheduler -----------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """Celery and the workers around one saga: messages in flight, attempts running."""
+
+    sim: Sim
+    data: st.DataObject
+    step_failures: bool = True
+    handler_failures: bool = True
+    pending: list[Msg] = field(default_factory=list)
+    delivered: list[Msg] = field(default_factory=list)
+    running: list[Msg] = field(default_factory=list)
+    ends: list[Event] = field(default_factory=list)
+    accepted: list[Event] = field(default_factory=list)
+    """Requests (terminate, retry_rollback) the saga accepted."""
+    failed_at: int | None = None
+    """Index in ``sim.log`` of the transition that first set the saga's error."""
+
+    @property
+    def run(self) -> SagaRun:
+        return self.sim.run
+
+    def draw(self, strategy: st.SearchStrategy[Any]) -> Any:
+        return self.data.draw(strategy)
+
+    # one transition, with the checks every transition must pass
+
+    def feed(self, event: Event) -> Transition:
+        before = self.run
+        frozen = before.model_dump_json()
+        t = self.sim.feed(event)
+        assert before.model_dump_json() == frozen, "apply() mutated the run it was given"
+        assert t.changed or (t.run == before and not t.events), "an unchanged transition changed"
+        again = apply(t.run, _replayed(event), now=self.sim.now + timedelta(seconds=1))
+        assert not again.changed and again.run == t.run and not again.events, (
+            f"applying {event!r} a second time changed the saga")
+        self.pending.extend((d.kind, d.key, d.attempt) for d in t.dispatches)
+        if self.failed_at is None and t.run.error is not None:
+            self.failed_at = len(self.sim.log) - 1
+        check_run(t.run)
+        return t
+
+    def check_agreement(self) -> None:
+        """The attempts the core thinks are open are exactly those a live worker runs."""
+        open_now = sorted((kind, key, record.attempt)
+                          for kind, key, item in _items(self.run)
+                          if (record := open_attempt(item)) is not None)
+        assert open_now == sorted(self.running)
+        in_flight = {dispatch_id(*m) for m in self.pending}
+        assert set(self.run.outbox) <= in_flight, "a due message is not in flight: it was lost"
+
+    # what can happen next
+
+    def step(self, chaos: bool) -> bool:
+        """Make one thing happen; False when nothing is left in flight."""
+        deliverable = [m for m in self.pending if chaos or m not in self.running]
+        moves = ["deliver"] * 3 * bool(deliverable) + ["end"] * 3 * bool(self.running)
+        if chaos:  # weights by repetition: chaos is rarer than progress
+            moves += ["redeliver"] * bool(self.delivered) + ["resend_end"] * bool(self.ends)
+            moves += ["worker_lost"] * 2 * bool(self.running) + ["retry_rollback", "stray"]
+        if not deliverable and not self.running:
+            return False
+        self.move(self.draw(st.sampled_from(moves)), deliverable)
+        self.check_agreement()
+        return True
+
+    def move(self, move: str, deliverable: list[Msg]) -> None:
+        if move == "deliver":
+            self.deliver(self.draw(st.sampled_from(deliverable)))
+        elif move == "end":
+            self.end(self.draw(st.sampled_from(self.running)))
+        elif move == "redeliver":
+            self.redeliver(self.draw(st.sampled_from(self.delivered)))
+        elif move == "resend_end":
+            self.resend_end(self.draw(st.sampled_from(self.ends)))
+        elif move == "worker_lost":
+            self.worker_lost(self.draw(st.sampled_from(self.running)))
+        elif move == "stray":
+            self.stray(self.draw(st.sampled_from(_items(self.run))), self.draw(st.integers(1, 4)))
+        else:
+            self.request(RetryRollbackRequested())  # at a random moment: mostly refused
+
+    def deliver(self, msg: Msg) -> None:
+        self.pending.remove(msg)
+        if msg not in self.delivered:
+            self.delivered.append(msg)
+        live = msg in self.running
+        t = self.feed(AttemptStarted(kind=msg[0], key=msg[1], attempt=msg[2], lease_live=live))
+        if t.decision == Decision.WAIT:
+            assert live and not t.changed
+            self.pending.append(msg)  # re-queued with a countdown
+        elif t.decision == Decision.RUN:
+            assert not live
+            self.check_may_run(msg)
+            self.running.append(msg)
+
+    def check_may_run(self, msg: Msg) -> None:
+        kind, key, _ = msg
+        step = self.run.steps[key]
+        if kind == Kind.STEP:
+            assert self.run.error is None, "a forward step started after the saga failed"
+        else:
+            assert step.status in ("complete", "errored"), (
+                f"{key} compensated while it is {step.status}")
+
+    def end(self, msg: Msg) -> None:
+        kind, key, attempt = msg
+        self.running.remove(msg)
+        roll = self.draw(st.integers(0, 9))
+        may_fail = self.step_failures if kind == Kind.STEP else self.handler_failures
+        event: Event
+        if not may_fail or roll < (6 if kind == Kind.STEP else 4):
+            output = f"{key}@{attempt}" if kind == Kind.STEP else None
+            event = AttemptSucceeded(kind=kind, key=key, attempt=attempt, output=output)
+        else:
+            event = AttemptFailed(kind=kind, key=key, attempt=attempt, retryable=roll < 9,
+                                  error=ErrorInfo(type="Boom", message=f"{key} {attempt}"),
+                                  draw=self.draw(st.floats(0, 1)))
+        t = self.feed(event)
+        assert t.changed, f"ending running attempt {msg} changed nothing"
+        self.ends.append(event)
+
+    def redeliver(self, msg: Msg) -> None:
+        """Celery delivers a message again while its attempt runs, or after it ended."""
+        t = self.feed(AttemptStarted(kind=msg[0], key=msg[1], attempt=msg[2],
+                                     lease_live=msg in self.running))
+        assert not t.changed and t.decision in (Decision.WAIT, Decision.SKIP)
+
+    def stray(self, item: tuple[Kind, str, StepRun | RollbackRun], attempt: int) -> None:
+        """A message for an attempt nobody sent (cancelled, superseded, forged) runs nothing."""
+        kind, key, record = item
+        if (kind, key, attempt) in self.pending or any(a.attempt == attempt
+                                                       for a in record.attempts):
+            return
+        t = self.feed(AttemptStarted(kind=kind, key=key, attempt=attempt))
+        assert not t.changed and t.decision == Decision.SKIP
+
+    def resend_end(self, event: Event) -> None:
+        t = self.feed(event)
+        assert not t.changed, f"a duplicate {type(event).__name__} changed the saga"
+
+    def worker_lost(self, msg: Msg) -> None:
+        """The worker running ``msg`` died; its message comes back with no live lease."""
+        self.running.remove(msg)
+        t = self.feed(AttemptStarted(kind=msg[0], key=msg[1], attempt=msg[2]))
+        assert t.changed and t.decision in (Decision.RUN, Decision.SKIP)
+        if t.decision == Decision.RUN:
+            self.running.append(msg)
+        else:
+            record = _item(self.run, msg[0], msg[1]).attempts[-1]
+            assert record.error is not None and record.error.type == "WorkerLost"
+
+    def request(self, event: Event) -> None:
+        t = self.feed(event)
+        assert (t.refusal is None) == t.changed
+        if t.refusal is None:
+            self.accepted.append(event)
+
+    def play(self, script: Script) -> None:
+        """Run the saga to the end: chaos for ``script.chaos`` turns, then only progress."""
+        resumes = script.resumes
+        turn = 0
+        while True:
+            if turn == script.terminate_at:
+                self.request(TerminateRequested(rollback=script.terminate_rollback))
+            if not self.step(chaos=turn < script.chaos):
+                if not resumes or not self.may_resume():
+                    return
+                resumes -= 1
+                self.request(RetryRollbackRequested())
+            turn += 1
+            assert turn < 2000, "the saga does not converge"
+
+    def may_resume(self) -> bool:
+        progress = self.run.rollback
+        return progress is not None and progress.outcome == RollbackOutcome.FAILED
+
+
+@dataclass(frozen=True)
+class Script:
+    """What the saga's owner and the chaos do, beyond deliveries and outcomes."""
+
+    chaos: int
+    """Turns during which duplicates, worker losses and stray requests may happen."""
+    terminate_at: int | None
+    """The turn at which the owner terminates the saga (None: never)."""
+    terminate_rollback: bool
+    resumes: int
+    """How many times the owner may call ``retry_rollback()`` after a failed rollback."""
+
+
+scripts = st.builds(Script, chaos=st.integers(0, 40),
+                    terminate_at=st.one_of(st.none(), st.integers(0, 12)),
+                    terminate_rollback=st.booleans(), resumes=st.integers(0, 2))
+
+
+def play(plan: Plan, data: st.DataObject, script: Script, **options: bool) -> World:
+    """Start ``plan``, put its first messages in flight, and play ``script`` to the end."""
+    world = World(Sim.start(plan), data, **options)
+    world.pending.extend((d.kind, d.key, d.attempt) for d in world.sim.log[0].dispatches)
+    world.play(script)
+    check_finished(world)
+    return world
+
+
+def _replayed(event: Event) -> Event:
+    """The same event again; a repeated start finds its own lease live (its holder runs)."""
+    if isinstance(event, AttemptStarted):
+        return event.model_copy(update={"lease_live": True})
+    return event
+
+
+def _items(run: SagaRun) -> list[tuple[Kind, str, StepRun | RollbackRun]]:
+    items: list[tuple[Kind, str, StepRun | RollbackRun]] = []
+    for key, step in run.steps.items():
+        items.append((Kind.STEP, key, step))
+        if step.rollback is not None:
+            items.append((Kind.ROLLBACK, key, step.rollback))
+    return items
+
+
+def _item(run: SagaRun, kind: Kind, key: str) -> StepRun | RollbackRun:
+    step = run.steps[key]
+    if kind == Kind.STEP:
+        return step
+    assert step.rollback is not None
+    return step.rollback
+
+
+# --- invariants --------------------------------------------------------------------------
+
+
+def check_run(run: SagaRun) -> None:
+    """What holds after every transition, whatever was delivered."""
+    for _, key, item in _items(run):
+        for a in item.attempts:
+            assert a.losses < WORKER_LOST_LIMIT or (
+                a.losses == WORKER_LOST_LIMIT and a.error is not None
+                and a.error.type == "WorkerLost"), f"{key}: a worker died {a.losses} times"
+        numbers = [a.attempt for a in item.attempts]
+        assert numbers == list(range(1, len(numbers) + 1)), f"{key}: attempts {numbers}"
+        assert all(a.ended_at is not None for a in item.attempts[:-1]), f"{key}: two open"
+        if isinstance(item, RollbackRun):
+            assert sum(bool(a.success) for a in item.attempts) <= 1, f"{key} undone twice"
+            assert open_attempt(item) is None or open_attempt(run.steps[key]) is None, (
+                f"{key} compensated while its own attempt still runs")
+    started = [s for s in run.steps.values() if s.start_seq is not None]
+    assert sorted(s.start_seq or 0 for s in started) == list(range(1, run.next_seq))
+    assert all(s.attempts for s in started)
+    assert all(not s.attempts and s.rollback is None for s in run.steps.values()
+               if s.start_seq is None)
+    for s in run.steps.values():
+        if s.status == "complete":
+            assert [a.success for a in s.attempts][-1] is True
+            assert sum(bool(a.success) for a in s.attempts) == 1
+    _check_rollback_progress(run)
+    if run.is_terminal:
+        assert not run.outbox, "a finished saga still has messages due"
+        assert all(open_attempt(item) is None for _, _, item in _items(run))
+
+
+def _check_rollback_progress(run: SagaRun) -> None:
+    progress = run.rollback
+    if progress is None:
+        return
+    eligible = sorted((s for s in run.steps.values() if s.rollback is not None),
+                      key=lambda s: s.start_seq or 0, reverse=True)
+    assert progress.order == [s.key for s in eligible], "not reverse start order"
+    assert progress.total_steps == len(eligible)
+    handlers = [s.rollback for s in eligible if s.rollback is not None]
+    done = sum(h.status == RollbackStatus.COMPLETE for h in handlers)
+    assert progress.completed_steps == done
+    if progress.outcome == RollbackOutcome.COMPLETE:
+        assert done == len(handlers)
+    elif progress.outcome == RollbackOutcome.FAILED:
+        assert done < len(handlers)
+    if run.plan.rollback_mode == RollbackMode.SEQUENTIAL:
+        busy = [h for h in handlers if h.next_attempt is not None or open_attempt(h)]
+        assert len(busy) <= 1, "sequential rollback ran two handlers at once"
+
+
+def check_finished(world: World) -> None:
+    """What a saga looks like once nothing is left in flight."""
+    run = world.run
+    assert run.is_terminal, f"deadlock: nothing in flight but the saga is {run.status}"
+    assert SagaRun.model_validate_json(run.model_dump_json()) == run
+    to_state(run).model_dump_json()
+    events = [e for t in world.sim.log for e in t.events]
+    _check_event_counts(run, events, world.accepted)
+    _check_nothing_started_after_failure(world)
+    if run.status == SagaStatus.COMPLETE:
+        _check_complete(run)
+    else:
+        _check_compensated(run, events)
+
+
+def _check_complete(run: SagaRun) -> None:
+    assert run.error is None and run.rollback is None and run.terminate is None
+    assert all(s.status == "complete" for s in run.steps.values())
+    assert all(s.rollback is None or not s.rollback.attempts for s in run.steps.values())
+    assert run.output == stage_output(run, len(run.plan.stages) - 1)
+
+
+def _check_compensated(run: SagaRun, events: list[dict[str, Any]]) -> None:
+    assert run.error is not None
+    assert run.status == (SagaStatus.TERMINATED if run.terminate else SagaStatus.ERRORED)
+    eligible = {s.key for s in run.steps.values() if s.rollback is not None}
+    rolls_back = run.terminate is None or run.terminate.rollback
+    if not rolls_back or not eligible:
+        assert run.rollback is None, "a rollback ran with nothing to compensate"
+        assert not any(e["type"].startswith("rollback") for e in events)
+        return
+    assert run.rollback is not None and run.rollback.outcome is not None
+    done = {k for k in eligible if run.steps[k].rollback.status == "complete"}  # type: ignore[union-attr]
+    if run.rollback.outcome == RollbackOutcome.COMPLETE:
+        assert done == eligible, "the rollback completed without compensating every start"
+    if run.plan.rollback_mode == RollbackMode.SEQUENTIAL:
+        _check_sequential_order(run.rollback.order, events)
+
+
+def _check_sequential_order(order: list[str], events: list[dict[str, Any]]) -> None:
+    """Within one rollback round, handlers start and finish in reverse step-start order."""
+    rank = {key: i for i, key in enumerate(order)}
+    started: list[int] = []
+    completed: list[int] = []
+    for e in events:
+        if e["type"] == "rollback_started":
+            started, completed = [], []
+        elif e["type"] == "rollback_attempt_started":
+            started.append(rank[f"{e['step']}#{e['count']}"])
+            assert started == sorted(started), "a handler ran before a later-started step's"
+        elif e["type"] == "rollback_step_completed":
+            completed.append(rank[f"{e['step']}#{e['count']}"])
+            assert completed == sorted(set(completed)), "compensated out of order or twice"
+
+
+def _check_event_counts(run: SagaRun, events: list[dict[str, Any]], accepted: list[Event]
+                        ) -> None:
+    """The event stream tells the same story as the final state, each fact once."""
+    def count(type_: str, key: str | None = None) -> int:
+        return sum(e["type"] == type_ and (key is None or f"{e['step']}#{e['count']}" == key)
+                   for e in events)
+
+    started = [s for s in run.steps.values() if s.start_seq is not None]
+    assert count("saga_queued") == 1
+    assert count("saga_started") == (1 if started else 0)
+    resumed = sum(isinstance(r, RetryRollbackRequested) for r in accepted)
+    ends = count("saga_completed") + count("saga_errored") + count("saga_terminated")
+    assert ends == 1 + resumed, "a saga ends once, and once more after each retry_rollback()"
+    seqs = [e["start_seq"] for e in events if e["type"] == "step_started"]
+    assert seqs == list(range(1, len(started) + 1)), "start_seq not unique and increasing"
+    assert count("terminate_requested") == (1 if run.terminate else 0)
+    for key, step in run.steps.items():
+        assert count("step_started", key) == (step.start_seq is not None)
+        assert count("attempt_started", key) == len(step.attempts)
+        assert count("attempt_completed", key) == sum(a.success is True for a in step.attempts)
+        assert count("attempt_errored", key) == sum(a.success is False for a in step.attempts)
+        assert count("step_completed", key) == (step.status == "complete")
+        assert count("step_errored", key) == (step.status == "errored")
+        handler = step.rollback
+        attempts = handler.attempts if handler else []
+        assert count("rollback_attempt_started", key) == len(attempts)
+        assert count("rollback_attempt_completed", key) == sum(a.success is True
+                                                               for a in attempts)
+        assert count("rollback_attempt_errored", key) == sum(a.success is False
+                                                             for a in attempts)
+        assert count("rollback_step_completed", key) == (
+            handler is not None and handler.status == "complete")
+    assert resumed == sum(e["type"] == "rollback_started" and e["resumed"] for e in events)
+    rounds = count("rollback_started")
+    assert rounds == (0 if run.rollback is None else 1 + resumed)
+    assert count("rollback_completed") + count("rollback_errored") == rounds
+
+
+def _check_nothing_started_after_failure(world: World) -> None:
+    if world.failed_at is None:
+        return
+    late = [e["type"] for t in world.sim.log[world.failed_at + 1:] for e in t.events]
+    assert "step_started" not in late and "attempt_started" not in late, (
+        "a forward step started after the saga failed")
+
+
+# --- the properties ----------------------------------------------------------------------
+
+
+@PROPERTY
+@given(plan=plans(), data=st.data(), script=scripts)
+def test_any_delivery_of_any_saga_keeps_every_invariant(
+    plan: Plan, data: st.DataObject, script: Script
+) -> None:
+    """Under random failures, duplicates, reorderings, worker losses, terminate and
+    retry_rollback, every transition and every finished saga keeps the invariants."""
+    play(plan, data, script)
+
+
+@PROPERTY
+@given(plan=plans(), data=st.data(), script=scripts)
+def test_a_saga_whose_steps_never_fail_completes_and_compensates_nothing(
+    plan: Plan, data: st.DataObject, script: Script
+) -> None:
+    """With no step failing, duplicates and worker losses never stop a saga completing
+    (unless its owner terminates it or a worker dies under one attempt three times)."""
+    world = play(plan, data, script, step_failures=False)
+    lost = any(a.error is not None and a.error.type == "WorkerLost"
+               for s in world.run.steps.values() for a in s.attempts)
+    if world.run.terminate is None and not lost:
+        assert world.run.status == SagaStatus.COMPLETE
+
+
+@PROPERTY
+@given(plan=plans(), data=st.data(), script=scripts)
+def test_with_handlers_that_succeed_every_started_step_is_compensated_once_in_order(
+    plan: Plan, data: st.DataObject, script: Script
+) -> None:
+    """When handlers never fail, a failed saga compensates exactly its started steps with
+    handlers, once each, and in sequential mode in reverse start order."""
+    world = play(plan, data, script, handler_failures=False)
+    run = world.run
+    events = [e for t in world.sim.log for e in t.events]
+    if run.rollback is None or any(e["type"] == "rollback_step_errored" for e in events):
+        return  # nothing to compensate, or a handler's worker died too often
+    assert run.rollback.outcome == RollbackOutcome.COMPLETE
+    done = [f"{e['step']}#{e['count']}" for e in events if e["type"] == "rollback_step_completed"]
+    if run.plan.rollback_mode == RollbackMode.SEQUENTIAL:
+        assert done == run.rollback.order
+    else:
+        assert sorted(done) == sorted(run.rollback.order)
