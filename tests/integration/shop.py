@@ -4,7 +4,15 @@ Steps and rollbacks write what they did to a Redis ledger (a list per saga) so t
 check effects, order, outputs and errors.  What a step does is chosen by the saga's params:
 ``{"fail": {"<step>": "always" | "nonretryable" | "times:N" | "sleep:S" | "hang:S" |
 "kill:N" | "unserializable"}, "rollback_fail": {"<step>": "always" | "nonretryable" |
-"times:N"}}``.
+"times:N"}}``.  A step of a parallel stage with a ``fail`` mode acts it out only once its
+siblings have started (waiting up to ``SIBLING_WAIT_S``), so they are reliably in flight when
+it fails the saga, whichever pool process picked which message up first.
+
+The environment picks the deployment: ``SAGA_TEST_REDIS_URL`` (saga state and the ledger),
+``SAGA_TEST_BROKER_URL`` (default: the same Redis; ``amqp://...`` runs on RabbitMQ),
+``SAGA_TEST_QUEUE_PREFIX`` (put before every queue and exchange name, so a run on a shared
+broker collides with nobody), ``SAGA_TEST_PREFIX`` (saga key prefix) and
+``SAGA_TEST_RECOVERY_INTERVAL`` / ``SAGA_TEST_RECOVERY_GRACE`` (the recovery sweep's).
 """
 
 from __future__ import annotations
@@ -22,20 +30,37 @@ from celery.exceptions import SoftTimeLimitExceeded
 from saga_celery import NonRetryableError, RollbackContext, SagaApp, current_step
 
 URL = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+BROKER_URL = os.environ.get("SAGA_TEST_BROKER_URL") or URL
+QUEUE_PREFIX = os.environ.get("SAGA_TEST_QUEUE_PREFIX", "")
 PREFIX = os.environ.get("SAGA_TEST_PREFIX", "saga:")
 
-app = Celery("shop", broker=URL)
+app = Celery("shop", broker=BROKER_URL)
 app.conf.update(
     broker_transport_options={"visibility_timeout": 20},
+    broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
-    task_default_queue="shop.default",
+    task_default_queue=f"{QUEUE_PREFIX}shop.default",
+    # Flower sees every saga task: the worker sends task events, the client "sent" events.
     worker_send_task_events=True,
     task_send_sent_event=True,
+    control_exchange=f"{QUEUE_PREFIX}celery",
+    event_exchange=f"{QUEUE_PREFIX}celeryev",
+    event_queue_prefix=f"{QUEUE_PREFIX}celeryev",
 )
-sagas = SagaApp(app, redis_url=URL, prefix=PREFIX, lease_ttl="3 seconds")
+sagas = SagaApp(
+    app,
+    redis_url=URL,
+    prefix=PREFIX,
+    lease_ttl="3 seconds",
+    steps_queue=f"{QUEUE_PREFIX}saga.steps",
+    rollbacks_queue=f"{QUEUE_PREFIX}saga.rollbacks",
+    recovery_interval=os.environ.get("SAGA_TEST_RECOVERY_INTERVAL", "30 seconds"),
+    recovery_grace=os.environ.get("SAGA_TEST_RECOVERY_GRACE", "60 seconds"),
+)
 ledger = redis.Redis.from_url(URL)
 
 FAST = {"limit": 2, "delay": 200, "backoff": "constant"}
+SIBLING_WAIT_S = 5.0
 
 
 def ledger_key(saga_id: str) -> str:
@@ -74,12 +99,26 @@ def behave(mode: str | None, key: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def await_siblings(saga_id: str, name: str, count: int) -> None:
+    """Return once every other step of this step's stage has started (or after the wait)."""
+    deadline = time.monotonic() + SIBLING_WAIT_S
+    while time.monotonic() < deadline:
+        steps = sagas.run(saga_id).status().steps
+        stage = next(s.stage for s in steps if (s.name, s.count) == (name, count))
+        if all(s.status != "pending" for s in steps
+               if s.stage == stage and (s.name, s.count) != (name, count)):
+            return
+        time.sleep(0.01)
+
+
 def run_step(name: str, result: Any) -> Any:
     ctx = current_step()
     params = ctx.params if isinstance(ctx.params, dict) else {}
     record(ctx.saga_id, kind="step_start", step=name, attempt=ctx.attempt,
            key=ctx.idempotency_key)
     mode = params.get("fail", {}).get(name)
+    if mode is not None:
+        await_siblings(ctx.saga_id, name, ctx.count)
     behave(mode, f"{ctx.saga_id}:{name}")
     if mode == "unserializable":
         return object()
