@@ -25,8 +25,9 @@ class SagaRequest(Request):  # type: ignore[misc]
         if soft or control is None:
             return
         try:
+            configured = self.task.saga_config.timeout.total_seconds()  # not the hard limit
             self.task.saga_app.runtime.record_hard_timeout(
-                control, self.hostname, self.worker_pid, self.id, timeout)
+                control, self.hostname, self.worker_pid, self.id, configured)
         except Exception:
             log.exception("saga.hard_timeout_not_recorded", saga_id=control.saga_id,
                           step=control.step, attempt=control.attempt)

@@ -55,8 +55,17 @@ class RetryRollbackRequested(_Event):
     pass
 
 
+class RecoverySwept(_Event):
+    """The recovery sweep looked at this saga: re-send what is overdue, and record it."""
+
+    grace_ms: float
+    lapsed: list[tuple[Kind, str, int]] = []
+    """Running attempts (kind, key, attempt) whose lease the sweep found lapsed."""
+
+
 Event = (
     AttemptStarted | AttemptSucceeded | AttemptFailed | TerminateRequested | RetryRollbackRequested
+    | RecoverySwept
 )
 
 

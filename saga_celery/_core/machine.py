@@ -31,6 +31,7 @@ from saga_celery._core.events import (
     Ctx,
     Decision,
     Event,
+    RecoverySwept,
     RetryRollbackRequested,
     TerminateRequested,
     Transition,
@@ -49,6 +50,7 @@ from saga_celery._core.model import (
     StepStatus,
     Termination,
 )
+from saga_celery._core.recovery import sweep
 from saga_celery._core.rollback import (
     advance_rollback,
     fail_saga,
@@ -95,6 +97,10 @@ def apply_owned(run: SagaRun, event: Event, *, now: datetime) -> Transition:
         return _on_failed(ctx, event)
     if isinstance(event, TerminateRequested):
         return _on_terminate(ctx, event)
+    if isinstance(event, RecoverySwept):
+        if not ctx.run.is_terminal:
+            sweep(ctx, event)
+        return ctx.transition()
     return _on_retry_rollback(ctx, event)
 
 

@@ -144,6 +144,9 @@ class AttemptRecord(_Record):
     error: ErrorInfo | None = None
     losses: int = 0
     """How many times a worker died while running this attempt (redelivered each time)."""
+    resends: int = 0
+    """How many times the recovery sweep sent this running attempt again (lapsed lease)."""
+    resent_at: datetime | None = None
 
 
 class RollbackRun(_Record):
@@ -198,6 +201,8 @@ class Dispatch(_Frozen):
     """Which recorded event produced it (``"<kind>:<key>:<attempt>"`` or ``"saga"``)."""
     via_retry: bool = False
     """Send it with ``Task.retry`` from the task that just failed (the normal retry path)."""
+    resends: int = 0
+    """How many times the recovery sweep sent it again (each doubles the next wait)."""
 
     @property
     def id(self) -> str:
