@@ -1,0 +1,1 @@
+"""The chaos run (``make chaos``): sagas on real workers while workers and Redis are killed."""

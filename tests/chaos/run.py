@@ -1,0 +1,389 @@
+"""``python -m tests.chaos.run`` (``make chaos``): sagas on real workers while chaos strikes.
+
+It starts a private ``redis-server`` (AOF, ``appendfsync always``: a restart loses nothing)
+on a free port in 6700-6799 in a temporary directory, ``--workers`` prefork workers of
+``tests.chaos.app`` and ``celery beat``, which sends the recovery sweep
+(``saga_celery.recover``) every 2 seconds, as a production deployment would.  Then it
+submits ``--sagas`` sagas of mixed shapes (succeed; fail at a random step, retried or
+not; a parallel stage; steps that fail once; rollbacks that fail once), keeping at most
+``--window`` in flight, while a chaos thread (``tests.chaos.chaos``):
+
+- SIGKILLs a random worker every ``--kill-every`` seconds (on average) and restarts it;
+  every third kill takes one pool process instead of the whole worker;
+- SIGSTOPs a worker that is running a step body, once, for ``--stop-s`` seconds (longer
+  than the 4-second step timeout plus Celery's 2-second hard-limit grace), then SIGCONTs it;
+- restarts Redis once: SIGTERM, ``--redis-down-s`` seconds down, then the same port and
+  directory;
+- acts as the workers' supervisor: a worker that exits, or wedges after Celery logged
+  ``Unrecoverable error``, is restarted (``worker_crashes``; Celery's own crashes when its
+  broker goes away, not chaos kills).
+
+``--short`` (``make test``): 100 sagas and 2 kills, at planned points, besides the SIGSTOP
+and the Redis restart.  Once every saga is submitted, chaos stops and the run waits for every
+saga to end (at most ``--drain-timeout`` seconds), stops the workers, and checks every saga
+against its state and the ledger (``tests.chaos.check``).  It prints one JSON summary on
+stdout (progress goes to stderr) and exits 1 on any violation, duplicate effect or lost saga.
+
+Summary figures:
+
+- ``max_recovery_s``: for every chaos event (the moment a kill, the SIGSTOP or the Redis
+  shutdown began) and every saga in flight then, the time from the event to the saga's next
+  progress (a lifecycle event in its Redis stream, not counting attempts recorded as failed
+  by a timeout or a lost worker: those are the damage); the largest over the run.
+  ``recovery_by_event`` has, per kind of event, the count of (event, saga) pairs and their
+  median, p99 and max; ``max_recovery_at`` names the saga and the event of the maximum;
+  ``max_gap_s`` is the longest any saga went without progress, whatever the cause.
+- ``bodies_run`` / ``bodies_run_twice``: step and rollback bodies started, and attempts whose
+  body started more than once (redelivered after its worker died, or re-sent by recovery).
+- ``effects_applied`` / ``effects_deduplicated``: effects in the ledger, and the times a
+  body reached an effect already applied under its idempotency key (allowed);
+  ``duplicate_effects``: a (kind, step, count) with more than one effect (never allowed).
+- ``recovery_resends`` / ``sagas_recovered``: times the recovery sweep re-sent a saga's
+  messages (``saga.recovered``), and how many distinct sagas that was.
+
+Every process it started is stopped on the way out, whatever happened; logs are kept (and
+their directory printed) when the run fails or with ``--keep-logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+from typing import Any
+
+import redis
+from kombu.exceptions import OperationalError
+
+from saga_celery import SagaError
+from tests.chaos.chaos import Chaos
+from tests.chaos.check import (
+    ChaosEvent,
+    Ledger,
+    Planned,
+    Verdict,
+    check_saga,
+    parse_ledger,
+    recovery_by_kind,
+    recovery_stalls,
+)
+from tests.chaos.procs import Fleet, RedisServer, log
+from tests.integration.harness import WorkerStartError
+
+TRANSIENT = (SagaError, redis.RedisError, OperationalError, OSError)
+"""What a call may raise while Redis restarts: try again later."""
+POLL_S = 0.3
+MAX_SAMPLES = 20
+RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
+"""The recovery sweep's log line: it re-sent a message of this saga."""
+FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
+"""Celery's log line when a worker's main loop crashes; the exception's class name."""
+
+
+# --- what to run ---------------------------------------------------------------------------
+
+
+def plan_sagas(shapes: dict[str, Any], count: int, rng: random.Random, tag: str
+               ) -> list[Planned]:
+    """``count`` sagas: 40 % succeed, 60 % fail at a random step; flaky steps and rollbacks."""
+    planned = []
+    for i in range(count):
+        shape = rng.choice(sorted(shapes))
+        specs = [spec for stage in shapes[shape].plan.stages for spec in stage]
+        keys = [spec.key for spec in specs]
+        params: dict[str, Any] = {}
+        if rng.random() < 0.6:
+            params["fail"] = rng.choice(keys)
+            params["nonretryable"] = rng.random() < 0.3
+            undoable = [spec.key for spec in specs if spec.rollback_task is not None]
+            if rng.random() < 0.6:
+                params["rollback_flaky"] = rng.sample(undoable, k=rng.randint(1, 2))
+        if rng.random() < 0.25:
+            params["flaky"] = [rng.choice([k for k in keys if k != params.get("fail")])]
+        planned.append(Planned(saga_id=f"chaos-{tag}-{i:05d}", shape=shape, params=params))
+    return planned
+
+
+# --- submitting and waiting ----------------------------------------------------------------
+
+
+class Driver:
+    """Submits the planned sagas, at most ``window`` in flight, and sees them end."""
+
+    def __init__(self, chaos_app: ModuleType, planned: list[Planned], window: int) -> None:
+        self.app = chaos_app
+        self.total = len(planned)
+        self.pending = deque(planned)
+        self.window = window
+        self.inflight: dict[str, float] = {}
+        self.submitted = 0
+        self.finished = 0
+        self._last_report = 0.0
+        self._last_end = time.monotonic()
+        self._failing = False
+
+    def progress(self) -> float:
+        return self.submitted / self.total
+
+    def stalled(self, seconds: float) -> bool:
+        """No saga has ended for ``seconds`` while some are in flight: stop submitting."""
+        if not self.inflight or time.monotonic() - self._last_end < seconds:
+            return False
+        log(f"no saga ended for {seconds:g} s: giving up on the {len(self.pending)} not "
+            "submitted yet")
+        self.pending.clear()
+        return True
+
+    def submit(self, gate: Callable[[int], bool]) -> None:
+        """Start sagas until the window is full (or the gate holds the next one back)."""
+        while self.pending and len(self.inflight) < self.window and gate(self.submitted):
+            planned = self.pending[0]
+            try:
+                self.app.SAGAS[planned.shape].apply_async(saga_id=planned.saga_id,
+                                                          params=planned.params)
+            except TRANSIENT as exc:  # the same id and params again later is safe
+                if not self._failing:
+                    log(f"submit {planned.saga_id} failed ({type(exc).__name__}); retrying")
+                self._failing = True
+                return
+            self._failing = False
+            self.pending.popleft()
+            self.inflight[planned.saga_id] = time.monotonic()
+            self.submitted += 1
+
+    def poll(self) -> None:
+        """Forget the sagas that have ended."""
+        for saga_id in list(self.inflight):
+            try:
+                snapshot = self.app.sagas.store.load(saga_id)
+            except TRANSIENT:
+                return
+            if snapshot is not None and snapshot.run.is_terminal:
+                del self.inflight[saga_id]
+                self.finished += 1
+                self._last_end = time.monotonic()
+        if time.monotonic() - self._last_report > 10:
+            self._last_report = time.monotonic()
+            log(f"{self.submitted}/{self.total} submitted, {self.finished} ended, "
+                f"{len(self.inflight)} in flight")
+
+
+# --- the verdict ---------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What checking the sagas one by one adds up to."""
+
+    totals: Counter[str] = field(default_factory=Counter)
+    violations: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    stalls: list[tuple[float, ChaosEvent]] = field(default_factory=list)
+    worst: tuple[float, str, ChaosEvent] | None = None
+    gap: float = 0.0
+
+    def add(self, planned: Planned, state: Any, ledger: Ledger, verdict: Verdict,
+            stalls: list[tuple[float, ChaosEvent]], gap: float) -> None:
+        if state is not None and state.status in ("complete", "errored"):
+            self.totals[str(state.status)] += 1
+        self.totals["violations"] += len(verdict.violations)
+        self.totals["duplicate_effects"] += verdict.duplicate_effects
+        self.totals["lost_sagas"] += int(verdict.lost)
+        self.violations += [f"{planned.saga_id} ({planned.shape} {planned.params}): {v}"
+                            for v in verdict.violations]
+        if verdict.unexpected:
+            self.totals["unexpected_outcomes"] += 1
+            self.unexpected.append(f"{planned.saga_id}: {verdict.unexpected}")
+        self.totals["bodies_run"] += sum(ledger.runs.values())
+        self.totals["bodies_run_twice"] += sum(1 for n in ledger.runs.values() if n > 1)
+        self.totals["effects_applied"] += len(ledger.effects)
+        self.totals["effects_deduplicated"] += sum(n - 1 for n in ledger.applies.values())
+        self.stalls += stalls
+        for seconds, event in stalls:
+            if self.worst is None or seconds > self.worst[0]:
+                self.worst = (seconds, planned.saga_id, event)
+        self.gap = max(self.gap, gap)
+
+
+def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
+             started: float) -> dict[str, Any]:
+    """Check every saga; the run's summary (``started``: the run's wall-clock start)."""
+    tally = Tally()
+    chaos_events = sorted(chaos.events, key=lambda e: e.t)
+    for p in planned:
+        state, ledger, events = _read(chaos_app, p.saga_id)
+        verdict = check_saga(p, state, ledger, chaos_app.SAGAS[p.shape].plan)
+        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
+    recovery = recovery_by_kind(tally.stalls)
+    where = None
+    if tally.worst is not None:
+        _, saga_id, event = tally.worst
+        where = {"saga_id": saga_id, "after": event.detail,
+                 "at_s": round(event.t - started, 1)}
+    totals = tally.totals
+    return {
+        "sagas": len(planned), "complete": totals["complete"], "errored": totals["errored"],
+        "kills": chaos.kills, **chaos.counts, "worker_crashes": len(fleet.revived),
+        "redis_down_s": round(chaos.redis_unavailable_s, 2),
+        "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
+        **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas",
+                                  "unexpected_outcomes")},
+        "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
+        "max_recovery_at": where, "recovery_by_event": recovery,
+        "max_gap_s": round(tally.gap, 2),
+        **{k: totals[k] for k in ("bodies_run", "bodies_run_twice", "effects_applied",
+                                  "effects_deduplicated")},
+        "recovery_resends": sum(text.count("saga.recovered") for text in _logs(fleet)),
+        "sagas_recovered": len({m for text in _logs(fleet) for m in RECOVERED_RE.findall(text)}),
+        "worker_crash_causes": sorted({m for text in _logs(fleet)
+                                       for m in FATAL_RE.findall(text)}),
+        "violation_samples": tally.violations[:MAX_SAMPLES],
+        "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
+    }
+
+
+def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[str, Any]]]:
+    ledger = chaos_app.ledger
+    pipe = ledger.pipeline(transaction=False)
+    for what in ("effects", "applies", "runs"):
+        pipe.hgetall(chaos_app.ledger_key(saga_id, what))
+    effects, applies, runs = pipe.execute()
+    try:
+        handle = chaos_app.sagas.run(saga_id)
+    except SagaError:
+        return None, parse_ledger(effects, applies, runs), []
+    return handle.status(), parse_ledger(effects, applies, runs), handle.events()
+
+
+def _logs(fleet: Fleet) -> list[str]:
+    return [path.read_text(errors="replace") for path in fleet.logs()]
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sagas", type=int, default=None, help="default 1000 (--short: 100)")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2, help="pool processes per worker")
+    parser.add_argument("--kill-every", type=float, default=5.0,
+                        help="mean seconds between kills, without --max-kills (default 5)")
+    parser.add_argument("--max-kills", type=int, default=None, help="default none (--short: 2)")
+    parser.add_argument("--stop-s", type=float, default=10.0, help="how long the SIGSTOP lasts")
+    parser.add_argument("--redis-down-s", type=float, default=5.0,
+                        help="how long Redis stays down when it restarts")
+    parser.add_argument("--window", type=int, default=24, help="sagas in flight at most")
+    parser.add_argument("--drain-timeout", type=float, default=180.0)
+    parser.add_argument("--short", action="store_true",
+                        help="about 100 sagas and 2 kills, plus the SIGSTOP and Redis restart")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args(argv)
+    args.sagas = args.sagas or (100 if args.short else 1000)
+    if args.short and args.max_kills is None:
+        args.max_kills = 2
+    if args.seed is None:
+        args.seed = random.randrange(1_000_000)
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _submit_all(driver: Driver, chaos: Chaos, args: argparse.Namespace) -> None:
+    """Submit every saga while chaos strikes; then stop the chaos."""
+    chaos.start()
+    while driver.pending and not driver.stalled(args.drain_timeout):
+        if chaos.error is not None:
+            raise RuntimeError("the chaos thread failed") from chaos.error
+        driver.submit(lambda n: chaos.allows(n / args.sagas))
+        driver.poll()
+        time.sleep(POLL_S)
+    chaos.halted.set()
+    chaos.join()
+    log(f"{driver.submitted} of {args.sagas} submitted; chaos over ({chaos.kills} kills); "
+        "draining")
+
+
+def _drain(driver: Driver, fleet: Fleet, timeout: float) -> None:
+    """Wait for the sagas in flight to end, every worker up; then stop the workers."""
+    fleet.ensure_all()
+    deadline = time.monotonic() + timeout
+    while driver.inflight and time.monotonic() < deadline:
+        for reason in fleet.revive():
+            log(f"supervisor: {reason}; restarted")
+        driver.poll()
+        time.sleep(POLL_S)
+    time.sleep(2)  # a late duplicate delivery would land now, before the ledger is read
+    fleet.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    work = Path(tempfile.mkdtemp(prefix="saga-chaos-"))
+    server = RedisServer(work)
+    fleet: Fleet | None = None
+    chaos: Chaos | None = None
+    passed = False
+    started, wall_start = time.monotonic(), time.time()
+    try:
+        server.start()
+        os.environ["CHAOS_REDIS_URL"] = server.url
+        from tests.chaos import app as chaos_app  # reads CHAOS_REDIS_URL when imported
+
+        log(f"seed {args.seed}; redis-server at {server.url}; logs in {work}")
+        rng = random.Random(args.seed)
+        fleet = Fleet(server.url, work, workers=args.workers, concurrency=args.concurrency)
+        fleet.start_all()
+        fleet.start_beat()
+        planned = plan_sagas(chaos_app.SAGAS, args.sagas, rng, str(args.seed))
+        driver = Driver(chaos_app, planned, args.window)
+        chaos = Chaos(fleet, server, chaos_app.ledger, driver.progress, rng,
+                      kill_every=args.kill_every, max_kills=args.max_kills, stop_s=args.stop_s,
+                      redis_down_s=args.redis_down_s)
+        _submit_all(driver, chaos, args)
+        _drain(driver, fleet, args.drain_timeout)
+        summary = {**evaluate(chaos_app, planned[:driver.submitted], chaos, fleet, wall_start),
+                   "not_submitted": args.sagas - driver.submitted,
+                   "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
+                   "workers": args.workers, "concurrency": args.concurrency}
+        print(json.dumps(summary, indent=2), flush=True)
+        (work / "chaos.json").write_text(json.dumps(
+            {"summary": summary, "events": [vars(e) for e in chaos.events]}, indent=2))
+        passed = not (summary["violations"] or summary["duplicate_effects"]
+                      or summary["lost_sagas"] or summary["not_submitted"])
+        return 0 if passed else 1
+    except WorkerStartError as exc:
+        log(f"a worker did not start: {exc}")
+        return 2
+    finally:
+        if chaos is not None:
+            chaos.halted.set()
+            chaos.join(timeout=60)
+        if fleet is not None:
+            fleet.close()
+        server.kill()
+        if passed and not args.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"logs kept in {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
