@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from celery import Celery, Task, group
-from celery import _state as celery_state
 from celery.canvas import Signature
 from celery.exceptions import CDeprecationWarning
 from celery.signals import before_task_publish
@@ -39,27 +38,6 @@ from saga_celery._store.memory import MemoryStore
 
 TIME_LIMIT_GRACE_MAX_S = 5.0
 """How far above the soft limit the hard limit may sit ("slightly above")."""
-
-
-@pytest.fixture(autouse=True)
-def _forget_shared_tasks() -> Iterator[None]:
-    """Celery adds every ``app.task`` to each app finalized later (shared tasks): drop this
-    test's, so the next test's fresh app does not inherit its steps under the same names."""
-    before = set(celery_state._on_app_finalizers)
-    yield
-    celery_state._on_app_finalizers.intersection_update(before)
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    celery = Celery("t", broker="memory://", set_as_current=False)
-    yield celery
-    celery.close()
-
-
-@pytest.fixture
-def sagas(app: Celery) -> SagaApp:
-    return SagaApp(app, store=MemoryStore())
 
 
 @dataclass

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from celery import Celery, group
-from celery import _state as celery_state
 from pydantic import ValidationError
 
 from saga_celery import (
@@ -35,27 +34,6 @@ from saga_celery._store.memory import MemoryStore
 
 UNREACHABLE = "redis://127.0.0.1:1/0"
 """Nothing listens on port 1: connecting is refused at once."""
-
-
-@pytest.fixture(autouse=True)
-def _forget_shared_tasks() -> Iterator[None]:
-    """Celery adds every ``app.task`` to each app finalized later (shared tasks): drop this
-    test's, so the next test's fresh app does not inherit its steps under the same names."""
-    before = set(celery_state._on_app_finalizers)
-    yield
-    celery_state._on_app_finalizers.intersection_update(before)
-
-
-@pytest.fixture
-def app() -> Iterator[Celery]:
-    celery = Celery("t", broker="memory://", set_as_current=False)
-    yield celery
-    celery.close()
-
-
-@pytest.fixture
-def sagas(app: Celery) -> SagaApp:
-    return SagaApp(app, store=MemoryStore())
 
 
 def redis_broker_app(visibility_timeout: float) -> Celery:

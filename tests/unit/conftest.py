@@ -1,0 +1,33 @@
+"""Fixtures shared by the unit tests of the Celery adapter: a fresh app and SagaApp per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+from celery import _state as celery_state
+
+from saga_celery import SagaApp
+from saga_celery._store.memory import MemoryStore
+
+
+@pytest.fixture(autouse=True)
+def _forget_shared_tasks() -> Iterator[None]:
+    """Celery adds every ``app.task`` to each app finalized later (shared tasks): drop this
+    test's, so the next test's fresh app does not inherit its steps under the same names."""
+    before = set(celery_state._on_app_finalizers)
+    yield
+    celery_state._on_app_finalizers.intersection_update(before)
+
+
+@pytest.fixture
+def app() -> Iterator[Celery]:
+    celery = Celery("t", broker="memory://", set_as_current=False)
+    yield celery
+    celery.close()
+
+
+@pytest.fixture
+def sagas(app: Celery) -> SagaApp:
+    return SagaApp(app, store=MemoryStore())
