@@ -36,6 +36,9 @@ class Message:
             "retries": self.retries,
             "kwargsrepr": self.control.kwargs_repr(),
             "argsrepr": ARGS_REPR,
+            # send_task ignores the task's own ignore_result: without this a caller whose app
+            # has a result backend subscribes to a result channel for every saga message
+            "ignore_result": True,
         }
 
 
