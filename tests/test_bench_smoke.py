@@ -1,0 +1,55 @@
+"""The benchmark (``make bench``) still runs end to end: a tiny run, no timing asserts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPORTED = (
+    "ratio_saga_vs_chain", "ratio_saga_vs_chain_no_backend", "sagas_per_s", "chains_per_s",
+    "chains_no_backend_per_s", "redis_cmds_per_step", "store_rtt_per_transition",
+    "rollback_path_s", "rollback_path_ms", "failure_to_compensation_sent_ms", "p50_ms",
+    "p99_ms", "bytes_per_saga", "machine", "runs", "serial", "round_trips", "retention_check",
+    "task_cpu_us", "cpu_ratio_saga_vs_chain", "cpu_ms_per_item",
+    "targets",
+)
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
+    """``python -m bench.run --smoke`` (M=20, one pair) completes and writes every key."""
+    if shutil.which("redis-server") is None:
+        if _in_ci():
+            pytest.fail("redis-server is not installed", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--quiet", "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=170, check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr[-6000:]}"
+    report = json.loads(out.read_text())
+    missing = [key for key in REPORTED if key not in report]
+    assert not missing, f"missing keys {missing}"
+    assert report["ratio_saga_vs_chain"] > 0
+    assert report["sagas_per_s"] > 0 and report["chains_per_s"] > 0
+    assert report["redis_cmds_per_step"] > 0 and report["bytes_per_saga"] > 0
+    assert report["failure_to_compensation_sent_ms"]["n"] == 20  # every failing saga traced
+    assert report["retention_check"]["keys_left_after"] == 0
+    assert {"cpu_count", "cpu_model", "python", "celery", "redis_server"} <= set(
+        report["machine"])
+    assert {run["kind"] for run in report["runs"]} == {
+        "chain", "chain_nobackend", "saga", "saga_fail"}
