@@ -31,9 +31,6 @@ class Control(BaseModel):
         return repr({"saga_id": self.saga_id, "step": self.step, "count": self.count,
                      "attempt": self.attempt, "kind": self.kind.value})
 
-    def next_attempt(self) -> Control:
-        return self.model_copy(update={"attempt": self.attempt + 1})
-
 
 def split_control(kwargs: dict[str, Any]) -> tuple[Control | None, dict[str, Any]]:
     """The control (None outside a saga) and the user's own kwargs."""
