@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -48,6 +47,7 @@ import structlog
 from celery import Celery, chain, signals
 
 from saga_celery import RollbackContext, SagaApp, SagaDefinition, current_step
+from workers.logs import configure_logging
 
 BROKER_DB = 0
 SAGA_DB = 1
@@ -66,14 +66,8 @@ ROLLBACK = f"{STEP}.rollback"
 
 
 def _configure_logging(mode: str) -> None:
-    if mode == "json":  # as workers/app.py deploys it: bound to the stream Celery redirects
-        structlog.configure(
-            processors=[structlog.processors.add_log_level,
-                        structlog.processors.TimeStamper(fmt="iso", key="logged_at"),
-                        structlog.processors.JSONRenderer()],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-            logger_factory=structlog.WriteLoggerFactory(sys.stdout),
-        )
+    if mode == "json":  # as workers/app.py deploys it
+        configure_logging()
     elif mode == "quiet":
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     elif mode != "default":

@@ -289,8 +289,7 @@ def _log_client_to(path: Path) -> None:
     import structlog
 
     if os.environ.get("BENCH_LOG", "json") == "json":
-        structlog.configure(logger_factory=structlog.WriteLoggerFactory(
-            path.open("w", encoding="utf-8")))
+        structlog.configure(logger_factory=structlog.BytesLoggerFactory(path.open("wb")))
 
 
 def _library_revision() -> dict[str, Any]:

@@ -15,15 +15,13 @@ everything).  Every saga lifecycle event is logged as one JSON line on standard 
 from __future__ import annotations
 
 import importlib
-import logging
 import os
-import sys
 from datetime import timedelta
 
-import structlog
 from celery import Celery
 
 from saga_celery import SagaApp
+from workers.logs import configure_logging
 from workers.settings import DEFAULT_REDIS_URL, WorkerSettings
 
 __all__ = [
@@ -36,25 +34,6 @@ __all__ = [
     "sagas",
     "settings",
 ]
-
-
-def configure_logging() -> None:
-    """Render every structlog event, saga lifecycle events included, as one JSON line.
-
-    The stream is bound now, before a worker redirects ``sys.stdout`` into its own logger,
-    so the lines stay plain JSON rather than wrapped in Celery's log format.  (A
-    ``PrintLogger`` would not do: it prints to whatever ``sys.stdout`` is at the time.)
-    """
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            # Not "timestamp": a lifecycle event has its own, which must not be overwritten.
-            structlog.processors.TimeStamper(fmt="iso", key="logged_at"),
-            structlog.processors.JSONRenderer(),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
-    )
 
 
 def create_app(settings: WorkerSettings) -> tuple[Celery, SagaApp]:

@@ -1,0 +1,43 @@
+"""How the fleet renders structlog events: one JSON line each on the worker's standard output.
+
+Shared by ``workers.app`` and the benchmark, so the benchmark pays what a deployment pays.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from pydantic_core import to_json
+
+
+def render_json(_: Any, __: str, event_dict: Any) -> bytes:
+    """structlog's ``JSONRenderer`` on pydantic-core's serializer: about twice as fast.
+
+    Values JSON cannot hold are written as their ``repr()``, as ``JSONRenderer`` does.
+    """
+    return to_json(event_dict, fallback=repr)
+
+
+def configure_logging() -> None:
+    """Render every structlog event, saga lifecycle events included, as one JSON line.
+
+    The stream is bound now, before a worker redirects ``sys.stdout`` into its own logger,
+    so the lines stay plain JSON rather than wrapped in Celery's log format.  (A
+    ``PrintLogger`` would not do: it prints to whatever ``sys.stdout`` is at the time.)
+    Loggers are built once, on first use: a saga step logs a few lines, and rebuilding the
+    processor chain for each cost a third of the time of writing them.
+    """
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            # Not "timestamp": a lifecycle event has its own, which must not be overwritten.
+            structlog.processors.TimeStamper(fmt="iso", key="logged_at"),
+            render_json,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.BytesLoggerFactory(sys.stdout.buffer),
+        cache_logger_on_first_use=True,
+    )
