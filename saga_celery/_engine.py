@@ -18,7 +18,7 @@ from pydantic import JsonValue
 from saga_celery._core.attempts import find_attempt
 from saga_celery._core.events import AttemptStarted, Decision, Event, Transition
 from saga_celery._core.machine import apply_owned, start_saga
-from saga_celery._core.model import Kind, Plan, SagaRun
+from saga_celery._core.model import Kind, Plan, SagaRun, encode_progress
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
 from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
 
@@ -52,13 +52,20 @@ class Engine:
     for it in this process (a step's end, often the next step's start) goes straight to the
     compare-and-set without loading first.  A stale entry only costs a conflict and a real
     load; an answer that changes nothing is never taken from it without a real load.
+
+    The remembered state is the committed ``SagaRun`` object itself (validating it again
+    from JSON cost more than the commit's own Python work), and it is the one a transition
+    returns: callers read it and never change it.  Whoever takes it from the cache owns it
+    and applies the next event to it in place; nothing else does, so a caller still
+    reading it sees only parts an event never changes in place (ids, plan, params, the
+    outputs of finished steps) or a consistent newer state.
     """
 
     def __init__(self, store: SagaStore, *, clock: Callable[[], datetime] = utcnow,
                  cache_size: int = 1024) -> None:
         self.store = store
         self.clock = clock
-        self._cache: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[int, SagaRun]] = OrderedDict()
         self._cache_size = cache_size
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
@@ -104,29 +111,28 @@ class Engine:
                 if from_memo:
                     continue  # "nothing to do" must come from the stored state
                 return transition
-            data = transition.run.model_dump_json()
+            data = encode_progress(transition.run)
             if self._commit(snapshot.version, was_terminal, transition, event, lease, data):
                 return transition
             fresh = self._load_for(saga_id, event, lease)
             if _landed(fresh[0], snapshot.version, data):
-                self._committed(snapshot.version, transition, data)
+                self._committed(snapshot.version, transition)
                 return transition
         raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
                              f"{type(event).__name__}", saga_id=saga_id)
 
-    def _cached_for(self, cached: tuple[int, str] | None, event: Event
+    def _cached_for(self, cached: tuple[int, SagaRun] | None, event: Event
                     ) -> tuple[Snapshot, Event] | None:
         """The remembered state, unless the event needs the lease (a redelivery)."""
         if cached is None:
             return None
-        version, data = cached
-        run = SagaRun.model_validate_json(data)
+        version, run = cached
         if isinstance(event, AttemptStarted) and _has_attempt(run, event):
             return None
         return Snapshot(run, version), event
 
-    def _remember(self, saga_id: str, version: int, data: str) -> None:
-        self._cache[saga_id] = (version, data)
+    def _remember(self, saga_id: str, version: int, run: SagaRun) -> None:
+        self._cache[saga_id] = (version, run)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
@@ -150,12 +156,12 @@ class Engine:
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
                                terminal=terminal, encoded=data)
         if ok:
-            self._committed(version, transition, data)
+            self._committed(version, transition)
         return ok
 
-    def _committed(self, version: int, transition: Transition, data: str) -> None:
+    def _committed(self, version: int, transition: Transition) -> None:
         if not transition.run.is_terminal:
-            self._remember(transition.run.id, version + 1, data)
+            self._remember(transition.run.id, version + 1, transition.run)
         _log(_with_ids(transition.events, transition.run.id, version + 1))
 
     def release(self, saga_id: str, lease: Lease) -> None:
@@ -199,4 +205,4 @@ def _landed(stored: Snapshot, version: int, data: str) -> bool:
     fails the version check of the write that did land.  Replaying the event would be wrong
     (a start would count its own lease as a lost worker, a terminate would be refused).
     """
-    return stored.version == version + 1 and stored.run.model_dump_json() == data
+    return stored.version == version + 1 and encode_progress(stored.run) == data

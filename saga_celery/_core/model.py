@@ -218,7 +218,13 @@ class Termination(_Record):
     error: ErrorInfo
 
 
-class SagaRun(_Record):
+class SagaProgress(_Record):
+    """Everything about a saga run that changes as it runs: a ``SagaRun`` without its plan.
+
+    The plan never changes after the start, so the store writes it once and each commit
+    writes only this part (a third of the size, for a five-step saga).
+    """
+
     id: str
     name: str
     status: SagaStatus = SagaStatus.QUEUED
@@ -228,7 +234,6 @@ class SagaRun(_Record):
     created_at: datetime
     started_at: datetime | None = None
     ended_at: datetime | None = None
-    plan: Plan
     steps: dict[str, StepRun]
     next_seq: int = 1
     rollback: RollbackProgress | None = None
@@ -243,6 +248,28 @@ class SagaRun(_Record):
     def failing(self) -> bool:
         """True once the saga failed or was told to stop: no forward step may start."""
         return self.error is not None or self.terminate is not None
+
+
+class SagaRun(SagaProgress):
+    plan: Plan
+
+
+_PLAN: set[str] = {"plan"}
+
+
+def encode_progress(run: SagaRun) -> str:
+    """The JSON a commit stores: the run without its plan."""
+    return run.model_dump_json(exclude=_PLAN)
+
+
+def decode_run(progress: str | bytes, plan: Plan) -> SagaRun:
+    """The run from its stored progress JSON and its plan; ``ValidationError`` if unreadable."""
+    return with_plan(SagaProgress.model_validate_json(progress), plan)
+
+
+def with_plan(progress: SagaProgress, plan: Plan) -> SagaRun:
+    """The run made of validated parts: nothing is validated or copied again."""
+    return SagaRun.model_construct(plan=plan, **progress.__dict__)
 
 
 EventType = Literal[

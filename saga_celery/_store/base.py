@@ -70,8 +70,9 @@ class SagaStore(Protocol):
         Appends ``events`` to the saga's event stream in order, applies ``lease`` (an
         acquire fails the whole commit if another token holds the lease), and when
         ``terminal`` drops the saga from the active index and starts its retention clock.
-        Returns False, writing nothing, on a version or lease conflict.  ``encoded`` is
-        ``run.model_dump_json()`` when the caller already has it.
+        Returns False, writing nothing, on a version or lease conflict.  The plan is the
+        one ``create`` stored (it never changes); ``encoded`` is ``encode_progress(run)``
+        when the caller already has it.
         """
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:

@@ -3,7 +3,8 @@
 Per saga, all keys carry the hash tag ``{<id>}`` so Redis Cluster puts them in one slot and
 one Lua script may touch them all::
 
-    <prefix>{<id>}:state          hash    v = version (int), d = the SagaRun JSON
+    <prefix>{<id>}:state          hash    v = version (int), d = the run's progress JSON,
+                                          p = its plan JSON (written once, at the start)
     <prefix>{<id>}:events         stream  one field, e = the event's JSON
     <prefix>{<id>}:lease:<name>   string  the holder's token, with a PX time to live
 
@@ -23,6 +24,7 @@ DEFAULT_PREFIX = "saga:"
 
 VERSION_FIELD = "v"
 DATA_FIELD = "d"
+PLAN_FIELD = "p"
 EVENT_FIELD = "e"
 
 

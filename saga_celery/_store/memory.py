@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from saga_celery._core.model import SagaRun
+from saga_celery._core.model import Plan, SagaRun, decode_run, encode_progress
 from saga_celery._errors import SagaConfigError, SagaStoreError
 from saga_celery._store.base import EventDict, LeaseAction, LeaseChange, Snapshot
 from saga_celery._store.keys import index_score
@@ -26,6 +26,8 @@ from saga_celery._store.keys import index_score
 class _Record:
     version: int
     data: str
+    """The run's progress JSON (``encode_progress``): the plan is kept once, as in Redis."""
+    plan: Plan
     events: list[tuple[tuple[int, int], str]] = field(default_factory=list)
     expires_at: float | None = None
 
@@ -63,7 +65,7 @@ class MemoryStore:
             self._active.setdefault(run.id, index_score(run))
             if self._record(run.id) is not None:
                 return False
-            record = _Record(version=1, data=run.model_dump_json())
+            record = _Record(version=1, data=encode_progress(run), plan=run.plan)
             self._records[run.id] = record
             self._append(record, lines)
             return True
@@ -74,8 +76,8 @@ class MemoryStore:
             if record is None:
                 return None
             holder = self._holder(saga_id, lease) if lease is not None else None
-            version, data = record.version, record.data
-        return Snapshot(run=SagaRun.model_validate_json(data), version=version, lease_holder=holder)
+            version, data, plan = record.version, record.data, record.plan
+        return Snapshot(run=decode_run(data, plan), version=version, lease_holder=holder)
 
     def commit(
         self,
@@ -96,7 +98,7 @@ class MemoryStore:
                 # As in Redis, where the index update rides in the same pipeline regardless.
                 self._active.setdefault(run.id, index_score(run))
                 return False
-            record.version, record.data = version + 1, encoded or run.model_dump_json()
+            record.version, record.data = version + 1, encoded or encode_progress(run)
             self._append(record, lines)
             self._apply_lease(run.id, lease)
             self._finish(run, record, terminal)

@@ -20,7 +20,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from saga_celery._core.model import SagaRun
+from saga_celery._core.model import Plan, SagaProgress, SagaRun, encode_progress, with_plan
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -34,12 +34,14 @@ from saga_celery._store.keys import (
     DATA_FIELD,
     DEFAULT_PREFIX,
     EVENT_FIELD,
+    PLAN_FIELD,
     VERSION_FIELD,
     KeySpace,
     index_score,
 )
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+_PLAN_CACHE_SIZE = 256
 """How long a terminal saga's state and events are kept: a week."""
 
 _FIX_CORRUPT = (
@@ -69,6 +71,7 @@ class RedisStore:
         self._commit = client.register_script(scripts.COMMIT)
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._release = client.register_script(scripts.RELEASE_LEASE)
+        self._plans: dict[bytes | str, Plan] = {}
 
     @classmethod
     def from_url(
@@ -101,7 +104,8 @@ class RedisStore:
 
     def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
-        args: list[str | bytes] = [run.model_dump_json(), *_encode_events(run.id, events)]
+        args: list[str | bytes] = [encode_progress(run), run.plan.model_dump_json(),
+                                   *_encode_events(run.id, events)]
         score = {run.id: index_score(run)}
 
         def queue(pipe: Pipeline) -> None:
@@ -115,7 +119,7 @@ class RedisStore:
         keys = [self._keys.state(saga_id)]
         with self._errors(saga_id):
             pipe = self._client.pipeline(transaction=False)
-            pipe.hmget(keys[0], [VERSION_FIELD, DATA_FIELD])
+            pipe.hmget(keys[0], [VERSION_FIELD, DATA_FIELD, PLAN_FIELD])
             if lease is not None:
                 keys.append(self._keys.lease(saga_id, lease))
                 pipe.get(keys[1])
@@ -124,10 +128,10 @@ class RedisStore:
             if isinstance(reply, redis.ResponseError):
                 with self._errors(saga_id, key=key):
                     raise reply
-        version, data = replies[0]
+        version, data, plan = replies[0]
         if version is None and data is None:
             return None
-        run, number = self._parse_state(saga_id, keys[0], version, data)
+        run, number = self._parse_state(saga_id, keys[0], version, data, plan)
         holder = _text(replies[1]) if lease is not None else None
         return Snapshot(run=run, version=number, lease_holder=holder)
 
@@ -148,7 +152,7 @@ class RedisStore:
         args: list[str | bytes] = [
             str(version),
             str(version + 1),
-            encoded or run.model_dump_json(),
+            encoded or encode_progress(run),
             *_lease_args(lease),
             "" if retention is None else str(retention),
             *_encode_events(run.id, events),
@@ -268,19 +272,37 @@ class RedisStore:
         raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
 
     def _parse_state(
-        self, saga_id: str, key: str, version: object, data: object
+        self, saga_id: str, key: str, version: object, data: object, plan: object
     ) -> tuple[SagaRun, int]:
         try:
             number = int(cast(str, version))
-            run = SagaRun.model_validate_json(cast(str, data))
+            progress = SagaProgress.model_validate_json(cast(str, data))
             if number < 1:
                 raise ValueError(f"version {number} is not positive")
+            if progress.id == saga_id:
+                parsed = self._plan(cast(bytes, plan))
         except (TypeError, ValueError, ValidationError) as exc:
             detail = f"{key} does not hold a readable saga record ({_first_line(exc)})"
             raise self._corrupt(saga_id, detail) from exc
-        if run.id != saga_id:
-            raise self._corrupt(saga_id, f"{key} holds the record of saga {run.id!r}")
-        return run, number
+        if progress.id != saga_id:
+            raise self._corrupt(saga_id, f"{key} holds the record of saga {progress.id!r}")
+        return with_plan(progress, parsed), number
+
+    def _plan(self, text: bytes) -> Plan:
+        """The plan stored as ``text``, validated once per process for every saga sharing it.
+
+        Every saga of one definition has the same plan text (its arguments included), so a
+        worker validates each definition's plan about once, not at every load.
+        """
+        if not isinstance(text, bytes | str):
+            raise TypeError(f"the plan field holds {type(text).__name__}, not JSON text")
+        plan = self._plans.get(text)
+        if plan is None:
+            plan = Plan.model_validate_json(text)
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[text] = plan
+        return plan
 
     def _block_slice(self, deadline: float) -> int | None:
         """How long the next XREAD may block, in ms: None for not at all.

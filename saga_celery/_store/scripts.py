@@ -21,14 +21,14 @@ CREATE = """
 -- Store a new saga at version 1 with its first events.
 -- KEYS[1]   state hash     <prefix>{id}:state
 -- KEYS[2]   event stream   <prefix>{id}:events
--- ARGV[1]   the SagaRun JSON
--- ARGV[2..] event JSONs, oldest first
+-- ARGV[1]   the run's progress JSON (no plan)   ARGV[2] the plan JSON (written only here)
+-- ARGV[3..] event JSONs, oldest first
 -- Returns 1 if created, 0 if the state key already exists (nothing written).
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 -- A stream left without its state (retention, a manual delete) belonged to an older saga.
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'v', '1', 'd', ARGV[1])
-for i = 2, #ARGV do
+redis.call('HSET', KEYS[1], 'v', '1', 'd', ARGV[1], 'p', ARGV[2])
+for i = 3, #ARGV do
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[i])
 end
 return 1
@@ -40,7 +40,7 @@ COMMIT = (
 -- KEYS[1]   state hash        <prefix>{id}:state
 -- KEYS[2]   event stream      <prefix>{id}:events
 -- KEYS[3]   lease (optional)  <prefix>{id}:lease:<name>
--- ARGV[1]   expected version  ARGV[2] new version  ARGV[3] the SagaRun JSON
+-- ARGV[1]   expected version  ARGV[2] new version  ARGV[3] the progress JSON (no plan)
 -- ARGV[4]   lease action: 'acquire', 'release' or ''
 -- ARGV[5]   lease token       ARGV[6] lease time to live in ms (acquire)
 -- ARGV[7]   retention in ms: state and events expire after it; '' keeps them forever
