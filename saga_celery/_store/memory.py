@@ -28,6 +28,7 @@ class _Record:
     data: str
     """The run's progress JSON (``encode_progress``): the plan is kept once, as in Redis."""
     plan: Plan
+    terminal: bool = False
     events: list[tuple[tuple[int, int], str]] = field(default_factory=list)
     expires_at: float | None = None
 
@@ -95,7 +96,7 @@ class MemoryStore:
         with self._changed:
             record = self._record(run.id)
             if record is None or record.version != version or self._lease_taken(run.id, lease):
-                # As in Redis, where the index update rides in the same pipeline regardless.
+                # The active index stays a superset, as in Redis after a refused terminal commit.
                 self._active.setdefault(run.id, index_score(run))
                 return False
             record.version, record.data = version + 1, encoded or encode_progress(run)
@@ -150,7 +151,9 @@ class MemoryStore:
 
     def forget_active(self, saga_id: str) -> None:
         with self._changed:
-            self._active.pop(saga_id, None)
+            record = self._record(saga_id)
+            if record is None or record.terminal:  # a revived saga stays
+                self._active.pop(saga_id, None)
 
     def prune_index(self, limit: int = 1000) -> int:
         with self._changed:
@@ -194,13 +197,14 @@ class MemoryStore:
             del self._leases[saga_id, lease.name]
 
     def _finish(self, run: SagaRun, record: _Record, terminal: bool) -> None:
+        record.terminal = terminal or run.is_terminal
         if terminal:
             self._active.pop(run.id, None)
+        if record.terminal:
             if self._retention_ms is not None:
                 record.expires_at = self._clock() + self._retention_ms / 1000
-                return
-        else:
-            self._active.setdefault(run.id, index_score(run))
+            return
+        self._active.setdefault(run.id, index_score(run))
         record.expires_at = None
 
     def _append(self, record: _Record, encoded: list[str]) -> None:

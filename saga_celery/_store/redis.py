@@ -35,6 +35,7 @@ from saga_celery._store.keys import (
     DEFAULT_PREFIX,
     EVENT_FIELD,
     PLAN_FIELD,
+    TERMINAL_FIELD,
     VERSION_FIELD,
     KeySpace,
     index_score,
@@ -117,13 +118,12 @@ class RedisStore:
 
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
         keys = [self._keys.state(saga_id)]
+        commands = [_pack("HMGET", keys[0], VERSION_FIELD, DATA_FIELD, PLAN_FIELD)]
+        if lease is not None:
+            keys.append(self._keys.lease(saga_id, lease))
+            commands.append(_pack("GET", keys[1]))
         with self._errors(saga_id):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.hmget(keys[0], [VERSION_FIELD, DATA_FIELD, PLAN_FIELD])
-            if lease is not None:
-                keys.append(self._keys.lease(saga_id, lease))
-                pipe.get(keys[1])
-            replies = pipe.execute(raise_on_error=False)
+            replies = self._send(commands)
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 with self._errors(saga_id, key=key):
@@ -148,36 +148,41 @@ class RedisStore:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
             keys.append(self._keys.lease(run.id, lease.name))
-        retention = self._retention_ms if terminal else None
+        ends = terminal or run.is_terminal  # stays terminal: keep the retention clock
         args: list[str | bytes] = [
             str(version),
             str(version + 1),
             encoded or encode_progress(run),
             *_lease_args(lease),
-            "" if retention is None else str(retention),
+            "1" if ends else "0",
+            "" if not ends or self._retention_ms is None else str(self._retention_ms),
             *_encode_events(run.id, events),
         ]
         score = {run.id: index_score(run)}
+        if not terminal:
+            # One command: the saga is already in the active index, unless this commit
+            # revived it (the script says so), which is rare enough for a second trip.
+            reply = int(self._script(run.id, self._commit, keys, args))
+            if reply == 2:
+                self._restore_active(run.id, score)
+            return reply != 0
 
         def queue(pipe: Pipeline) -> None:
             pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
-            if terminal:
-                pipe.zrem(self._keys.active, run.id)
-            else:
-                pipe.zadd(self._keys.active, score, nx=True)
+            pipe.zrem(self._keys.active, run.id)
 
         try:
-            committed = int(self._pipeline(run.id, self._commit, queue)[0]) == 1
+            committed = int(self._pipeline(run.id, self._commit, queue)[0]) != 0
         except SagaStoreError:
-            if terminal:
-                self._restore_active(run.id, score)
+            self._restore_active(run.id, score)
             raise
-        if terminal and not committed:
+        if not committed:
             self._restore_active(run.id, score)
         return committed
 
     def _restore_active(self, saga_id: str, score: Mapping[str, float]) -> None:
-        """The ZREM ran although the transition did not: the saga may still be live."""
+        """Put a live saga back in the active index: a terminal commit's ZREM ran although
+        the commit did not, or a commit revived a terminal saga."""
         try:
             with self._errors(saga_id):
                 self._client.zadd(self._keys.active, score, nx=True)
@@ -230,8 +235,17 @@ class RedisStore:
         return [_str(i) for i in cast(list[bytes | str], ids)]
 
     def forget_active(self, saga_id: str) -> None:
+        state = self._keys.state(saga_id)
         with self._errors(saga_id, key=self._keys.active):
-            self._client.zrem(self._keys.active, saga_id)
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zrem(self._keys.active, saga_id)
+            pipe.hmget(state, [VERSION_FIELD, TERMINAL_FIELD])
+            pipe.zscore(self._keys.index, saga_id)
+            _, (version, ended), score = pipe.execute()
+            # A retry_rollback() that revived the saga after the caller saw it terminal has
+            # re-added it before this ZREM, or will after: put it back if it is live now.
+            if version is not None and _text(ended) == "0" and score is not None:
+                self._client.zadd(self._keys.active, {saga_id: score}, nx=True)
 
     def prune_index(self, limit: int = 1000) -> int:
         if limit <= 0:
@@ -250,6 +264,50 @@ class RedisStore:
         return len(gone)
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _script(self, saga_id: str, script: Script, keys: Sequence[str],
+                args: Sequence[str | bytes]) -> Any:
+        """EVALSHA ``script`` as one command; on NOSCRIPT (a restarted Redis) load it, again."""
+        command = [_pack("EVALSHA", script.sha, str(len(keys)), *keys, *args)]
+        with self._errors(saga_id):
+            for _ in range(2):
+                reply = self._send(command)[0]
+                if not isinstance(reply, redis.exceptions.NoScriptError):
+                    if isinstance(reply, redis.ResponseError):
+                        raise reply
+                    return reply
+                self._client.script_load(script.script)
+        raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
+
+    def _send(self, commands: list[bytes]) -> list[Any]:
+        """Send packed commands in one write and read their replies, errors as values.
+
+        redis-py's own connection pool, parser and retry policy (a dropped connection is
+        reconnected and the commands sent again), without the client's per-command layers
+        (pipeline objects, reply callbacks, metrics hooks): on a saga step those cost more
+        CPU than the round trips themselves.
+        """
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+
+        def attempt() -> list[Any]:
+            conn.send_packed_command(commands)  # type: ignore[no-untyped-call]
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+            return replies
+
+        def drop(_: Exception) -> None:
+            conn.disconnect()  # type: ignore[no-untyped-call]
+
+        try:
+            replies: list[Any] = conn.retry.call_with_retry(attempt, drop)
+            return replies
+        finally:
+            pool.release(conn)
 
     def _pipeline(
         self, saga_id: str, script: Script, queue: Callable[[Pipeline], None]
@@ -358,6 +416,15 @@ def _check_retention(retention_ms: int | None) -> int | None:
 def _check_ttl(ttl_ms: int) -> None:
     if ttl_ms <= 0:
         raise ValueError(f"a lease's ttl_ms must be positive, not {ttl_ms}")
+
+
+def _pack(*args: str | bytes) -> bytes:
+    """One command in RESP, the protocol Redis reads."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _lease_args(lease: LeaseChange | None) -> list[str]:

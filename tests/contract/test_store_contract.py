@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -300,15 +301,32 @@ def test_commit_after_terminal_makes_the_saga_active_again(store: SagaStore) -> 
 
 
 def test_active_ids_oldest_first_and_forget(store: SagaStore) -> None:
-    """active_ids lists by creation time, oldest first, up to limit; forget_active drops one."""
+    """active_ids lists by creation time, oldest first, up to limit; forget_active drops a
+    terminal saga the index still holds (it is a superset)."""
     runs = [make_run(created=seconds) for seconds in (30, 10, 20)]
     for run in runs:
         store.create(run, [])
     assert store.active_ids() == [runs[1].id, runs[2].id, runs[0].id]
     assert store.active_ids(limit=2) == [runs[1].id, runs[2].id]
+    store.commit(runs[2], version=1, events=[], terminal=True)
+    assert store.commit(runs[2], version=1, events=[], terminal=True) is False  # stays listed
+    assert runs[2].id in store.active_ids()
     store.forget_active(runs[2].id)
     assert store.active_ids() == [runs[1].id, runs[0].id]
     assert store.active_ids(limit=0) == []
+
+
+def test_forget_active_keeps_a_live_saga(store: SagaStore) -> None:
+    """A sweep that saw a saga terminal may forget it after retry_rollback revived it: the
+    revived saga stays in active_ids, whichever of the two came first."""
+    run, gone = make_run(), make_run()
+    store.create(run, [])
+    store.commit(run, version=1, events=[], terminal=True)
+    store.commit(run, version=2, events=[])  # revived: back in the index
+    store.forget_active(run.id)  # the sweep saw version 2 and calls it late
+    assert store.active_ids() == [run.id]
+    store.forget_active(gone.id)  # never created: nothing to keep
+    assert store.active_ids() == [run.id]
 
 
 def test_list_ids_newest_first(store: SagaStore) -> None:
@@ -607,3 +625,21 @@ def test_redis_prune_index_drops_only_vanished_sagas(redis_backend: Backend) -> 
     assert store.prune_index() == 1
     assert store.list_ids() == ["p-2"]
     assert store.prune_index() == 0
+
+
+def test_the_plan_is_written_once(redis_backend: Backend) -> None:
+    """create stores the plan in its own field; a commit writes only the run's progress, and
+    a load puts the two back together."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None
+    store.create(run, [])
+    state = f"{redis_backend.prefix}{{{run.id}}}:state"
+    plan = client.hget(state, "p")
+    assert plan is not None and json.loads(plan) == run.plan.model_dump(mode="json")
+    moved = run.model_copy(update={"name": "renamed"})
+    assert store.commit(moved, version=1, events=[]) is True
+    progress = json.loads(client.hget(state, "d") or b"{}")
+    assert "plan" not in progress and progress["name"] == "renamed"
+    assert client.hget(state, "p") == plan
+    loaded = store.load(run.id)
+    assert loaded is not None and loaded.run == moved
