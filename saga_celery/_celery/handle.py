@@ -16,6 +16,9 @@ WAIT_BLOCK_MS = 1000
 """Longest single block on the event stream while waiting: the state is re-read after it."""
 
 
+_ENDINGS = frozenset({"saga_completed", "saga_errored", "saga_terminated"})
+
+
 class SagaHandle:
     """One saga run: read its status and events, wait for it, terminate or resume it."""
 
@@ -39,10 +42,8 @@ class SagaHandle:
         """Block until the saga is terminal; the builtin ``TimeoutError`` after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         last = "0"
-        while True:
-            state = self.status()
-            if state.is_terminal:
-                return state
+        state = self.status()
+        while not state.is_terminal:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"saga {self.id!r} is still {state.status} after "
@@ -52,6 +53,11 @@ class SagaHandle:
             batch = self._sagas.store.read_events(self.id, after=last, block_ms=block)
             if batch:
                 last = batch[-1][0]
+            # Only an event that ends the saga can make it terminal: load the state then
+            # (or when a block ran out without news), not after every step's events.
+            if not batch or any(e.get("type") in _ENDINGS for _, e in batch):
+                state = self.status()
+        return state
 
     def terminate(self, *, rollback: bool = False,
                   reason: str = "terminated by request") -> SagaState:
