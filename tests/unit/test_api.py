@@ -8,11 +8,13 @@ in-memory store.  Messages a test must see are caught as Celery publishes them
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import pytest
 from celery import Celery, Task, group
@@ -688,6 +690,41 @@ def test_wait_returns_the_state_once_terminal(sagas: SagaApp) -> None:
     finish_step(sagas, "w-2", "api.a#1", {"done": True})
     state = run.wait(timeout=5)
     assert (state.status, state.output) == ("complete", {"done": True})
+
+
+def test_wait_loads_the_state_only_when_the_saga_may_have_ended(sagas: SagaApp) -> None:
+    """``wait()`` on a running saga reads its events, and loads its whole state again only
+    when one of them ends the saga: a step's events alone do not cost a load."""
+    @sagas.step(name="api.a")
+    def a() -> None:
+        return None
+
+    @sagas.step(name="api.b")
+    def b() -> None:
+        return None
+
+    run = sagas.saga("s", [a.s(), b.s()]).apply_async(saga_id="w-3")
+    loads = 0
+    load = sagas.store.load
+
+    def counted(saga_id: str, *, lease: str | None = None) -> Any:
+        nonlocal loads
+        loads += threading.current_thread() is threading.main_thread()  # the waiter's
+        return load(saga_id, lease=lease)
+
+    def steps() -> None:
+        time.sleep(0.2)
+        finish_step(sagas, "w-3", "api.a#1", 1)
+        time.sleep(0.2)
+        finish_step(sagas, "w-3", "api.b#1", 2)
+
+    worker = threading.Thread(target=steps)
+    worker.start()
+    with mock.patch.object(sagas.store, "load", counted):
+        state = run.wait(timeout=5)
+    worker.join()
+    assert (state.status, state.output) == ("complete", 2)
+    assert loads == 2  # the first look, then once after saga_completed
 
 
 def test_status_is_a_saga_state_that_round_trips_through_json(sagas: SagaApp) -> None:
