@@ -5,7 +5,7 @@ PY = $(VENV)/bin/python
 STAMP = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo fleet bench chaos clean
+.PHONY: install test lint demo fleet bench bench-instructions chaos clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ fleet: install
 # Saga overhead against plain Celery chains, on a real prefork worker and real Redis.
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# Instructions per saga step and per chain link under callgrind (needs valgrind): noise-free.
+bench-instructions: install
+	$(PY) -m bench.instructions $(BENCH_ARGS)
 
 # 1,000+ sagas while workers are SIGKILLed, Redis restarts and a worker is SIGSTOPped.
 chaos: install

@@ -99,12 +99,15 @@ def _free_ports() -> Iterator[int]:
 def _answers(port: int, proc: subprocess.Popen[bytes]) -> bool:
     client = redis.Redis(port=port, socket_connect_timeout=0.2)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    return False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        return False
+    finally:
+        client.close()
 
 
 # --- measuring one run -----------------------------------------------------------------------

@@ -53,3 +53,29 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
         report["machine"])
     assert {run["kind"] for run in report["runs"]} == {
         "chain", "chain_nobackend", "saga", "saga_fail"}
+
+
+@pytest.mark.parametrize("kind", ["saga", "chain"])
+def test_instruction_counting_harness_runs_every_task(tmp_path: Path, kind: str) -> None:
+    """``bench.instructions``' child (the part valgrind runs) executes every task of M items
+    as a pool process would; here without valgrind, so only the task count is checked."""
+    if shutil.which("redis-server") is None:
+        if _in_ci():
+            pytest.fail("redis-server is not installed", pytrace=False)
+        pytest.skip("redis-server is not installed")
+    from bench.measure import PrivateRedis
+
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "bench" / "instructions.py"), "--child", kind,
+             "--m", "3"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), BENCH_REDIS_URL=server.url,
+                     BENCH_LOG="quiet"),
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "TASKS 15" in done.stdout.splitlines()  # 3 items of 5 tasks, all run
