@@ -136,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             server.stop()
     if "chain" in report and "saga" in report:
-        report["ratio_saga_vs_chain"] = round(report["saga"] / report["chain"], 3)
-        sys.stdout.write(f"{'ratio saga step / chain link':28s} {report['ratio_saga_vs_chain']:>12}\n")
+        ratio = report["ratio_saga_vs_chain"] = round(report["saga"] / report["chain"], 3)
+        sys.stdout.write(f"{'ratio saga step / chain link':28s} {ratio:>12}\n")
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
