@@ -198,13 +198,27 @@ COUNTS: Counter[str] = Counter()
 _counting = False
 
 
-def _command_name(raw: object) -> str:
-    name = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return name.upper()
+def _command_names(payload: bytes) -> list[str]:
+    """The names of the commands in a RESP payload, as Redis will read them."""
+    names, pos = [], 0
+    while payload.startswith(b"*", pos):
+        end = payload.index(b"\r\n", pos)
+        count, pos = int(payload[pos + 1:end]), end + 2
+        for i in range(count):
+            end = payload.index(b"\r\n", pos)
+            size, pos = int(payload[pos + 1:end]), end + 2
+            if i == 0:
+                names.append(payload[pos:pos + size].decode().upper())
+            pos += size + 2
+    return names
 
 
 def install_counters() -> None:
-    """Count, per database, what every redis-py connection of this process sends."""
+    """Count, per database, what every redis-py connection of this process sends.
+
+    Every way of sending (a command, a pipeline, the saga store's packed commands) ends in
+    ``send_packed_command``: one write, one round trip; the commands are read from the bytes.
+    """
     global _counting
     if _counting:
         return
@@ -212,26 +226,16 @@ def install_counters() -> None:
     from redis.connection import AbstractConnection
 
     send_packed = AbstractConnection.send_packed_command
-    send_command = AbstractConnection.send_command
-    pack_commands = AbstractConnection.pack_commands
 
     def counted_send_packed(self: Any, command: Any, check_health: bool = True) -> Any:
         COUNTS[f"db{self.db}:rtt"] += 1
-        return send_packed(self, command, check_health)  # type: ignore[no-untyped-call]
-
-    def counted_send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        COUNTS[f"db{self.db}:{_command_name(args[0])}"] += 1
-        return send_command(self, *args, **kwargs)  # type: ignore[no-untyped-call]
-
-    def counted_pack_commands(self: Any, commands: Iterable[Any]) -> Any:
-        commands = list(commands)
-        for command in commands:
-            COUNTS[f"db{self.db}:{_command_name(command[0])}"] += 1
-        return pack_commands(self, commands)  # type: ignore[no-untyped-call]
+        chunks = [command] if isinstance(command, bytes | str) else list(command)
+        payload = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in chunks)
+        for name in _command_names(payload):
+            COUNTS[f"db{self.db}:{name}"] += 1
+        return send_packed(self, chunks, check_health)  # type: ignore[no-untyped-call]
 
     AbstractConnection.send_packed_command = counted_send_packed  # type: ignore[method-assign]
-    AbstractConnection.send_command = counted_send_command  # type: ignore[method-assign]
-    AbstractConnection.pack_commands = counted_pack_commands  # type: ignore[method-assign]
 
 
 COUNT_DIR = os.environ.get("BENCH_COUNT_DIR") or None
