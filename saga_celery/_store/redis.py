@@ -291,10 +291,11 @@ class RedisStore:
         CPU than the round trips themselves.
         """
         conn = self._connection()
+        payload = [b"".join(commands)]  # one write: redis-py sends each item separately
 
         def attempt() -> list[Any]:
             try:
-                conn.send_packed_command(commands)
+                conn.send_packed_command(payload)
                 replies: list[Any] = []
                 for _ in commands:
                     try:
