@@ -76,6 +76,7 @@ class RedisStore:
         self._release = client.register_script(scripts.RELEASE_LEASE)
         self._plans: dict[bytes | str, Plan] = {}
         self._held = threading.local()
+        self._raw = isinstance(client, redis.Redis)
 
     @classmethod
     def from_url(
@@ -121,10 +122,11 @@ class RedisStore:
 
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
         keys = [self._keys.state(saga_id)]
-        commands = [_pack("HMGET", keys[0], VERSION_FIELD, DATA_FIELD, PLAN_FIELD)]
+        commands: list[tuple[str | bytes, ...]] = [
+            ("HMGET", keys[0], VERSION_FIELD, DATA_FIELD, PLAN_FIELD)]
         if lease is not None:
             keys.append(self._keys.lease(saga_id, lease))
-            commands.append(_pack("GET", keys[1]))
+            commands.append(("GET", keys[1]))
         with self._errors(saga_id):
             replies = self._send(commands)
         for key, reply in zip(keys, replies, strict=True):
@@ -271,7 +273,7 @@ class RedisStore:
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
                 args: Sequence[str | bytes]) -> Any:
         """EVALSHA ``script`` as one command; on NOSCRIPT (a restarted Redis) load it, again."""
-        command = [_pack("EVALSHA", script.sha, str(len(keys)), *keys, *args)]
+        command = [("EVALSHA", script.sha, str(len(keys)), *keys, *args)]
         with self._errors(saga_id):
             for _ in range(2):
                 reply = self._send(command)[0]
@@ -282,16 +284,19 @@ class RedisStore:
                 self._client.script_load(script.script)
         raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
 
-    def _send(self, commands: list[bytes]) -> list[Any]:
-        """Send packed commands in one write and read their replies, errors as values.
+    def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
+        """Send commands in one write and read their replies, errors as values.
 
         redis-py's own connection, parser and retry policy (a dropped connection is
         reconnected and the commands sent again), without the client's per-command layers
         (pipeline objects, reply callbacks, metrics hooks): on a saga step those cost more
-        CPU than the round trips themselves.
+        CPU than the round trips themselves.  A client that is not a ``redis.Redis`` (a
+        Redis Cluster client routes each command itself) goes through its own API.
         """
+        if not self._raw:
+            return [self._reply_of(command) for command in commands]
         conn = self._connection()
-        payload = [b"".join(commands)]  # one write: redis-py sends each item separately
+        payload = [b"".join(_pack(*command) for command in commands)]  # one write
 
         def attempt() -> list[Any]:
             try:
@@ -311,6 +316,12 @@ class RedisStore:
 
         replies: list[Any] = conn.retry.call_with_retry(attempt, lambda _: None)
         return replies
+
+    def _reply_of(self, command: tuple[str | bytes, ...]) -> Any:
+        try:
+            return self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+        except redis.ResponseError as exc:
+            return exc
 
     def _connection(self) -> Any:
         """This thread's connection, kept between commands.

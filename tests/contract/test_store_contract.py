@@ -643,3 +643,20 @@ def test_the_plan_is_written_once(redis_backend: Backend) -> None:
     assert client.hget(state, "p") == plan
     loaded = store.load(run.id)
     assert loaded is not None and loaded.run == moved
+
+
+def test_a_client_that_is_not_redis_redis_goes_through_its_own_api(
+        redis_backend: Backend) -> None:
+    """The store sends commits and loads on a kept connection of a ``redis.Redis``; any other
+    client (a Redis Cluster client routes each command itself) runs them through its API."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None and isinstance(store, RedisStore)
+    store._raw = False  # as for a client of another class
+    assert store.create(run, []) is True
+    moved = run.model_copy(update={"name": "renamed"})
+    assert store.commit(moved, version=1, events=[{"type": "x"}]) is True
+    assert store.commit(moved, version=1, events=[]) is False  # a version conflict
+    loaded = store.load(run.id, lease="step:reserve#1")
+    assert loaded is not None and (loaded.run, loaded.version) == (moved, 2)
+    client.script_flush()  # NOSCRIPT is handled the same way
+    assert store.commit(moved, version=2, events=[]) is True
