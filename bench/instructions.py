@@ -63,6 +63,7 @@ def child(kind: str, m: int, miss: float) -> None:
     from celery.app.trace import trace_task
 
     import bench.app as bench_app
+    from saga_celery._celery.control import CONTROL_KEY
 
     app = bench_app.app
     queue = "saga.steps" if kind == "saga" else "celery"
@@ -86,8 +87,9 @@ def child(kind: str, m: int, miss: float) -> None:
                     break
                 headers = message.headers
                 args, kwargs, embed = message.decode()
-                if kind == "saga" and draw() < miss:
-                    bench_app.sagas.engine._cache.clear()  # as if the other process ran it
+                if kind == "saga" and draw() < miss:  # as if the other process ran the last
+                    saga_id = kwargs[CONTROL_KEY]["saga_id"]
+                    bench_app.sagas.engine._cache.pop(saga_id, None)
                 request = {**headers, **embed, "delivery_info": message.delivery_info,
                            "hostname": "bench@instructions", "args": args, "kwargs": kwargs,
                            "is_eager": False}
