@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from pydantic import ValidationError
@@ -45,6 +45,7 @@ from saga_celery._store.keys import (
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 _PLAN_CACHE_SIZE = 256
+T = TypeVar("T")
 """How long a terminal saga's state and events are kept: a week."""
 
 _FIX_CORRUPT = (
@@ -272,16 +273,27 @@ class RedisStore:
 
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
                 args: Sequence[str | bytes]) -> Any:
-        """EVALSHA ``script`` as one command; on NOSCRIPT (a restarted Redis) load it, again."""
+        """EVALSHA ``script`` as one command (see ``_loading``)."""
         command = [("EVALSHA", script.sha, str(len(keys)), *keys, *args)]
+
+        def send() -> Any:
+            reply = self._send(command)[0]
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+            return reply
+
+        return self._loading(saga_id, script, send)
+
+    def _loading(self, saga_id: str, script: Script, send: Callable[[], T]) -> T:
+        """``send()``, whose first command is ``script``'s EVALSHA; on NOSCRIPT (a restarted or
+        failed-over Redis) load the script and send again.  That is safe because the script
+        did not run and any other command sent with it is idempotent."""
         with self._errors(saga_id):
             for _ in range(2):
-                reply = self._send(command)[0]
-                if not isinstance(reply, redis.exceptions.NoScriptError):
-                    if isinstance(reply, redis.ResponseError):
-                        raise reply
-                    return reply
-                self._client.script_load(script.script)
+                try:
+                    return send()
+                except redis.exceptions.NoScriptError:
+                    self._client.script_load(script.script)
         raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
 
     def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
@@ -342,19 +354,14 @@ class RedisStore:
         """Run one pipeline whose first command is ``script``'s EVALSHA: one round trip.
 
         redis-py's own pipeline script support asks SCRIPT EXISTS before every execute (a
-        second round trip), so a NOSCRIPT reply (a restarted or failed-over Redis) is
-        handled here instead: load the script and send the pipeline again.  That is safe
-        because the script did not run and the other commands are idempotent.
+        second round trip), so NOSCRIPT is handled by ``_loading`` instead.
         """
-        with self._errors(saga_id):
-            for _ in range(2):
-                pipe = self._client.pipeline(transaction=False)
-                queue(pipe)
-                try:
-                    return pipe.execute()
-                except redis.exceptions.NoScriptError:
-                    self._client.script_load(script.script)
-        raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
+        def send() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            queue(pipe)
+            return pipe.execute()
+
+        return self._loading(saga_id, script, send)
 
     def _parse_state(
         self, saga_id: str, key: str, version: object, data: object, plan: object
