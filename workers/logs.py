@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from pydantic_core import to_json
+
+
+def stamp(_: Any, __: str, event_dict: Any) -> Any:
+    """``logged_at``: when the line was written, in ISO 8601 UTC.
+
+    A lifecycle event already carries its ``timestamp`` (the moment its transition was
+    committed, taken moments before), which is used as it is: asking the clock again and
+    formatting it cost a fifth of writing the line.
+    """
+    stamp_ = event_dict.get("timestamp")
+    event_dict["logged_at"] = (stamp_ if isinstance(stamp_, str)
+                               else datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+    return event_dict
 
 
 def render_json(_: Any, __: str, event_dict: Any) -> bytes:
@@ -34,7 +48,7 @@ def configure_logging() -> None:
         processors=[
             structlog.processors.add_log_level,
             # Not "timestamp": a lifecycle event has its own, which must not be overwritten.
-            structlog.processors.TimeStamper(fmt="iso", key="logged_at"),
+            stamp,
             render_json,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
