@@ -162,7 +162,7 @@ class Engine:
     def _committed(self, version: int, transition: Transition) -> None:
         if not transition.run.is_terminal:
             self._remember(transition.run.id, version + 1, transition.run)
-        _log(_with_ids(transition.events, transition.run.id, version + 1))
+        _log(transition.events)  # ``_commit`` gave them their ids
 
     def release(self, saga_id: str, lease: Lease) -> None:
         self.store.release_lease(saga_id, lease.name, lease.token)
@@ -183,13 +183,18 @@ def _lease_change(transition: Transition, event: Event, lease: Lease | None
 
 
 def _with_ids(events: list[dict[str, Any]], saga_id: str, version: int) -> list[dict[str, Any]]:
-    return [{**e, "event_id": f"{saga_id}/{version}.{i}"} for i, e in enumerate(events)]
+    """Give each event of the transition committed as ``version`` its id, in place: the
+    transition's events are its own, and a transition is committed at most once."""
+    for i, e in enumerate(events):
+        e["event_id"] = f"{saga_id}/{version}.{i}"
+    return events
 
 
 def _log(events: list[dict[str, Any]]) -> None:
     for e in events:
-        fields = {k: v for k, v in e.items() if k != "type"}
-        log.info(f"saga.{e['type']}", saga_event=e["type"], **fields)
+        fields = e.copy()
+        kind = fields.pop("type")
+        log.info(f"saga.{kind}", saga_event=kind, **fields)
 
 
 def _has_attempt(run: SagaRun, event: AttemptStarted) -> bool:

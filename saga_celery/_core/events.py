@@ -102,11 +102,16 @@ class Ctx:
     changed: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
+    stamp: str = field(init=False)
+    """``now`` as events carry it, formatted once for all of them."""
+
+    def __post_init__(self) -> None:
+        self.stamp = self.now.isoformat()
 
     def emit(self, type_: EventType, **fields: Any) -> None:
         self.changed = True
         self.events.append(
-            {"type": type_, "saga_id": self.run.id, "timestamp": self.now.isoformat(), **fields}
+            {"type": type_, "saga_id": self.run.id, "timestamp": self.stamp, **fields}
         )
 
     def dispatch(self, dispatch: Dispatch) -> None:
