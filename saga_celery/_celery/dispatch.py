@@ -52,10 +52,10 @@ def build_message(run: SagaRun, dispatch: Dispatch, now: datetime) -> Message:
         args = list(spec.args)
         if spec.stage > 0 and not spec.immutable:
             args.insert(0, stage_output(run, spec.stage - 1))
-        kwargs: dict[str, Any] = {**spec.kwargs, CONTROL_KEY: control.model_dump(mode="json")}
+        kwargs: dict[str, Any] = {**spec.kwargs, CONTROL_KEY: control.as_kwarg()}
     else:
         assert spec.rollback_task is not None
-        task, args, kwargs = spec.rollback_task, [], {CONTROL_KEY: control.model_dump(mode="json")}
+        task, args, kwargs = spec.rollback_task, [], {CONTROL_KEY: control.as_kwarg()}
     budget = dispatch.attempt - dispatch.retries
     task_id = uuid.uuid5(_TASK_ID_NS, f"{run.id}|{dispatch.kind}|{spec.key}|{budget}")
     countdown = max((dispatch.due_at - now).total_seconds(), 0.0)

@@ -239,4 +239,4 @@ def _own_retry(transition: Transition, control: Control) -> Dispatch | None:
 def control_of(kwargs: dict[str, Any] | None) -> Control | None:
     if not kwargs or CONTROL_KEY not in kwargs:
         return None
-    return Control.model_validate(kwargs[CONTROL_KEY])
+    return Control.parse(kwargs[CONTROL_KEY])

@@ -680,3 +680,26 @@ def test_operations_on_an_unknown_id_raise_not_found(sagas: SagaApp) -> None:
     for call in calls:
         with pytest.raises(SagaNotFoundError, match="'ghost'"):
             call()
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"attempt": "2"}, "'attempt' must be a positive integer, got '2'"),
+    ({"count": 0}, "'count' must be a positive integer, got 0"),
+    ({"attempt": True}, "'attempt' must be a positive integer, got True"),
+    ({"kind": "undo"}, "'kind' must be one of step, rollback, got 'undo'"),
+    ({"saga_id": None}, "'saga_id' must be a string, got None"),
+])
+def test_a_malformed_saga_control_kwarg_is_named(change: dict[str, Any], named: str) -> None:
+    """A hand-made or corrupted ``__saga__`` kwarg fails the task with what is wrong in it."""
+    from saga_celery._celery.control import Control, split_control
+
+    good = {"saga_id": "s", "kind": "step", "key": "k#1", "step": "k", "count": 1,
+            "attempt": 2, "added_later": "ignored"}
+    control, rest = split_control({"__saga__": good, "x": 1})
+    assert control == Control(saga_id="s", kind=Kind.STEP, key="k#1", step="k", count=1,
+                              attempt=2)
+    assert rest == {"x": 1}
+    with pytest.raises(SagaError, match=named.replace("(", r"\(")):
+        split_control({"__saga__": {**good, **change}})
+    with pytest.raises(SagaError, match="must be a dict, got list"):
+        split_control({"__saga__": [1]})
