@@ -42,11 +42,12 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
+from saga_celery._store.wire import Wire, pack
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
+"""How long a terminal saga's state and events are kept: a week."""
 _PLAN_CACHE_SIZE = 256
 T = TypeVar("T")
-"""How long a terminal saga's state and events are kept: a week."""
 
 _FIX_CORRUPT = (
     "The key under the saga prefix was not written by this version of saga_celery: "
@@ -299,34 +300,18 @@ class RedisStore:
     def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
         """Send commands in one write and read their replies, errors as values.
 
-        redis-py's own connection, parser and retry policy (a dropped connection is
-        reconnected and the commands sent again), without the client's per-command layers
-        (pipeline objects, reply callbacks, metrics hooks): on a saga step those cost more
-        CPU than the round trips themselves.  A client that is not a ``redis.Redis`` (a
-        Redis Cluster client routes each command itself) goes through its own API.
+        On this thread's kept connection, spoken to directly (``wire.py``): redis-py
+        connects it and its retry policy sends the commands again over a new connection
+        when one drops.  A client that is not a ``redis.Redis`` (a Redis Cluster client
+        routes each command itself) goes through its own API.
         """
         if not self._raw:
             return [self._reply_of(command) for command in commands]
-        conn = self._connection()
-        payload = [b"".join(_pack(*command) for command in commands)]  # one write
-
-        def attempt() -> list[Any]:
-            try:
-                conn.send_packed_command(payload)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as exc:
-                        replies.append(exc)
-                return replies
-            except BaseException:
-                # Interrupted (a time limit, a lost connection): replies may be left unread
-                # on a connection that is kept for the next command, so start it afresh.
-                conn.disconnect()
-                raise
-
-        replies: list[Any] = conn.retry.call_with_retry(attempt, lambda _: None)
+        wire = self._wire()
+        payload = b"".join([pack(*command) for command in commands])  # one write
+        count = len(commands)
+        replies: list[Any] = wire.conn.retry.call_with_retry(
+            lambda: wire.exchange(payload, count), _ignore)
         return replies
 
     def _reply_of(self, command: tuple[str | bytes, ...]) -> Any:
@@ -335,17 +320,18 @@ class RedisStore:
         except redis.ResponseError as exc:
             return exc
 
-    def _connection(self) -> Any:
+    def _wire(self) -> Wire:
         """This thread's connection, kept between commands.
 
         Checking a connection out of redis-py's pool and back costs twice the instructions
         of the round trip itself (callgrind: 104k against 33k per PING).  One per thread and
         per process: a forked pool process takes a new one (the pool resets itself there).
         """
-        held: tuple[int, Any] | None = getattr(self._held, "conn", None)
-        if held is None or held[0] != os.getpid():
-            held = (os.getpid(), self._client.connection_pool.get_connection())
-            self._held.conn = held
+        held: tuple[int, Wire] | None = getattr(self._held, "wire", None)
+        pid = os.getpid()
+        if held is None or held[0] != pid:
+            held = (pid, Wire(self._client.connection_pool.get_connection()))
+            self._held.wire = held
         return held[1]
 
     def _pipeline(
@@ -452,13 +438,8 @@ def _check_ttl(ttl_ms: int) -> None:
         raise ValueError(f"a lease's ttl_ms must be positive, not {ttl_ms}")
 
 
-def _pack(*args: str | bytes) -> bytes:
-    """One command in RESP, the protocol Redis reads."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(parts)
+def _ignore(_: Exception) -> None:
+    """redis-py's retry hook: nothing to do between tries (``Wire`` has disconnected)."""
 
 
 def _lease_args(lease: LeaseChange | None) -> list[str]:

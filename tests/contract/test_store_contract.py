@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
+from uuid import uuid4
 
 import fakeredis
 import pytest
@@ -660,3 +661,51 @@ def test_a_client_that_is_not_redis_redis_goes_through_its_own_api(
     assert loaded is not None and (loaded.run, loaded.version) == (moved, 2)
     client.script_flush()  # NOSCRIPT is handled the same way
     assert store.commit(moved, version=2, events=[]) is True
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_the_kept_connection_reads_every_reply_it_can_get(protocol: int) -> None:
+    """The store's own reply reader (``wire.py``) gives what redis-py's parser gives, over
+    RESP2 and RESP3: integers, strings, nulls, arrays, errors as values (NOSCRIPT as
+    ``NoScriptError``), and replies larger than one socket read."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5.0, protocol=protocol)
+    prefix = f"sagatest-{uuid4().hex[:8]}:"
+    store = RedisStore(client, prefix=prefix)
+    assert store._wire().direct
+    big = b"x" * 300_000
+    try:
+        replies = store._send([
+            ("SET", f"{prefix}s", big), ("GET", f"{prefix}s"), ("GET", f"{prefix}none"),
+            ("HSET", f"{prefix}h", "a", "1"), ("HMGET", f"{prefix}h", "a", "b"),
+            ("INCR", f"{prefix}n"), ("PING",), ("EVALSHA", "0" * 40, "0"),
+            ("LPUSH", f"{prefix}s", "v"), ("EVAL", "return {1, 'two', false}", "0"),
+        ])
+        assert replies[:7] == [b"OK", big, None, 1, [b"1", None], 1, b"PONG"]
+        assert isinstance(replies[7], redis.exceptions.NoScriptError)
+        assert isinstance(replies[8], redis.ResponseError) and "WRONGTYPE" in str(replies[8])
+        assert replies[9] == [1, b"two", None]
+    finally:
+        client.delete(*client.keys(f"{prefix}*"))
+        client.close()
+
+
+def test_an_interrupted_exchange_leaves_no_reply_behind(
+        real_redis_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A time limit that lands mid-read drops the kept connection: the next command reads
+    its own reply, not the one left unread."""
+    store = real_redis_backend.store
+    assert isinstance(store, RedisStore)
+    wire = store._wire()
+    read = wire._reply
+    calls = [0]
+
+    def interrupted() -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise KeyboardInterrupt  # what a soft time limit's exception does mid-read
+        return read()
+
+    monkeypatch.setattr(wire, "_reply", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store._send([("ECHO", "first")])
+    assert store._send([("ECHO", "second")]) == [b"second"]

@@ -1,0 +1,151 @@
+"""One thread's kept Redis connection, written and read without redis-py's per-command layers.
+
+A saga step makes two or three round trips to the saga store, each one command (or two)
+with a small reply.  Through redis-py's connection API each round trip cost about 100k
+instructions of Python around the socket calls: checking health, formatting the host for
+a possible error, the RESP parser's buffer classes.  Here redis-py still connects (TCP or
+TLS or a Unix socket, AUTH, SELECT, CLIENT SETINFO), sends, checks an idle connection's
+health, and its retry policy decides whether a failed exchange is sent again; this module
+only packs the commands and parses the replies (RESP2, or the RESP3 redis-py 8 asks for by
+default) from the connection's socket.
+
+Only redis-py's own socket connections take this path (``Wire.fits``); any other
+(fakeredis' in-memory connections, a client's custom connection class) goes through
+redis-py's ``send_packed_command`` and ``read_response``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import redis
+from redis.connection import Connection, SSLConnection, UnixDomainSocketConnection
+
+_SOCKET_CONNECTIONS = (Connection, SSLConnection, UnixDomainSocketConnection)
+_READ_SIZE = 65536
+
+
+class Wire:
+    """Sends packed commands on ``conn`` and reads their replies; errors come back as values.
+
+    Any failure (a timeout, a dropped connection, an interruption such as a time limit
+    mid-read) disconnects, so no reply is ever left unread for the next exchange, and
+    raises redis-py's ``ConnectionError`` or ``TimeoutError`` as its own connection would.
+    
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.direct = self.fits(conn)
+        self._buf = bytearray()
+        self._pos = 0
+
+    @staticmethod
+    def fits(conn: Any) -> bool:
+        """Whether ``conn`` is a plain socket connection of redis-py's (RESP2 or RESP3)."""
+        return type(conn) in _SOCKET_CONNECTIONS
+
+    def exchange(self, payload: bytes, replies: int) -> list[Any]:
+        """Write ``payload`` (``replies`` packed commands) and read their replies."""
+        if not self.direct:
+            return self._through_redis_py(payload, replies)
+        conn = self.conn
+        # redis-py connects if it must, checks an idle connection's health and sends
+        conn.send_packed_command([payload])
+        try:
+            self._reset()
+            out = [self._reply() for _ in range(replies)]
+        except BaseException as exc:
+            # Interrupted (a time limit, a lost connection): replies may be left unread on
+            # a connection that is kept for the next exchange, so start it afresh.
+            self._reset()
+            conn.disconnect()
+            if isinstance(exc, socket.timeout):
+                raise redis.TimeoutError(f"Timeout reading from {conn._host_error()}") from exc
+            if isinstance(exc, OSError):
+                raise redis.ConnectionError(
+                    f"Error while reading from {conn._host_error()}: {exc}") from exc
+            raise
+        if conn.health_check_interval:
+            conn.next_health_check = time.monotonic() + conn.health_check_interval
+        return out
+
+    def _through_redis_py(self, payload: bytes, replies: int) -> list[Any]:
+        conn = self.conn
+        try:
+            conn.send_packed_command([payload])
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    out.append(exc)
+            return out
+        except BaseException:
+            conn.disconnect()
+            raise
+
+    def _reset(self) -> None:
+        self._buf.clear()
+        self._pos = 0
+
+    def _fill(self) -> None:
+        chunk = self.conn._sock.recv(_READ_SIZE)
+        if not chunk:
+            raise redis.ConnectionError("Connection closed by server.")
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += chunk
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n", self._pos)) < 0:
+            self._fill()
+        line = bytes(self._buf[self._pos:end])
+        self._pos = end + 2
+        return line
+
+    def _bulk(self, size: int) -> bytes:
+        while len(self._buf) - self._pos < size + 2:
+            self._fill()
+        data = bytes(self._buf[self._pos:self._pos + size])
+        self._pos += size + 2
+        return data
+
+    def _reply(self) -> Any:
+        line = self._line()
+        kind = line[:1]
+        if kind == b":":
+            return int(line[1:])
+        if kind == b"$":
+            size = int(line[1:])
+            return None if size < 0 else self._bulk(size)
+        if kind == b"*":
+            count = int(line[1:])
+            return None if count < 0 else [self._reply() for _ in range(count)]
+        if kind == b"_":  # RESP3 null
+            return None
+        if kind == b"+":
+            return line[1:]
+        if kind == b"-":
+            return self.conn._parser.parse_error(line[1:].decode(errors="replace"))
+        if kind == b"#":
+            return line[1:] == b"t"
+        if kind in (b",", b"("):
+            return float(line[1:]) if kind == b"," else int(line[1:])
+        if kind in (b"%", b"~"):
+            count = int(line[1:])
+            items = [self._reply() for _ in range(count * 2 if kind == b"%" else count)]
+            return dict(zip(items[::2], items[1::2], strict=True)) if kind == b"%" else items
+        raise redis.exceptions.InvalidResponse(f"Protocol error, got {line[:40]!r}")
+
+
+def pack(*args: str | bytes) -> bytes:
+    """One command in RESP, the protocol Redis reads."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
