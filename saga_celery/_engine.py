@@ -17,6 +17,7 @@ from pydantic import JsonValue
 
 from saga_celery._core.attempts import find_attempt
 from saga_celery._core.events import AttemptStarted, Decision, Event, Transition
+from saga_celery._core.journal import MAX_ENTRIES, encode_entry
 from saga_celery._core.machine import apply_owned, start_saga
 from saga_celery._core.model import Kind, Plan, SagaRun, encode_progress
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
@@ -65,7 +66,7 @@ class Engine:
                  cache_size: int = 1024) -> None:
         self.store = store
         self.clock = clock
-        self._cache: OrderedDict[str, tuple[int, SagaRun]] = OrderedDict()
+        self._cache: OrderedDict[str, Snapshot] = OrderedDict()
         self._cache_size = cache_size
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
@@ -98,7 +99,9 @@ class Engine:
         """Apply ``event`` and commit it; retried on concurrent writes.
 
         With ``lease`` and an ``AttemptStarted`` event, the lease is taken with the commit
-        when the answer is RUN; with an end event it is given back with the commit.
+        when the answer is RUN; with an end event it is given back with the commit.  A
+        start that leaves the saga running is committed as a journal line
+        (``_core/journal.py``) rather than the whole run.
         """
         memo = self._cached_for(self._cache.pop(saga_id, None), event)
         fresh: tuple[Snapshot, Event] | None = None
@@ -106,33 +109,35 @@ class Engine:
             snapshot, applied = memo or fresh or self._load_for(saga_id, event, lease)
             from_memo, memo, fresh = memo is not None, None, None
             was_terminal = snapshot.run.is_terminal
-            transition = apply_owned(snapshot.run, applied, now=self.clock())
+            now = self.clock()
+            transition = apply_owned(snapshot.run, applied, now=now)
             if not transition.changed:
                 if from_memo:
                     continue  # "nothing to do" must come from the stored state
                 return transition
-            data = encode_progress(transition.run)
-            if self._commit(snapshot.version, was_terminal, transition, event, lease, data):
+            journal = (encode_entry(applied, now)
+                       if isinstance(applied, AttemptStarted) and not transition.run.is_terminal
+                       and snapshot.journal < MAX_ENTRIES else None)
+            if self._commit(snapshot, was_terminal, transition, event, lease, journal):
                 return transition
             fresh = self._load_for(saga_id, event, lease)
-            if _landed(fresh[0], snapshot.version, data):
-                self._committed(snapshot.version, transition)
+            if _landed(fresh[0], snapshot.version, transition):
+                self._committed(fresh[0], transition)
                 return transition
         raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
                              f"{type(event).__name__}", saga_id=saga_id)
 
-    def _cached_for(self, cached: tuple[int, SagaRun] | None, event: Event
+    def _cached_for(self, cached: Snapshot | None, event: Event
                     ) -> tuple[Snapshot, Event] | None:
         """The remembered state, unless the event needs the lease (a redelivery)."""
         if cached is None:
             return None
-        version, run = cached
-        if isinstance(event, AttemptStarted) and _has_attempt(run, event):
+        if isinstance(event, AttemptStarted) and _has_attempt(cached.run, event):
             return None
-        return Snapshot(run, version), event
+        return cached, event
 
-    def _remember(self, saga_id: str, version: int, run: SagaRun) -> None:
-        self._cache[saga_id] = (version, run)
+    def _remember(self, saga_id: str, snapshot: Snapshot) -> None:
+        self._cache[saga_id] = snapshot
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
@@ -148,20 +153,25 @@ class Engine:
             event = event.model_copy(update={"lease_live": live})
         return snapshot, event
 
-    def _commit(self, version: int, was_terminal: bool, transition: Transition, event: Event,
-                lease: Lease | None, data: str) -> bool:
+    def _commit(self, snapshot: Snapshot, was_terminal: bool, transition: Transition,
+                event: Event, lease: Lease | None, journal: bytes | None) -> bool:
         change = _lease_change(transition, event, lease)
+        version = snapshot.version
         events = _with_ids(transition.events, transition.run.id, version + 1)
         terminal = transition.run.is_terminal and not was_terminal
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
-                               terminal=terminal, encoded=data)
+                               terminal=terminal, journal=journal)
         if ok:
-            self._committed(version, transition)
+            self._committed(Snapshot(transition.run, version + 1,
+                                     journal=snapshot.journal + 1 if journal else 0),
+                            transition)
         return ok
 
-    def _committed(self, version: int, transition: Transition) -> None:
+    def _committed(self, stored: Snapshot, transition: Transition) -> None:
+        """``stored``: the run as committed (``transition.run``), its version and journal."""
         if not transition.run.is_terminal:
-            self._remember(transition.run.id, version + 1, transition.run)
+            self._remember(transition.run.id, Snapshot(transition.run, stored.version,
+                                                       journal=stored.journal))
         _log(transition.events)  # ``_commit`` gave them their ids
 
     def release(self, saga_id: str, lease: Lease) -> None:
@@ -203,11 +213,12 @@ def _has_attempt(run: SagaRun, event: AttemptStarted) -> bool:
     return item is None or find_attempt(item, event.attempt) is not None
 
 
-def _landed(stored: Snapshot, version: int, data: str) -> bool:
+def _landed(stored: Snapshot, version: int, transition: Transition) -> bool:
     """Whether a commit reported as a conflict was in fact written.
 
     redis-py retries a command whose reply was lost with the connection; the retry then
     fails the version check of the write that did land.  Replaying the event would be wrong
     (a start would count its own lease as a lost worker, a terminate would be refused).
     """
-    return stored.version == version + 1 and encode_progress(stored.run) == data
+    return (stored.version == version + 1
+            and encode_progress(stored.run) == encode_progress(transition.run))

@@ -26,6 +26,8 @@ class Snapshot:
     version: int
     lease_holder: str | None = None
     """Token holding the lease asked for in ``load(lease=...)``, or None if free/expired."""
+    journal: int = 0
+    """Journaled starts the run was replayed from (``_core/journal.py``), 0 if none."""
 
 
 class LeaseAction(StrEnum):
@@ -64,6 +66,7 @@ class SagaStore(Protocol):
         lease: LeaseChange | None = None,
         terminal: bool = False,
         encoded: str | None = None,
+        journal: bytes | None = None,
     ) -> bool:
         """Write ``run`` as version+1 if the stored version is still ``version``.
 
@@ -72,7 +75,9 @@ class SagaStore(Protocol):
         ``terminal`` drops the saga from the active index and starts its retention clock.
         Returns False, writing nothing, on a version or lease conflict.  The plan is the
         one ``create`` stored (it never changes); ``encoded`` is ``encode_progress(run)``
-        when the caller already has it.
+        when the caller already has it.  ``journal``, given for a transition that leaves the
+        saga running, is the transition as a journal line: the store may append it to the
+        stored run's journal instead of writing the whole run (``_core/journal.py``).
         """
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:

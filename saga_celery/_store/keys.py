@@ -4,6 +4,8 @@ Per saga, all keys carry the hash tag ``{<id>}`` so Redis Cluster puts them in o
 one Lua script may touch them all::
 
     <prefix>{<id>}:state          hash    v = version (int), d = the run's progress JSON,
+                                          j = starts committed since d, one JSON line each
+                                              (absent when none: ``_core/journal.py``),
                                           p = its plan JSON (written once, at the start),
                                           t = 1 if the saga is terminal, else 0
     <prefix>{<id>}:events         stream  one field, e = the event's JSON
@@ -26,6 +28,7 @@ DEFAULT_PREFIX = "saga:"
 VERSION_FIELD = "v"
 DATA_FIELD = "d"
 PLAN_FIELD = "p"
+JOURNAL_FIELD = "j"
 TERMINAL_FIELD = "t"
 EVENT_FIELD = "e"
 

@@ -89,6 +89,7 @@ class MemoryStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         encoded: str | None = None,
+        journal: bytes | None = None,  # always written in full here
     ) -> bool:
         if lease is not None and lease.action is LeaseAction.ACQUIRE:
             _check_ttl(lease.ttl_ms)

@@ -22,6 +22,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis.client import Pipeline
 from redis.commands.core import Script
 
+from saga_celery._core.journal import count_entries, replay
 from saga_celery._core.model import Plan, SagaProgress, SagaRun, encode_progress, with_plan
 from saga_celery._errors import (
     SagaConfigError,
@@ -36,6 +37,7 @@ from saga_celery._store.keys import (
     DATA_FIELD,
     DEFAULT_PREFIX,
     EVENT_FIELD,
+    JOURNAL_FIELD,
     PLAN_FIELD,
     TERMINAL_FIELD,
     VERSION_FIELD,
@@ -125,7 +127,7 @@ class RedisStore:
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
         keys = [self._keys.state(saga_id)]
         commands: list[tuple[str | bytes, ...]] = [
-            ("HMGET", keys[0], VERSION_FIELD, DATA_FIELD, PLAN_FIELD)]
+            ("HMGET", keys[0], VERSION_FIELD, DATA_FIELD, PLAN_FIELD, JOURNAL_FIELD)]
         if lease is not None:
             keys.append(self._keys.lease(saga_id, lease))
             commands.append(("GET", keys[1]))
@@ -135,12 +137,13 @@ class RedisStore:
             if isinstance(reply, redis.ResponseError):
                 with self._errors(saga_id, key=key):
                     raise reply
-        version, data, plan = replies[0]
+        version, data, plan, journal = replies[0]
         if version is None and data is None:
             return None
-        run, number = self._parse_state(saga_id, keys[0], version, data, plan)
+        run, number = self._parse_state(saga_id, keys[0], version, data, plan, journal)
         holder = _text(replies[1]) if lease is not None else None
-        return Snapshot(run=run, version=number, lease_holder=holder)
+        return Snapshot(run=run, version=number, lease_holder=holder,
+                        journal=count_entries(journal))
 
     def commit(
         self,
@@ -151,6 +154,7 @@ class RedisStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         encoded: str | None = None,
+        journal: bytes | None = None,
     ) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
@@ -159,10 +163,12 @@ class RedisStore:
         args: list[str | bytes] = [
             str(version),
             str(version + 1),
-            encoded or encode_progress(run),
+            (journal if journal is not None and not ends else
+             encoded or encode_progress(run)),
             *_lease_args(lease),
             "1" if ends else "0",
             "" if not ends or self._retention_ms is None else str(self._retention_ms),
+            "j" if journal is not None and not ends else "d",
             *_encode_events(run.id, events),
         ]
         score = {run.id: index_score(run)}
@@ -350,7 +356,8 @@ class RedisStore:
         return self._loading(saga_id, script, send)
 
     def _parse_state(
-        self, saga_id: str, key: str, version: object, data: object, plan: object
+        self, saga_id: str, key: str, version: object, data: object, plan: object,
+        journal: object = None,
     ) -> tuple[SagaRun, int]:
         try:
             number = int(cast(str, version))
@@ -358,13 +365,15 @@ class RedisStore:
             if number < 1:
                 raise ValueError(f"version {number} is not positive")
             if progress.id == saga_id:
-                parsed = self._plan(cast(bytes, plan))
+                run = with_plan(progress, self._plan(cast(bytes, plan)))
+                if journal is not None:
+                    replay(run, cast(bytes, journal))
         except (TypeError, ValueError, ValidationError) as exc:
             detail = f"{key} does not hold a readable saga record ({_first_line(exc)})"
             raise self._corrupt(saga_id, detail) from exc
         if progress.id != saga_id:
             raise self._corrupt(saga_id, f"{key} holds the record of saga {progress.id!r}")
-        return with_plan(progress, parsed), number
+        return run, number
 
     def _plan(self, text: bytes) -> Plan:
         """The plan stored as ``text``, validated once per process for every saga sharing it.

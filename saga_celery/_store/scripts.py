@@ -35,7 +35,9 @@ COMMIT = """
 -- ARGV[5]   lease token       ARGV[6] lease time to live in ms (acquire)
 -- ARGV[7]   '1' if the saga is terminal after this transition, else '0'
 -- ARGV[8]   retention in ms of a terminal saga's state and events; '' keeps them forever
--- ARGV[9..] event JSONs, oldest first
+-- ARGV[9]   'd' if ARGV[3] is the progress (the journal is then emptied), 'j' if it is a
+--           journal line to append (``_core/journal.py``: the progress stays as it is)
+-- ARGV[10..] event JSONs, oldest first
 -- Returns 1 if committed, 2 if committed and the saga was terminal before (revived by
 -- retry_rollback), 0 on a version or lease conflict (nothing written).
 --
@@ -50,7 +52,7 @@ local function failed(reply)
   return type(reply) == 'table' and reply['err'] ~= nil
 end
 
-local state = redis.pcall('HMGET', KEYS[1], 'v', 't')
+local state = redis.pcall('HMGET', KEYS[1], 'v', 't', 'j')
 if failed(state) then return refuse(KEYS[1], 'hash') end
 if state[1] ~= ARGV[1] then return 0 end
 local holder = false
@@ -61,12 +63,18 @@ end
 if ARGV[4] == 'acquire' and holder and holder ~= ARGV[5] then return 0 end
 
 -- Events first: a stream key of the wrong type fails the first XADD, before any write.
-for i = 9, #ARGV do
+for i = 10, #ARGV do
   if failed(redis.pcall('XADD', KEYS[2], '*', 'e', ARGV[i])) then
     return refuse(KEYS[2], 'stream')
   end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 't', ARGV[7])
+if ARGV[9] == 'j' then
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'j', (state[3] or '') .. ARGV[3] .. '\\n',
+             't', ARGV[7])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 't', ARGV[7])
+  if state[3] then redis.call('HDEL', KEYS[1], 'j') end
+end
 if ARGV[4] == 'acquire' then
   redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 elseif ARGV[4] == 'release' and holder == ARGV[5] then

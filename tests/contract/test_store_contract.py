@@ -709,3 +709,88 @@ def test_an_interrupted_exchange_leaves_no_reply_behind(
     with pytest.raises(KeyboardInterrupt):
         store._send([("ECHO", "first")])
     assert store._send([("ECHO", "second")]) == [b"second"]
+
+
+def test_a_journaled_start_is_replayed_on_load(redis_backend: Backend) -> None:
+    """A start committed as a journal line leaves the stored progress as it was; a load
+    replays the line, and the next full commit empties the journal."""
+    from datetime import timedelta
+
+    from saga_celery._core.events import AttemptStarted, AttemptSucceeded
+    from saga_celery._core.journal import encode_entry
+    from saga_celery._core.machine import apply, start_saga
+    from saga_celery._core.model import Kind, encode_progress
+
+    client, store = redis_backend.client, redis_backend.store
+    assert client is not None
+    template = make_run()
+    now = template.created_at
+    queued = start_saga(saga_id=template.id, name="checkout", plan=template.plan,
+                        params={"order": 42}, now=now).run
+    assert store.create(queued, []) is True
+    state = f"{redis_backend.prefix}{{{queued.id}}}:state"
+    progress = client.hget(state, "d")
+
+    start = AttemptStarted(kind=Kind.STEP, key="reserve#1", attempt=1)
+    started = apply(queued, start, now=now + timedelta(seconds=1))
+    assert started.changed and started.run != queued
+    line = encode_entry(start, now + timedelta(seconds=1))
+    assert store.commit(started.run, version=1, events=[make_event(started.run, "x")],
+                        journal=line) is True
+    assert client.hget(state, "d") == progress  # the run itself was not written
+    assert client.hget(state, "j") == line + b"\n"
+    loaded = store.load(queued.id)
+    assert loaded is not None
+    assert (loaded.run, loaded.version, loaded.journal) == (started.run, 2, 1)
+    assert len(store.read_events(queued.id)) == 1
+
+    ended = apply(started.run, AttemptSucceeded(kind=Kind.STEP, key="reserve#1", attempt=1,
+                                                output={"r": 1}),
+                  now=now + timedelta(seconds=2))
+    assert store.commit(ended.run, version=2, events=[]) is True
+    assert client.hget(state, "j") is None
+    assert client.hget(state, "d") == encode_progress(ended.run).encode()
+    loaded = store.load(queued.id)
+    assert loaded is not None
+    assert (loaded.run, loaded.version, loaded.journal) == (ended.run, 3, 0)
+
+    client.hset(state, "j", b"not a journal line\n")
+    with pytest.raises(SagaCorruptStateError, match="does not hold a readable saga record"):
+        store.load(queued.id)
+
+
+def test_the_engine_journals_starts_and_a_cold_engine_loads_the_same_run(
+        redis_backend: Backend) -> None:
+    """Over Redis the engine commits a start as a journal line (at most ``MAX_ENTRIES`` in
+    a row, then in full) and an end in full; an engine without the state cache, as in
+    another pool process, loads exactly the run the committing engine holds."""
+    from saga_celery._core.events import AttemptStarted, AttemptSucceeded
+    from saga_celery._core.journal import MAX_ENTRIES
+    from saga_celery._core.model import Kind
+    from saga_celery._engine import Engine, Lease
+    from tests.unit.sim import plan
+
+    client, store = redis_backend.client, redis_backend.store
+    assert client is not None
+    names = [f"s{i}" for i in range(MAX_ENTRIES + 1)]
+    warm = Engine(store)
+    saga_id = f"journal-{uuid4().hex[:8]}"
+    warm.submit(saga_id=saga_id, name="wide", plan=plan(names, "last"), params=None)
+    state = f"{redis_backend.prefix}{{{saga_id}}}:state"
+
+    def cold() -> Any:
+        return Engine(store).load(saga_id).run
+
+    journal_sizes = []
+    for i, name in enumerate(names):
+        lease = Lease(name=f"step:{name}#1", token=f"w{i}", ttl_ms=30_000)
+        t = warm.handle(saga_id, AttemptStarted(kind=Kind.STEP, key=f"{name}#1", attempt=1),
+                        lease=lease)
+        assert cold() == t.run
+        journal_sizes.append((client.hget(state, "j") or b"").count(b"\n"))
+    assert journal_sizes == [*range(1, MAX_ENTRIES + 1), 0]  # the ninth start in full
+    for name in names:
+        t = warm.handle(saga_id, AttemptSucceeded(kind=Kind.STEP, key=f"{name}#1", attempt=1,
+                                                  output=name))
+        assert client.hget(state, "j") is None
+        assert cold() == t.run

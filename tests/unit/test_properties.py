@@ -33,6 +33,7 @@ from saga_celery._core.events import (
     TerminateRequested,
     Transition,
 )
+from saga_celery._core.journal import encode_entry, replay
 from saga_celery._core.machine import WORKER_LOST_LIMIT, apply, stage_output
 from saga_celery._core.model import (
     ErrorInfo,
@@ -47,7 +48,9 @@ from saga_celery._core.model import (
     SagaStatus,
     StepRun,
     StepSpec,
+    decode_run,
     dispatch_id,
+    encode_progress,
 )
 from saga_celery._core.state import to_state
 from tests.unit.sim import Sim, policy
@@ -126,6 +129,11 @@ class World:
         t = self.sim.feed(event)
         assert before.model_dump_json() == frozen, "apply() mutated the run it was given"
         assert t.changed or (t.run == before and not t.events), "an unchanged transition changed"
+        if isinstance(event, AttemptStarted) and t.changed and not t.run.is_terminal:
+            # committed as a journal line: a load replays it onto the stored run
+            stored = decode_run(encode_progress(before), before.plan)
+            assert replay(stored, encode_entry(event, self.sim.now)) == t.run, (
+                f"replaying the journaled {event!r} gave another run")
         again = apply(t.run, _replayed(event), now=self.sim.now + timedelta(seconds=1))
         assert not again.changed and again.run == t.run and not again.events, (
             f"applying {event!r} a second time changed the saga")
