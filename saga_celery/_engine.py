@@ -162,16 +162,15 @@ class Engine:
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
                                terminal=terminal, journal=journal)
         if ok:
-            self._committed(Snapshot(transition.run, version + 1,
-                                     journal=snapshot.journal + 1 if journal else 0),
-                            transition)
+            self._committed(Snapshot(transition.run, version + 1, None,
+                                     snapshot.journal + 1 if journal else 0), transition)
         return ok
 
     def _committed(self, stored: Snapshot, transition: Transition) -> None:
         """``stored``: the run as committed (``transition.run``), its version and journal."""
         if not transition.run.is_terminal:
-            self._remember(transition.run.id, Snapshot(transition.run, stored.version,
-                                                       journal=stored.journal))
+            self._remember(transition.run.id, stored if stored.run is transition.run else
+                           Snapshot(transition.run, stored.version, None, stored.journal))
         _log(transition.events)  # ``_commit`` gave them their ids
 
     def release(self, saga_id: str, lease: Lease) -> None:

@@ -131,8 +131,13 @@ class RedisStore:
         if lease is not None:
             keys.append(self._keys.lease(saga_id, lease))
             commands.append(("GET", keys[1]))
-        with self._errors(saga_id):
+        try:  # ``_errors``, without a context manager on the hot path
             replies = self._send(commands)
+        except Exception as exc:
+            translated = self._translated(exc, saga_id)
+            if translated is exc:
+                raise
+            raise translated from exc
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 with self._errors(saga_id, key=key):
@@ -171,14 +176,14 @@ class RedisStore:
             "j" if journal is not None and not ends else "d",
             *_encode_events(run.id, events),
         ]
-        score = {run.id: index_score(run)}
         if not terminal:
             # One command: the saga is already in the active index, unless this commit
             # revived it (the script says so), which is rare enough for a second trip.
             reply = int(self._script(run.id, self._commit, keys, args))
             if reply == 2:
-                self._restore_active(run.id, score)
+                self._restore_active(run.id, {run.id: index_score(run)})
             return reply != 0
+        score = {run.id: index_score(run)}
 
         def queue(pipe: Pipeline) -> None:
             pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
@@ -295,12 +300,17 @@ class RedisStore:
         """``send()``, whose first command is ``script``'s EVALSHA; on NOSCRIPT (a restarted or
         failed-over Redis) load the script and send again.  That is safe because the script
         did not run and any other command sent with it is idempotent."""
-        with self._errors(saga_id):
+        try:  # what ``_errors`` does, without a context manager on the hot path
             for _ in range(2):
                 try:
                     return send()
                 except redis.exceptions.NoScriptError:
                     self._client.script_load(script.script)
+        except Exception as exc:
+            translated = self._translated(exc, saga_id)
+            if translated is exc:
+                raise
+            raise translated from exc
         raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
 
     def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
@@ -418,22 +428,32 @@ class RedisStore:
         """
         try:
             yield
-        except SagaError:
-            raise
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except Exception as exc:
+            translated = self._translated(exc, saga_id, key=key)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _translated(self, exc: Exception, saga_id: str | None, *, key: str | None = None
+                    ) -> Exception:
+        """The ``SagaStoreError`` to raise for ``exc`` (``exc`` itself if not redis-py's)."""
+        if isinstance(exc, SagaError):
+            return exc
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
             message = (
                 f"Redis at {self._where} cannot be reached ({exc}). Check the saga store's "
                 "Redis URL and that Redis is running."
             )
-            raise SagaStoreUnavailableError(message, saga_id=saga_id) from exc
-        except redis.ResponseError as exc:
+            return SagaStoreUnavailableError(message, saga_id=saga_id)
+        if isinstance(exc, redis.ResponseError):
             # Pipelines prefix the server's message ("Command # 1 (...) caused error: ...").
             text = str(exc)
             if "WRONGTYPE" in text:
-                raise self._corrupt(saga_id, _wrong_type(text, key, self.prefix)) from exc
-            raise SagaStoreError(f"Redis at {self._where} refused: {exc}", saga_id=saga_id) from exc
-        except redis.RedisError as exc:
-            raise SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id) from exc
+                return self._corrupt(saga_id, _wrong_type(text, key, self.prefix))
+            return SagaStoreError(f"Redis at {self._where} refused: {exc}", saga_id=saga_id)
+        if isinstance(exc, redis.RedisError):
+            return SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id)
+        return exc
 
 
 def _check_retention(retention_ms: int | None) -> int | None:
@@ -461,7 +481,7 @@ def _lease_args(lease: LeaseChange | None) -> list[str]:
 
 def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[bytes]:
     try:
-        return [to_json(dict(event)) for event in events]
+        return [to_json(event) for event in events]
     except PydanticSerializationError as exc:
         raise SagaStoreError(f"An event is not JSON-serializable: {exc}", saga_id=saga_id) from exc
 
