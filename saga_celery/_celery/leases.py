@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import structlog
 
@@ -26,17 +24,19 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._pid = 0
 
-    @contextmanager
-    def hold(self, saga_id: str, lease: Lease) -> Iterator[None]:
-        entry = (saga_id, lease.name, lease.token)
+    def hold(self, saga_id: str, lease: Lease) -> None:
+        """Keep ``lease`` alive until ``drop``: call ``drop`` in a ``finally``.
+
+        (Not a context manager: a generator-based one cost a saga step more than the rest
+        of holding its lease.)
+        """
         with self._lock:
-            self._held[entry] = lease
+            self._held[saga_id, lease.name, lease.token] = lease
         self._ensure_thread()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._held.pop(entry, None)
+
+    def drop(self, saga_id: str, lease: Lease) -> None:
+        with self._lock:
+            self._held.pop((saga_id, lease.name, lease.token), None)
 
     def _ensure_thread(self) -> None:
         if self._pid == os.getpid():  # threads do not survive fork: one per process

@@ -141,8 +141,11 @@ class Runtime:
             self.record_timeout(control, timeout_s, lease)
 
         try:
-            with self.keeper.hold(control.saga_id, lease):
+            self.keeper.hold(control.saga_id, lease)
+            try:
                 output = call_with_timeout(body, timeout_s, deadline)
+            finally:
+                self.keeper.drop(control.saga_id, lease)
             output = self._checked_output(output) if control.kind == Kind.STEP else None
         except Exception as exc:
             self._failed(task, control, lease, exc, error_info(exc, timeout_s=timeout_s),
