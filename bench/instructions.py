@@ -63,7 +63,13 @@ def child(kind: str, m: int, miss: float) -> None:
     from celery.app.trace import trace_task
 
     import bench.app as bench_app
+    from saga_celery._celery import timeouts
     from saga_celery._celery.control import CONTROL_KEY
+
+    # As in a prefork pool process, where Celery's time limits apply and a saga body is
+    # called as it is (the signal the worker sends there, worker_process_init, is not sent
+    # here; without this each step would arm and disarm a SIGALRM timer instead).
+    timeouts._in_pool_child = True
 
     app = bench_app.app
     queue = "saga.steps" if kind == "saga" else "celery"
