@@ -268,9 +268,23 @@ def decode_run(progress: str | bytes, plan: Plan) -> SagaRun:
     return with_plan(SagaProgress.model_validate_json(progress), plan)
 
 
+_set = object.__setattr__
+
+
 def with_plan(progress: SagaProgress, plan: Plan) -> SagaRun:
-    """The run made of validated parts: nothing is validated or copied again."""
-    return SagaRun.model_construct(plan=plan, **progress.__dict__)
+    """The run made of validated parts: nothing is validated or copied again.
+
+    What ``SagaRun.model_construct(plan=plan, **progress.__dict__)`` builds (a unit test
+    holds them equal), without its loop over every field's aliases and defaults, which
+    cost a load a third as much as validating the progress JSON itself.
+    """
+    run = SagaRun.__new__(SagaRun)
+    fields = {**progress.__dict__, "plan": plan}
+    _set(run, "__dict__", fields)
+    _set(run, "__pydantic_fields_set__", set(fields))
+    _set(run, "__pydantic_extra__", None)
+    _set(run, "__pydantic_private__", None)
+    return run
 
 
 EventType = Literal[
