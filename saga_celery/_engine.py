@@ -200,10 +200,13 @@ def _with_ids(events: list[dict[str, Any]], saga_id: str, version: int) -> list[
 
 
 def _log(events: list[dict[str, Any]]) -> None:
+    if not events:
+        return
+    info = log.bind().info  # the proxy resolves the logger once per transition, not per line
     for e in events:
         fields = e.copy()
         kind = fields.pop("type")
-        log.info(f"saga.{kind}", saga_event=kind, **fields)
+        info(f"saga.{kind}", saga_event=kind, **fields)
 
 
 def _has_attempt(run: SagaRun, event: AttemptStarted) -> bool:
