@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 
@@ -19,8 +18,7 @@ ARGS_REPR = "(…)"
 """Shown in events and Flower instead of the arguments: payloads stay out of events."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     task: str
     args: list[Any]
     kwargs: dict[str, Any]

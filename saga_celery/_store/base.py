@@ -9,17 +9,15 @@ fakeredis in fast tests) and ``MemoryStore`` (the in-memory twin).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from saga_celery._core.model import SagaRun
 
 EventDict = Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Snapshot:
+class Snapshot(NamedTuple):
     """A saga as loaded: the run, the version to compare-and-set against, and a lease."""
 
     run: SagaRun
@@ -35,8 +33,7 @@ class LeaseAction(StrEnum):
     RELEASE = "release"
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseChange:
+class LeaseChange(NamedTuple):
     """A lease taken (only if free) or given back (only by its holder) with a commit."""
 
     name: str
