@@ -12,6 +12,7 @@ CONTROL_KEY = "__saga__"
 
 _TEXT = ("saga_id", "key", "step")
 _NUMBERS = ("count", "attempt")
+_KINDS = {kind.value: kind for kind in Kind}
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,18 @@ class Control:
 
         Keys it does not know are ignored, so an older worker reads a newer message.
         """
+        if type(value) is dict:  # what every message carries: checked in one expression
+            saga_id, kind, key = value.get("saga_id"), value.get("kind"), value.get("key")
+            step, count, attempt = value.get("step"), value.get("count"), value.get("attempt")
+            if (type(saga_id) is str and type(key) is str and type(step) is str
+                    and type(count) is int and type(attempt) is int and count > 0
+                    and attempt > 0 and type(kind) is str and kind in _KINDS):
+                return cls(saga_id, _KINDS[kind], key, step, count, attempt)
+        return cls._checked(value)
+
+    @classmethod
+    def _checked(cls, value: object) -> Control:
+        """``parse`` the slow way, naming the first thing wrong."""
         if not isinstance(value, dict):
             raise SagaError(f"the {CONTROL_KEY!r} kwarg of a saga message must be a dict, "
                             f"got {type(value).__name__}")

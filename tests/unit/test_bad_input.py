@@ -688,6 +688,7 @@ def test_operations_on_an_unknown_id_raise_not_found(sagas: SagaApp) -> None:
     ({"attempt": True}, "'attempt' must be a positive integer, got True"),
     ({"kind": "undo"}, "'kind' must be one of step, rollback, got 'undo'"),
     ({"saga_id": None}, "'saga_id' must be a string, got None"),
+    ({"kind": ["step"]}, "'kind' must be a string, got \\['step'\\]"),
 ])
 def test_a_malformed_saga_control_kwarg_is_named(change: dict[str, Any], named: str) -> None:
     """A hand-made or corrupted ``__saga__`` kwarg fails the task with what is wrong in it."""
