@@ -165,15 +165,22 @@ class RedisStore:
         if lease is not None:
             keys.append(self._keys.lease(run.id, lease.name))
         ends = terminal or run.is_terminal  # stays terminal: keep the retention clock
+        data: str | bytes
+        if journal is not None and not ends:
+            data, mode = journal, "j"
+        else:
+            data, mode = encoded or encode_progress(run), "d"
+        if lease is None:
+            action, token, ttl = "", "", ""
+        else:
+            if lease.action is LeaseAction.ACQUIRE:
+                _check_ttl(lease.ttl_ms)
+            action, token, ttl = lease.action.value, lease.token, str(lease.ttl_ms)
+        retention = "" if not ends or self._retention_ms is None else str(self._retention_ms)
         args: list[str | bytes] = [
-            str(version),
-            str(version + 1),
-            (journal if journal is not None and not ends else
-             encoded or encode_progress(run)),
-            *_lease_args(lease),
-            "1" if ends else "0",
-            "" if not ends or self._retention_ms is None else str(self._retention_ms),
-            "j" if journal is not None and not ends else "d",
+            f"{version}|{version + 1}|{action}|{ttl}|{'1' if ends else '0'}|{retention}|{mode}",
+            token,
+            data,
             *_encode_events(run.id, events),
         ]
         if not terminal:
@@ -469,14 +476,6 @@ def _check_ttl(ttl_ms: int) -> None:
 
 def _ignore(_: Exception) -> None:
     """redis-py's retry hook: nothing to do between tries (``Wire`` has disconnected)."""
-
-
-def _lease_args(lease: LeaseChange | None) -> list[str]:
-    if lease is None:
-        return ["", "", ""]
-    if lease.action is LeaseAction.ACQUIRE:
-        _check_ttl(lease.ttl_ms)
-    return [lease.action.value, lease.token, str(lease.ttl_ms)]
 
 
 def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[bytes]:

@@ -30,14 +30,17 @@ COMMIT = """
 -- KEYS[1]   state hash        <prefix>{id}:state
 -- KEYS[2]   event stream      <prefix>{id}:events
 -- KEYS[3]   lease (optional)  <prefix>{id}:lease:<name>
--- ARGV[1]   expected version  ARGV[2] new version  ARGV[3] the progress JSON (no plan)
--- ARGV[4]   lease action: 'acquire', 'release' or ''
--- ARGV[5]   lease token       ARGV[6] lease time to live in ms (acquire)
--- ARGV[7]   '1' if the saga is terminal after this transition, else '0'
--- ARGV[8]   retention in ms of a terminal saga's state and events; '' keeps them forever
--- ARGV[9]   'd' if ARGV[3] is the progress (the journal is then emptied), 'j' if it is a
---           journal line to append (``_core/journal.py``: the progress stays as it is)
--- ARGV[10..] event JSONs, oldest first
+-- ARGV[1]   the header, '|'-separated (one argument where there were seven: packing each
+--           argument cost the client more than Redis spends on the whole commit):
+--             expected version | new version | lease action ('acquire', 'release' or '')
+--             | lease time to live in ms (acquire) | '1' if the saga is terminal after
+--             this transition, else '0' | retention in ms of a terminal saga's state and
+--             events ('' keeps them forever) | 'd' if ARGV[3] is the progress (the journal
+--             is then emptied) or 'j' if it is a journal line to append
+--             (``_core/journal.py``: the progress stays as it is)
+-- ARGV[2]   lease token (any text)
+-- ARGV[3]   the progress JSON (no plan), or a journal line
+-- ARGV[4..] event JSONs, oldest first
 -- Returns 1 if committed, 2 if committed and the saga was terminal before (revived by
 -- retry_rollback), 0 on a version or lease conflict (nothing written).
 --
@@ -52,38 +55,43 @@ local function failed(reply)
   return type(reply) == 'table' and reply['err'] ~= nil
 end
 
+local expected, version, action, ttl, terminal, retention, mode = string.match(ARGV[1],
+  '^(%d+)|(%d+)|(%l*)|(%d*)|([01])|(%d*)|([dj])$')
+if not expected then
+  return redis.error_reply('ERR saga_celery commit: malformed header ' .. ARGV[1])
+end
 local state = redis.pcall('HMGET', KEYS[1], 'v', 't', 'j')
 if failed(state) then return refuse(KEYS[1], 'hash') end
-if state[1] ~= ARGV[1] then return 0 end
+if state[1] ~= expected then return 0 end
 local holder = false
 if #KEYS == 3 then
   holder = redis.pcall('GET', KEYS[3])
   if failed(holder) then return refuse(KEYS[3], 'string') end
 end
-if ARGV[4] == 'acquire' and holder and holder ~= ARGV[5] then return 0 end
+if action == 'acquire' and holder and holder ~= ARGV[2] then return 0 end
 
 -- Events first: a stream key of the wrong type fails the first XADD, before any write.
-for i = 10, #ARGV do
+for i = 4, #ARGV do
   if failed(redis.pcall('XADD', KEYS[2], '*', 'e', ARGV[i])) then
     return refuse(KEYS[2], 'stream')
   end
 end
-if ARGV[9] == 'j' then
-  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'j', (state[3] or '') .. ARGV[3] .. '\\n',
-             't', ARGV[7])
+if mode == 'j' then
+  redis.call('HSET', KEYS[1], 'v', version, 'j', (state[3] or '') .. ARGV[3] .. '\\n',
+             't', terminal)
 else
-  redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 't', ARGV[7])
+  redis.call('HSET', KEYS[1], 'v', version, 'd', ARGV[3], 't', terminal)
   if state[3] then redis.call('HDEL', KEYS[1], 'j') end
 end
-if ARGV[4] == 'acquire' then
-  redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
-elseif ARGV[4] == 'release' and holder == ARGV[5] then
+if action == 'acquire' then
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ttl)
+elseif action == 'release' and holder == ARGV[2] then
   redis.call('DEL', KEYS[3])
 end
-local revived = state[2] == '1' and ARGV[7] == '0'
-if ARGV[7] == '1' and ARGV[8] ~= '' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[8])
-  redis.call('PEXPIRE', KEYS[2], ARGV[8])
+local revived = state[2] == '1' and terminal == '0'
+if terminal == '1' and retention ~= '' then
+  redis.call('PEXPIRE', KEYS[1], retention)
+  redis.call('PEXPIRE', KEYS[2], retention)
 elseif revived then
   -- retry_rollback() revived a terminal saga: its records must not expire under it.
   redis.call('PERSIST', KEYS[1])

@@ -15,7 +15,7 @@ import redis
 from redis import crc
 
 import saga_celery._store as store_package
-from saga_celery._core.model import SagaStatus
+from saga_celery._core.model import SagaStatus, encode_progress
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -794,3 +794,21 @@ def test_the_engine_journals_starts_and_a_cold_engine_loads_the_same_run(
                                                   output=name))
         assert client.hget(state, "j") is None
         assert cold() == t.run
+
+
+def test_the_commit_script_refuses_a_malformed_header(redis_backend: Backend) -> None:
+    """The commit script reads its settings from one '|'-separated header and writes
+    nothing when the header is not one it wrote."""
+    client, store, run = redis_backend.client, redis_backend.store, make_run()
+    assert client is not None and isinstance(store, RedisStore)
+    store.create(run, [])
+    client.script_load(store._commit.script)
+    state = f"{redis_backend.prefix}{{{run.id}}}:state"
+    events = f"{redis_backend.prefix}{{{run.id}}}:events"
+    before = client.hgetall(state)
+    for header in ("1|2|acquire|30000|0||x", "1|2", "one|2||||d", "1|2|||2||d"):
+        with pytest.raises(redis.ResponseError, match="malformed header"):
+            client.evalsha(store._commit.sha, 2, state, events, header, "", "{}")
+    assert client.hgetall(state) == before
+    assert client.evalsha(store._commit.sha, 2, state, events, "1|2|||0||d", "",
+                          encode_progress(run)) == 1
