@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -49,7 +50,10 @@ class RollbackContext(BaseModel):
     """Its own key (not the step's), stable across the rollback's retries."""
 
 
-_current: ContextVar[StepContext | None] = ContextVar("saga_celery_step", default=None)
+_current: ContextVar[StepContext | Callable[[], StepContext] | None] = ContextVar(
+    "saga_celery_step", default=None)
+"""The running step's context, or what builds it: most bodies never ask for it, and
+building it (validating the saga's params) cost a step more than its own bookkeeping."""
 
 
 def current_step() -> StepContext:
@@ -57,6 +61,9 @@ def current_step() -> StepContext:
     ctx = _current.get()
     if ctx is None:
         raise SagaError("current_step() was called outside a running saga step")
+    if not isinstance(ctx, StepContext):
+        ctx = ctx()
+        _current.set(ctx)  # built once per attempt; the runtime resets the variable after
     return ctx
 
 

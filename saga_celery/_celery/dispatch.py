@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -68,11 +68,11 @@ class Dispatcher:
         self.app = app
         self.clock = clock
 
-    def send(self, run: SagaRun, dispatches: Iterable[Dispatch]) -> None:
+    def send(self, run: SagaRun, dispatches: Sequence[Dispatch]) -> None:
+        if not dispatches:
+            return
         now = self.clock()
         messages = [build_message(run, d, now) for d in dispatches]
-        if not messages:
-            return
         with self.app.producer_or_acquire() as producer:
             for m in messages:
                 self.app.send_task(m.task, m.args, m.kwargs, producer=producer, **m.options())

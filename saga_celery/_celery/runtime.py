@@ -90,11 +90,14 @@ class Runtime:
         if started is None:
             return
         run, lease = started
-        ctx = StepContext(saga_id=run.id, step=control.step, count=control.count,
-                          attempt=control.attempt, config=config, params=run.params,
-                          idempotency_key=step_idempotency_key(run.id, control.step,
-                                                               control.count))
-        token = _current.set(ctx)
+
+        def context() -> StepContext:  # built if the body calls current_step()
+            return StepContext(saga_id=run.id, step=control.step, count=control.count,
+                               attempt=control.attempt, config=config, params=run.params,
+                               idempotency_key=step_idempotency_key(run.id, control.step,
+                                                                    control.count))
+
+        token = _current.set(context)
         try:
             self._execute(task, control, lease, config, lambda: task.run(*args, **kwargs))
         finally:

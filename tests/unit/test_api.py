@@ -768,3 +768,31 @@ def test_run_gives_a_handle_on_an_existing_saga(sagas: SagaApp) -> None:
     assert handle.id == "h-1"
     assert handle.status() == started.status()
     assert "h-1" in repr(handle)
+
+
+def test_current_step_is_built_on_first_use_and_kept_for_the_attempt(
+        app: Celery, sagas: SagaApp) -> None:
+    """The step context is built only when the body asks for it, once per attempt; outside a
+    running step (after it, too) ``current_step()`` is an error."""
+    seen: list[StepContext] = []
+
+    @sagas.step(name="ctx.lazy", retries={"limit": 0})
+    def lazy(x: int) -> int:
+        seen.append(current_step())
+        seen.append(current_step())
+        return x
+
+    @sagas.step(name="ctx.silent", retries={"limit": 0})
+    def silent(x: int) -> int:
+        return x + 1
+
+    sagas.saga("s", [lazy.s(1), silent.s(), lazy.s()]).apply_async(
+        saga_id="ctx-1", params={"p": 1})
+    for _ in range(3):  # one stage at a time
+        run_due(sagas, "ctx-1")
+    assert len(seen) == 4 and seen[0] is seen[1] and seen[2] is seen[3]
+    assert [(c.step, c.count, c.attempt, c.params) for c in seen[::2]] == [
+        ("ctx.lazy", 1, 1, {"p": 1}), ("ctx.lazy", 2, 1, {"p": 1})]
+    assert seen[0].idempotency_key == "ctx-1:ctx.lazy:1"
+    with pytest.raises(SagaError, match="outside a running saga step"):
+        current_step()
