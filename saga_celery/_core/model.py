@@ -9,6 +9,7 @@ the next.
 
 from __future__ import annotations
 
+import weakref
 from datetime import datetime
 from enum import StrEnum
 from typing import Literal
@@ -129,11 +130,18 @@ class Plan(_Frozen):
     on_rollback_error: OnRollbackError = OnRollbackError.HALT
 
     def spec(self, key: str) -> StepSpec:
-        for stage in self.stages:
-            for spec in stage:
-                if spec.key == key:
-                    return spec
-        raise KeyError(key)
+        """The step of the plan with this key; ``KeyError`` if there is none."""
+        specs = _SPECS.get(id(self))
+        if specs is None:
+            specs = _SPECS[id(self)] = {s.key: s for stage in self.stages for s in stage}
+            weakref.finalize(self, _SPECS.pop, id(self), None)
+        return specs[key]
+
+
+_SPECS: dict[int, dict[str, StepSpec]] = {}
+"""Each live plan's steps by key, built on first lookup (a plan is built once per
+definition and process; a step looks its spec up two or three times).  Not a private
+attribute: pydantic reads those through ``__getattr__``, dearer than the search."""
 
 
 class AttemptRecord(_Record):
