@@ -44,7 +44,7 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
-from saga_celery._store.wire import Wire, pack
+from saga_celery._store.wire import Wire, pack, pack_args
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 """How long a terminal saga's state and events are kept: a week."""
@@ -80,6 +80,7 @@ class RedisStore:
         self._release = client.register_script(scripts.RELEASE_LEASE)
         self._plans: dict[bytes | str, Plan] = {}
         self._held = threading.local()
+        self._heads: dict[tuple[str, int], bytes] = {}
         self._raw = isinstance(client, redis.Redis)
 
     @classmethod
@@ -293,13 +294,27 @@ class RedisStore:
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
                 args: Sequence[str | bytes]) -> Any:
         """EVALSHA ``script`` as one command (see ``_loading``)."""
-        command = [("EVALSHA", script.sha, str(len(keys)), *keys, *args)]
+        if self._raw:
+            head = self._heads.get((script.sha, len(keys)))
+            if head is None:  # "EVALSHA <sha> <numkeys>" packed once per script
+                head = self._heads[script.sha, len(keys)] = pack_args(
+                    "EVALSHA", script.sha, str(len(keys)))
+            payload = b"".join([b"*%d\r\n" % (3 + len(keys) + len(args)), head,
+                                pack_args(*keys, *args)])
 
-        def send() -> Any:
-            reply = self._send(command)[0]
-            if isinstance(reply, redis.ResponseError):
-                raise reply
-            return reply
+            def send() -> Any:
+                reply = self._exchange(payload, 1)[0]
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+                return reply
+        else:
+            command = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
+
+            def send() -> Any:
+                reply = self._reply_of(command)
+                if isinstance(reply, redis.ResponseError):
+                    raise reply
+                return reply
 
         return self._loading(saga_id, script, send)
 
@@ -330,9 +345,13 @@ class RedisStore:
         """
         if not self._raw:
             return [self._reply_of(command) for command in commands]
+        return self._exchange(b"".join([pack(*command) for command in commands]),
+                              len(commands))
+
+    def _exchange(self, payload: bytes, count: int) -> list[Any]:
+        """Write ``count`` packed commands in one write on this thread's kept connection and
+        read their replies, errors as values; retried as redis-py's policy says."""
         wire = self._wire()
-        payload = b"".join([pack(*command) for command in commands])  # one write
-        count = len(commands)
         replies: list[Any] = wire.conn.retry.call_with_retry(
             lambda: wire.exchange(payload, count), _ignore)
         return replies

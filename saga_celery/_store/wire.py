@@ -144,7 +144,12 @@ class Wire:
 
 def pack(*args: str | bytes) -> bytes:
     """One command in RESP, the protocol Redis reads."""
-    parts = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n%b" % (len(args), pack_args(*args))
+
+
+def pack_args(*args: str | bytes) -> bytes:
+    """The arguments of a command in RESP, without the count that heads the command."""
+    parts = []
     for arg in args:
         data = arg.encode() if isinstance(arg, str) else arg
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
