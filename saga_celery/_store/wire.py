@@ -130,7 +130,10 @@ class Wire:
         if kind == b"+":
             return line[1:]
         if kind == b"-":
-            return self.conn._parser.parse_error(line[1:].decode(errors="replace"))
+            error = self.conn._parser.parse_error(line[1:].decode(errors="replace"))
+            if isinstance(error, redis.ConnectionError):
+                raise error  # as redis-py does: LOADING (a restarted Redis reading its data)
+            return error
         if kind == b"#":
             return line[1:] == b"t"
         if kind in (b",", b"("):

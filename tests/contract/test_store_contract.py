@@ -812,3 +812,44 @@ def test_the_commit_script_refuses_a_malformed_header(redis_backend: Backend) ->
     assert client.hgetall(state) == before
     assert client.evalsha(store._commit.sha, 2, state, events, "1|2|||0||d", "",
                           encode_progress(run)) == 1
+
+
+def test_a_loading_redis_is_an_error_to_retry_not_a_reply() -> None:
+    """A Redis still loading its data after a restart answers ``-LOADING``: like redis-py's
+    parser, the store's reader raises it (a ``ConnectionError``, so redis-py's retry policy
+    and the store's error translation handle it) instead of returning it as a reply; other
+    errors stay replies.  The chaos run found this one."""
+    import socket as socket_module
+
+    from redis._parsers import _RESP2Parser
+
+    from saga_celery._store.wire import Wire
+
+    ours, server = socket_module.socketpair()
+
+    class Conn:
+        _sock = ours
+        _parser = _RESP2Parser(socket_read_size=65536)
+        health_check_interval = 0
+
+        def send_packed_command(self, payload: Any) -> None:
+            ours.sendall(b"".join(payload))
+
+        def disconnect(self) -> None:
+            pass
+
+        def _host_error(self) -> str:
+            return "test"
+
+    wire = Wire(Conn())
+    wire.direct = True
+    try:
+        server.sendall(b"-ERR unknown command\r\n:1\r\n")
+        replies = wire.exchange(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n", 2)
+        assert isinstance(replies[0], redis.ResponseError) and replies[1] == 1
+        server.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
+        with pytest.raises(redis.exceptions.BusyLoadingError):
+            wire.exchange(b"*1\r\n$4\r\nPING\r\n", 1)
+    finally:
+        ours.close()
+        server.close()
