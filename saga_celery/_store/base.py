@@ -62,7 +62,6 @@ class SagaStore(Protocol):
         events: Sequence[EventDict],
         lease: LeaseChange | None = None,
         terminal: bool = False,
-        encoded: str | None = None,
         journal: bytes | None = None,
     ) -> bool:
         """Write ``run`` as version+1 if the stored version is still ``version``.
@@ -71,10 +70,10 @@ class SagaStore(Protocol):
         acquire fails the whole commit if another token holds the lease), and when
         ``terminal`` drops the saga from the active index and starts its retention clock.
         Returns False, writing nothing, on a version or lease conflict.  The plan is the
-        one ``create`` stored (it never changes); ``encoded`` is ``encode_progress(run)``
-        when the caller already has it.  ``journal``, given for a transition that leaves the
-        saga running, is the transition as a journal line: the store may append it to the
-        stored run's journal instead of writing the whole run (``_core/journal.py``).
+        one ``create`` stored (it never changes).  ``journal``, given for a transition that
+        leaves the saga running, is the transition as a journal line: the store may append
+        it to the stored run's journal instead of writing the whole run
+        (``_core/journal.py``).
         """
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:

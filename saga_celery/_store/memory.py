@@ -88,7 +88,6 @@ class MemoryStore:
         events: Sequence[EventDict],
         lease: LeaseChange | None = None,
         terminal: bool = False,
-        encoded: str | None = None,
         journal: bytes | None = None,  # always written in full here
     ) -> bool:
         if lease is not None and lease.action is LeaseAction.ACQUIRE:
@@ -100,7 +99,7 @@ class MemoryStore:
                 # The active index stays a superset, as in Redis after a refused terminal commit.
                 self._active.setdefault(run.id, index_score(run))
                 return False
-            record.version, record.data = version + 1, encoded or encode_progress(run)
+            record.version, record.data = version + 1, encode_progress(run)
             self._append(record, lines)
             self._apply_lease(run.id, lease)
             self._finish(run, record, terminal)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import redis
 from pydantic import ValidationError
@@ -135,10 +135,7 @@ class RedisStore:
         try:  # ``_errors``, without a context manager on the hot path
             replies = self._send(commands)
         except Exception as exc:
-            translated = self._translated(exc, saga_id)
-            if translated is exc:
-                raise
-            raise translated from exc
+            self._reraise(exc, saga_id)
         for key, reply in zip(keys, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 with self._errors(saga_id, key=key):
@@ -159,7 +156,6 @@ class RedisStore:
         events: Sequence[EventDict],
         lease: LeaseChange | None = None,
         terminal: bool = False,
-        encoded: str | None = None,
         journal: bytes | None = None,
     ) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
@@ -170,7 +166,7 @@ class RedisStore:
         if journal is not None and not ends:
             data, mode = journal, "j"
         else:
-            data, mode = encoded or encode_progress(run), "d"
+            data, mode = encode_progress(run), "d"
         if lease is None:
             action, token, ttl = "", "", ""
         else:
@@ -294,27 +290,18 @@ class RedisStore:
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
                 args: Sequence[str | bytes]) -> Any:
         """EVALSHA ``script`` as one command (see ``_loading``)."""
+        command = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
         if self._raw:
             head = self._heads.get((script.sha, len(keys)))
             if head is None:  # "EVALSHA <sha> <numkeys>" packed once per script
-                head = self._heads[script.sha, len(keys)] = pack_args(
-                    "EVALSHA", script.sha, str(len(keys)))
-            payload = b"".join([b"*%d\r\n" % (3 + len(keys) + len(args)), head,
-                                pack_args(*keys, *args)])
+                head = self._heads[script.sha, len(keys)] = pack_args(*command[:3])
+            payload = b"".join([b"*%d\r\n" % len(command), head, pack_args(*command[3:])])
 
-            def send() -> Any:
-                reply = self._exchange(payload, 1)[0]
-                if isinstance(reply, redis.ResponseError):
-                    raise reply
-                return reply
-        else:
-            command = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
-
-            def send() -> Any:
-                reply = self._reply_of(command)
-                if isinstance(reply, redis.ResponseError):
-                    raise reply
-                return reply
+        def send() -> Any:
+            reply = self._exchange(payload, 1)[0] if self._raw else self._reply_of(command)
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+            return reply
 
         return self._loading(saga_id, script, send)
 
@@ -329,10 +316,7 @@ class RedisStore:
                 except redis.exceptions.NoScriptError:
                     self._client.script_load(script.script)
         except Exception as exc:
-            translated = self._translated(exc, saga_id)
-            if translated is exc:
-                raise
-            raise translated from exc
+            self._reraise(exc, saga_id)
         raise SagaStoreError(f"Redis at {self._where} keeps forgetting saga_celery's scripts.")
 
     def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
@@ -455,10 +439,18 @@ class RedisStore:
         try:
             yield
         except Exception as exc:
-            translated = self._translated(exc, saga_id, key=key)
-            if translated is exc:
-                raise
-            raise translated from exc
+            self._reraise(exc, saga_id, key=key)
+
+    def _reraise(self, exc: Exception, saga_id: str | None, *, key: str | None = None
+                 ) -> NoReturn:
+        """Raise ``exc`` as the ``SagaStoreError`` it means, or as it is if not redis-py's.
+
+        Called from an ``except`` block; ``_errors`` is the same as a context manager, for
+        the paths where a generator's cost does not matter."""
+        translated = self._translated(exc, saga_id, key=key)
+        if translated is exc:
+            raise exc
+        raise translated from exc
 
     def _translated(self, exc: Exception, saga_id: str | None, *, key: str | None = None
                     ) -> Exception:
