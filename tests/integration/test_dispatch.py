@@ -1,0 +1,127 @@
+"""The dispatcher publishes saga messages through a producer of its own on a Redis broker.
+
+kombu's Redis channel builds a new ``redis.Redis`` client per published message; the
+dispatcher's own channel keeps one (``keep_client``).  These tests publish to a real Redis
+broker and read the messages back: every message arrives, on the queue ``task_routes``
+names, and the app's producer pool (the user's own tasks) is left as kombu made it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from saga_celery._celery.dispatch import Dispatcher, build_message, keep_client
+from saga_celery._core.machine import start_saga
+from saga_celery._core.model import Dispatch, SagaRun
+from tests.unit.sim import plan
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+
+
+def _run(saga_id: str = "s-1") -> SagaRun:
+    return start_saga(saga_id=saga_id, name="order", plan=plan("shop.reserve"), params={},
+                      now=NOW).run
+
+
+def _dispatch(attempt: int = 1) -> Dispatch:
+    """The saga's first message, as the attempt ``attempt`` (a retry after the first)."""
+    first = start_saga(saga_id="s-0", name="order", plan=plan("shop.reserve"), params={},
+                       now=NOW).dispatches[0]
+    return first.model_copy(update={"attempt": attempt, "retries": attempt - 1})
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    celery = Celery("dispatch-test", broker=redis_url, set_as_current=False)
+    celery.conf.task_routes = {"shop.*": {"queue": "shop-steps"}}
+    yield celery
+    celery.close()
+
+
+def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
+
+
+def test_messages_go_through_one_kept_client_to_the_routed_queue(
+        app: Celery, redis_client: redis.Redis) -> None:
+    redis_client.delete("shop-steps")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    run = _run()
+    dispatcher.send(run, [_dispatch(1)])
+    producer = dispatcher._producer()
+    assert producer is not None
+    channel = producer.channel
+    first = channel.conn_or_acquire().__enter__()
+    dispatcher.send(run, [_dispatch(2), _dispatch(3)])
+    assert channel.conn_or_acquire().__enter__() is first  # one client, kept
+    assert dispatcher._producer() is producer
+
+    messages = _queued(redis_client, "shop-steps")
+    assert [m["headers"]["task"] for m in messages] == ["shop.reserve"] * 3
+    expected = [build_message(run, _dispatch(a), NOW).task_id for a in (1, 2, 3)]
+    assert [m["headers"]["id"] for m in messages] == expected
+    # the app's own producers (the user's tasks) keep kombu's client per message
+    with app.producer_or_acquire() as pooled:
+        assert "conn_or_acquire" not in pooled.channel.__dict__
+
+
+def test_a_revived_channel_gets_a_kept_client_again(app: Celery,
+                                                     redis_client: redis.Redis) -> None:
+    redis_client.delete("shop-steps")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    dispatcher.send(_run(), [_dispatch(1)])
+    producer = dispatcher._producer()
+    assert producer is not None
+    fresh = producer.connection.channel()  # what kombu does after a lost connection
+    producer.revive(fresh)
+    dispatcher.send(_run(), [_dispatch(2)])
+    assert "conn_or_acquire" in fresh.__dict__
+    assert len(_queued(redis_client, "shop-steps")) == 2
+
+
+def test_each_thread_publishes_through_its_own_producer(app: Celery,
+                                                        redis_client: redis.Redis) -> None:
+    redis_client.delete("shop-steps")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    producers: list[Any] = []
+
+    def send(saga_id: str) -> None:
+        dispatcher.send(_run(saga_id), [_dispatch(1)])
+        producers.append(dispatcher._producer())
+
+    threads = [threading.Thread(target=send, args=(f"s-{i}",)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(p) for p in producers}) == 3
+    assert len(_queued(redis_client, "shop-steps")) == 3
+
+
+def test_other_transports_publish_through_the_app_producer_pool() -> None:
+    app = Celery("dispatch-memory", broker="memory://", set_as_current=False)
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    assert dispatcher._producer() is None
+    dispatcher.send(_run(), [_dispatch(1)])
+    with app.connection_for_read() as conn:
+        message = conn.SimpleQueue("celery").get(timeout=1)
+        assert message.headers["task"] == "shop.reserve"
+        message.ack()
+
+
+def test_keep_client_leaves_a_channel_that_is_not_kombus_redis_channel_alone() -> None:
+    class Other:
+        def conn_or_acquire(self, client: Any = None) -> Any:
+            return client
+
+    other = Other()
+    keep_client(other)
+    assert "conn_or_acquire" not in other.__dict__
