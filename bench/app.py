@@ -335,8 +335,33 @@ def _dispatch_ignore_result(_: SagaApp) -> None:
     dispatch.Message.options = without_result  # type: ignore[method-assign]
 
 
+def _chain_extra_round_trip(_: SagaApp) -> None:
+    """Not a library change, a probe: each chain link with result backend makes one more
+    blocking Redis round trip (a PING to the result database), to learn how much one round
+    trip on a task's path costs the wall time of a run."""
+    run = noop.run
+
+    def with_ping(value: Any = None) -> Any:
+        app.backend.client.ping()
+        return run(value)
+
+    noop.run = with_ping
+
+
+def _saga_no_time_limits(saga_app: SagaApp) -> None:
+    """A probe, not a change to keep: saga tasks without Celery's per-task time limits, to
+    learn what the pool's timer bookkeeping costs the worker's main process per task."""
+    from saga_celery._celery.tasks import SagaTask
+
+    for task in list(saga_app.app.tasks.values()):
+        if isinstance(task, SagaTask):
+            task.time_limit = task.soft_time_limit = None
+
+
 EXPERIMENTS: dict[str, Callable[[SagaApp], None]] = {
+    "saga_no_time_limits": _saga_no_time_limits,
     "dispatch_ignore_result": _dispatch_ignore_result,
+    "chain_extra_round_trip": _chain_extra_round_trip,
 }
 """Prototype library changes by name, each a patch applied to this process at import."""
 
