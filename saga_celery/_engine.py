@@ -6,6 +6,7 @@ loop, leases, event ids and the structlog line of every lifecycle event.  No Cel
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -26,6 +27,14 @@ log = structlog.get_logger("saga_celery")
 
 MAX_CONFLICTS = 200
 """Compare-and-set retries before giving up: only a pathological storm of writers hits it."""
+
+BEHIND_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
+"""How long a start waits, read after read, for the commit that sent its message (~90 ms in
+all).  Past that it goes on with what is stored: an attempt not due there is dropped, and
+the recovery sweep re-sends it if the commit lands after all."""
+
+Sender = Callable[[Transition, int | None], None]
+"""Publishes a transition's messages, given the version its commit creates (None: stored)."""
 
 
 def utcnow() -> datetime:
@@ -93,18 +102,34 @@ class Engine:
                 saga_id=saga_id)
         return snapshot
 
-    def handle(self, saga_id: str, event: Event, *, lease: Lease | None = None) -> Transition:
+    def handle(self, saga_id: str, event: Event, *, lease: Lease | None = None,
+               send: Sender | None = None, not_before: int | None = None) -> Transition:
         """Apply ``event`` and commit it; retried on concurrent writes.
 
         With ``lease`` and an ``AttemptStarted`` event, the lease is taken with the commit
         when the answer is RUN; with an end event it is given back with the commit.  A
         start that leaves the saga running is committed as a journal line
         (``_core/journal.py``) rather than the whole run.
+
+        ``send``, given, publishes a transition's messages.  It is called for the
+        transition returned, with the version its commit creates, while that commit's
+        answer is on the way (the two round trips overlap), and also for a transition whose
+        commit was then refused: the receiving side drops those messages, since the
+        attempts they carry are not due in the stored saga.  An error it raises for a
+        commit that landed is raised once the commit is recorded; for one that was refused,
+        it is dropped with the refused messages.
+
+        ``not_before``: the version whose commit sent the message being started (it went
+        out before that commit's answer).  A store behind it is read again for a moment,
+        as the commit may still be on its way on another connection.
         """
         memo = self._cached_for(self._cache.pop(saga_id, None), event)
+        if memo is not None and not_before is not None and memo[0].version < not_before:
+            memo = None  # this process's copy predates the message
         fresh: tuple[Snapshot, Event] | None = None
         for _ in range(MAX_CONFLICTS):
-            snapshot, applied = memo or fresh or self._load_for(saga_id, event, lease)
+            snapshot, applied = memo or fresh or self._load_for(saga_id, event, lease,
+                                                                not_before)
             from_memo, memo, fresh = memo is not None, None, None
             was_terminal = snapshot.run.is_terminal
             now = self.clock()
@@ -112,11 +137,13 @@ class Engine:
             if not transition.changed:
                 if from_memo:
                     continue  # "nothing to do" must come from the stored state
+                if send is not None:
+                    send(transition, None)
                 return transition
             journal = (encode_entry(applied, now)
                        if isinstance(applied, AttemptStarted) and not transition.run.is_terminal
                        and snapshot.journal < MAX_ENTRIES else None)
-            if self._commit(snapshot, was_terminal, transition, event, lease, journal):
+            if self._commit(snapshot, was_terminal, transition, event, lease, journal, send):
                 return transition
             fresh = self._load_for(saga_id, event, lease)
             if _landed(fresh[0], snapshot.version, transition):
@@ -139,11 +166,21 @@ class Engine:
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    def _load_for(self, saga_id: str, event: Event, lease: Lease | None
-                  ) -> tuple[Snapshot, Event]:
+    def _load_for(self, saga_id: str, event: Event, lease: Lease | None,
+                  not_before: int | None = None) -> tuple[Snapshot, Event]:
         """Load the saga; a start event learns whether another delivery holds the lease."""
         started = lease is not None and isinstance(event, AttemptStarted)
-        snapshot = self.store.load(saga_id, lease=lease.name if lease and started else None)
+        name = lease.name if lease and started else None
+        snapshot = self.store.load(saga_id, lease=name)
+        pauses = iter(BEHIND_PAUSES_S if not_before is not None else ())
+        while snapshot is not None and snapshot.version < (not_before or 0):
+            pause = next(pauses, None)
+            if pause is None:
+                break
+            log.debug("saga.start_waits_for_commit", saga_id=saga_id,
+                      version=snapshot.version, not_before=not_before, pause_s=pause)
+            time.sleep(pause)  # the commit that sent the message is still on its way
+            snapshot = self.store.load(saga_id, lease=name)
         if snapshot is None:
             raise SagaNotFoundError(f"no saga with id {saga_id!r}", saga_id=saga_id)
         if lease is not None and isinstance(event, AttemptStarted):
@@ -152,16 +189,30 @@ class Engine:
         return snapshot, event
 
     def _commit(self, snapshot: Snapshot, was_terminal: bool, transition: Transition,
-                event: Event, lease: Lease | None, journal: bytes | None) -> bool:
+                event: Event, lease: Lease | None, journal: bytes | None,
+                send: Sender | None = None) -> bool:
         change = _lease_change(transition, event, lease)
         version = snapshot.version
         events = _with_ids(transition.events, transition.run.id, version + 1)
         terminal = transition.run.is_terminal and not was_terminal
+        failed: list[BaseException] = []
+
+        def sent() -> None:
+            assert send is not None
+            try:
+                send(transition, version + 1)
+            except BaseException as exc:  # raised below once the commit is known to have landed
+                failed.append(exc)
+
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
-                               terminal=terminal, journal=journal)
+                               terminal=terminal, journal=journal,
+                               sent=None if send is None else sent)
         if ok:
             self._committed(Snapshot(transition.run, version + 1, None,
                                      snapshot.journal + 1 if journal else 0), transition)
+        if ok and failed:
+            raise failed[0]
+        # Refused: what failed to go out was not due; the next try sends what is.
         return ok
 
     def _committed(self, stored: Snapshot, transition: Transition) -> None:

@@ -30,6 +30,9 @@ class Control:
     step: str
     count: int
     attempt: int
+    after: int | None = None
+    """The saga version whose commit sent this message, when it went out before that
+    commit's answer was read: a start that finds an older version waits for it."""
 
     @classmethod
     def parse(cls, value: object) -> Control:
@@ -40,10 +43,12 @@ class Control:
         if type(value) is dict:  # what every message carries: checked in one expression
             saga_id, kind, key = value.get("saga_id"), value.get("kind"), value.get("key")
             step, count, attempt = value.get("step"), value.get("count"), value.get("attempt")
+            after = value.get("after")
             if (type(saga_id) is str and type(key) is str and type(step) is str
                     and type(count) is int and type(attempt) is int and count > 0
-                    and attempt > 0 and type(kind) is str and kind in _KINDS):
-                return cls(saga_id, _KINDS[kind], key, step, count, attempt)
+                    and attempt > 0 and type(kind) is str and kind in _KINDS
+                    and (after is None or (type(after) is int and after > 0))):
+                return cls(saga_id, _KINDS[kind], key, step, count, attempt, after)
         return cls._checked(value)
 
     @classmethod
@@ -59,17 +64,25 @@ class Control:
             number = value.get(name)
             if not isinstance(number, int) or isinstance(number, bool) or number < 1:
                 raise _invalid(value, name, "a positive integer")
+        after = value.get("after")
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool)
+                                  or after < 1):
+            raise _invalid(value, "after", "a positive integer or absent")
         try:
             kind = Kind(value["kind"])
         except ValueError:
             raise _invalid(value, "kind", f"one of {', '.join(k.value for k in Kind)}") from None
         return cls(saga_id=value["saga_id"], kind=kind, key=value["key"], step=value["step"],
-                   count=value["count"], attempt=value["attempt"])
+                   count=value["count"], attempt=value["attempt"], after=after)
 
     def as_kwarg(self) -> dict[str, Any]:
         """What the message carries under ``__saga__``: JSON types only."""
-        return {"saga_id": self.saga_id, "kind": self.kind.value, "key": self.key,
-                "step": self.step, "count": self.count, "attempt": self.attempt}
+        out: dict[str, Any] = {"saga_id": self.saga_id, "kind": self.kind.value,
+                               "key": self.key, "step": self.step, "count": self.count,
+                               "attempt": self.attempt}
+        if self.after is not None:
+            out["after"] = self.after
+        return out
 
     def kwargs_repr(self) -> str:
         """What Celery events and Flower show instead of the kwargs: ids, never payloads.

@@ -45,11 +45,13 @@ class Message(NamedTuple):
         }
 
 
-def build_message(run: SagaRun, dispatch: Dispatch, now: datetime) -> Message:
-    """The task, arguments and options of one outbox entry, resolved from the run."""
+def build_message(run: SagaRun, dispatch: Dispatch, now: datetime,
+                  after: int | None = None) -> Message:
+    """The task, arguments and options of one outbox entry, resolved from the run;
+    ``after``: the version being committed with it, if its answer is not in yet."""
     spec = run.plan.spec(dispatch.key)
     control = Control(saga_id=run.id, kind=dispatch.kind, key=spec.key, step=spec.name,
-                      count=spec.count, attempt=dispatch.attempt)
+                      count=spec.count, attempt=dispatch.attempt, after=after)
     if dispatch.kind == Kind.STEP:
         task = spec.task
         args = list(spec.args)
@@ -79,11 +81,12 @@ class Dispatcher:
         self.clock = clock
         self._local = threading.local()
 
-    def send(self, run: SagaRun, dispatches: Sequence[Dispatch]) -> None:
+    def send(self, run: SagaRun, dispatches: Sequence[Dispatch], *,
+             after: int | None = None) -> None:
         if not dispatches:
             return
         now = self.clock()
-        messages = [build_message(run, d, now) for d in dispatches]
+        messages = [build_message(run, d, now, after) for d in dispatches]
         producer = self._producer()
         if producer is None:
             with self.app.producer_or_acquire() as pooled:

@@ -127,7 +127,8 @@ class Runtime:
                       + f":{threading.get_ident()}",
                       ttl_ms=self.settings.lease_ttl_ms)
         event = AttemptStarted(kind=control.kind, key=control.key, attempt=control.attempt)
-        transition = self.engine.handle(control.saga_id, event, lease=lease)
+        transition = self.engine.handle(control.saga_id, event, lease=lease,
+                                        not_before=control.after)
         self.dispatcher.send(transition.run, transition.dispatches)
         if transition.decision == Decision.WAIT:
             self._requeue(task, control)
@@ -156,8 +157,11 @@ class Runtime:
             raise
         ended = AttemptSucceeded(kind=control.kind, key=control.key, attempt=control.attempt,
                                  output=output)
-        transition = self.engine.handle(control.saga_id, ended, lease=lease)
-        self.dispatcher.send(transition.run, transition.dispatches)
+        # The next messages go out while the end commit's answer is on its way.
+        self.engine.handle(control.saga_id, ended, lease=lease, send=self._send)
+
+    def _send(self, transition: Transition, version: int | None) -> None:
+        self.dispatcher.send(transition.run, transition.dispatches, after=version)
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:

@@ -157,6 +157,7 @@ class RedisStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,
+        sent: Callable[[], None] | None = None,
     ) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
@@ -183,7 +184,7 @@ class RedisStore:
         if not terminal:
             # One command: the saga is already in the active index, unless this commit
             # revived it (the script says so), which is rare enough for a second trip.
-            reply = int(self._script(run.id, self._commit, keys, args))
+            reply = int(self._script(run.id, self._commit, keys, args, sent))
             if reply == 2:
                 self._restore_active(run.id, {run.id: index_score(run)})
             return reply != 0
@@ -198,6 +199,8 @@ class RedisStore:
         except SagaStoreError:
             self._restore_active(run.id, score)
             raise
+        if sent is not None:
+            sent()
         if not committed:
             self._restore_active(run.id, score)
         return committed
@@ -288,8 +291,8 @@ class RedisStore:
     # -- helpers -----------------------------------------------------------------------
 
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
-                args: Sequence[str | bytes]) -> Any:
-        """EVALSHA ``script`` as one command (see ``_loading``)."""
+                args: Sequence[str | bytes], sent: Callable[[], None] | None = None) -> Any:
+        """EVALSHA ``script`` as one command (see ``_loading``); ``sent`` as in ``commit``."""
         command = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
         if self._raw:
             head = self._heads.get((script.sha, len(keys)))
@@ -297,8 +300,16 @@ class RedisStore:
                 head = self._heads[script.sha, len(keys)] = pack_args(*command[:3])
             payload = b"".join([b"*%d\r\n" % len(command), head, pack_args(*command[3:])])
 
+        hooks = [sent] if sent is not None else []
+
         def send() -> Any:
-            reply = self._exchange(payload, 1)[0] if self._raw else self._reply_of(command)
+            hook = hooks.pop() if hooks else None  # once, not again after NOSCRIPT
+            if self._raw:
+                reply = self._exchange(payload, 1, hook)[0]
+            else:
+                reply = self._reply_of(command)
+                if hook is not None:
+                    hook()
             if isinstance(reply, redis.ResponseError):
                 raise reply
             return reply
@@ -332,13 +343,50 @@ class RedisStore:
         return self._exchange(b"".join([pack(*command) for command in commands]),
                               len(commands))
 
-    def _exchange(self, payload: bytes, count: int) -> list[Any]:
+    def _exchange(self, payload: bytes, count: int, sent: Callable[[], None] | None = None
+                  ) -> list[Any]:
         """Write ``count`` packed commands in one write on this thread's kept connection and
-        read their replies, errors as values; retried as redis-py's policy says."""
+        read their replies, errors as values; retried as redis-py's policy says.
+
+        ``sent`` is called once, between the first write that went out and reading: what
+        the caller does there overlaps the round trip.
+        """
         wire = self._wire()
-        replies: list[Any] = wire.conn.retry.call_with_retry(
-            lambda: wire.exchange(payload, count), _ignore)
+        if wire.waiting:  # ``sent`` (a publish signal handler?) came back to the store
+            return self._exchange_aside(payload, count)
+        if sent is None:
+            replies: list[Any] = wire.conn.retry.call_with_retry(
+                lambda: wire.exchange(payload, count), _ignore)
+            return replies
+        pending = [sent]
+
+        def exchange() -> list[Any]:
+            wire.send(payload)
+            if pending:
+                wire.waiting = True
+                try:
+                    pending.pop()()
+                except BaseException:
+                    wire.conn.disconnect()  # the reply owed is never read: start afresh
+                    raise
+                finally:
+                    wire.waiting = False
+            return wire.read(count)
+
+        replies = wire.conn.retry.call_with_retry(exchange, _ignore)
         return replies
+
+    def _exchange_aside(self, payload: bytes, count: int) -> list[Any]:
+        """``_exchange`` on a connection of the pool's, while the kept one awaits a reply."""
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+        try:
+            aside = Wire(conn)
+            replies: list[Any] = conn.retry.call_with_retry(
+                lambda: aside.exchange(payload, count), _ignore)
+            return replies
+        finally:
+            pool.release(conn)
 
     def _reply_of(self, command: tuple[str | bytes, ...]) -> Any:
         try:

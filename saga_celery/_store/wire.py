@@ -39,6 +39,8 @@ class Wire:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.direct = self.fits(conn)
+        self.waiting = False
+        """Set while a reply is owed on ``conn``: nothing else may be sent on it then."""
         self._buf = bytearray()
         self._pos = 0
 
@@ -49,11 +51,22 @@ class Wire:
 
     def exchange(self, payload: bytes, replies: int) -> list[Any]:
         """Write ``payload`` (``replies`` packed commands) and read their replies."""
-        if not self.direct:
-            return self._through_redis_py(payload, replies)
+        self.send(payload)
+        return self.read(replies)
+
+    def send(self, payload: bytes) -> None:
+        """Write ``payload``; ``read`` its replies before the next ``send``.
+
+        redis-py connects if it must, checks an idle connection's health and sends (and
+        disconnects if that fails).
+        """
+        self.conn.send_packed_command([payload])
+
+    def read(self, replies: int) -> list[Any]:
+        """The replies of the ``replies`` commands of the last ``send``."""
         conn = self.conn
-        # redis-py connects if it must, checks an idle connection's health and sends
-        conn.send_packed_command([payload])
+        if not self.direct:
+            return self._through_redis_py(replies)
         try:
             self._reset()
             out = [self._reply() for _ in range(replies)]
@@ -72,10 +85,9 @@ class Wire:
             conn.next_health_check = time.monotonic() + conn.health_check_interval
         return out
 
-    def _through_redis_py(self, payload: bytes, replies: int) -> list[Any]:
+    def _through_redis_py(self, replies: int) -> list[Any]:
         conn = self.conn
         try:
-            conn.send_packed_command([payload])
             out: list[Any] = []
             for _ in range(replies):
                 try:

@@ -689,6 +689,8 @@ def test_operations_on_an_unknown_id_raise_not_found(sagas: SagaApp) -> None:
     ({"kind": "undo"}, "'kind' must be one of step, rollback, got 'undo'"),
     ({"saga_id": None}, "'saga_id' must be a string, got None"),
     ({"kind": ["step"]}, "'kind' must be a string, got \\['step'\\]"),
+    ({"after": 0}, "'after' must be a positive integer or absent, got 0"),
+    ({"after": "7"}, "'after' must be a positive integer or absent, got '7'"),
 ])
 def test_a_malformed_saga_control_kwarg_is_named(change: dict[str, Any], named: str) -> None:
     """A hand-made or corrupted ``__saga__`` kwarg fails the task with what is wrong in it."""
@@ -704,3 +706,6 @@ def test_a_malformed_saga_control_kwarg_is_named(change: dict[str, Any], named: 
         split_control({"__saga__": {**good, **change}})
     with pytest.raises(SagaError, match="must be a dict, got list"):
         split_control({"__saga__": [1]})
+    hinted, _ = split_control({"__saga__": {**good, "after": 7}})
+    assert hinted.after == 7 and hinted.as_kwarg()["after"] == 7  # type: ignore[union-attr]
+    assert "after" not in Control.parse(good).as_kwarg()

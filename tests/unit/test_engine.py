@@ -26,7 +26,7 @@ from saga_celery._core.events import (
     Transition,
 )
 from saga_celery._core.model import ErrorInfo, EventType, Kind, Plan
-from saga_celery._engine import Engine, Lease
+from saga_celery._engine import BEHIND_PAUSES_S, Engine, Lease
 from saga_celery._store.base import Snapshot
 from saga_celery._store.memory import MemoryStore
 from tests.unit.sim import plan
@@ -497,3 +497,140 @@ def test_a_skip_is_never_decided_on_a_stale_cached_state() -> None:
     # mine still remembers the state before b was sent; b's message must run anyway
     t = mine.handle("s-1", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1))
     assert t.decision == Decision.RUN
+
+
+# --- publishing while the end commit's answer is on its way -------------------------------------
+
+
+def test_send_publishes_the_committed_transition_once() -> None:
+    """``handle(send=...)`` hands the transition it returns to ``send`` exactly once, after the
+    store has the commit; a transition that sends nothing still comes through it."""
+    engine, store = new_engine()
+    saga = submit(engine, "s-send", plan("a", "b"))
+    saga.start("a")
+    sent: list[tuple[int, int | None, Transition]] = []
+
+    def send(transition: Transition, version: int | None) -> None:
+        snapshot = store.load("s-send")
+        assert snapshot is not None
+        sent.append((snapshot.version, version, transition))
+
+    ended = engine.handle("s-send", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
+                                                     output="A"), send=send)
+    assert [t for _, _, t in sent] == [ended]
+    assert sent[0][:2] == (3, 3)  # the version the end commit creates, already stored
+    assert [d.key for d in ended.dispatches] == ["b#1"]
+
+
+def test_a_refused_commit_sends_again_what_the_landed_one_dispatches() -> None:
+    """A stale cached state: the speculative transition's messages go out with its commit,
+    which is refused; the transition built on the stored state is sent after its own."""
+    engine, store = new_engine()
+    saga = submit(engine, "s-stale", plan("a", "b"))
+    saga.start("a")
+    Engine(store, clock=engine.clock).handle(  # another process moves the saga on
+        "s-stale", TerminateRequested(rollback=False, reason="stop"))
+    sent: list[Transition] = []
+    ended = engine.handle("s-stale", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
+                                                      output="A"),
+                          send=lambda transition, _: sent.append(transition))
+    assert len(sent) == 2 and sent[-1] is ended
+    assert [d.key for d in sent[0].dispatches] == ["b#1"]  # dropped by its receiver
+    assert ended.dispatches == []  # terminated: nothing is due
+    assert store.load("s-stale").run.steps["a#1"].output == "A"  # type: ignore[union-attr]
+
+
+def test_a_send_error_is_raised_once_the_landed_commit_is_recorded() -> None:
+    engine, store = new_engine()
+    saga = submit(engine, "s-err", plan("a", "b"))
+    saga.start("a")
+
+    def send(_: Transition, __: int | None) -> None:
+        raise ConnectionError("broker down")
+
+    with pytest.raises(ConnectionError, match="broker down"):
+        engine.handle("s-err", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
+                                                output="A"), send=send)
+    stored = store.load("s-err")
+    assert stored is not None and stored.version == 3
+    assert list(stored.run.outbox) == ["step:b#1:1"]  # the sweeper re-sends it
+    assert engine._cache["s-err"].version == 3
+
+
+def test_a_send_error_for_a_refused_commit_is_dropped_with_its_messages() -> None:
+    engine, store = new_engine()
+    saga = submit(engine, "s-drop", plan("a", "b"))
+    saga.start("a")
+    Engine(store, clock=engine.clock).handle(
+        "s-drop", TerminateRequested(rollback=False, reason="stop"))
+    calls: list[Transition] = []
+
+    def send(transition: Transition, _: int | None) -> None:
+        calls.append(transition)
+        if len(calls) == 1:
+            raise ConnectionError("broker down")
+
+    ended = engine.handle("s-drop", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
+                                                     output="A"), send=send)
+    assert calls[-1] is ended and len(calls) == 2
+
+
+def test_a_start_waits_a_moment_for_the_commit_that_sent_its_message() -> None:
+    """A message published before its commit's answer (``not_before``) can reach a worker
+    whose store read comes first (another connection, another host): the start reads
+    again until the commit is there, and runs."""
+    engine, store = new_engine()
+    saga = submit(engine, "s-early", plan("a", "b"))
+    saga.start("a")
+    before = store.load("s-early")  # version 2: a running, b not due yet
+    saga.ok("a", "A")  # version 3: b is due
+    reads = Behind(store, [before, before])
+    started = Engine(reads, clock=engine.clock).handle(  # type: ignore[arg-type]
+        "s-early", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1), not_before=3)
+    assert reads.loads == 3 and started.decision == Decision.RUN
+
+
+class Behind:
+    """A store whose first loads return older snapshots; everything else is ``inner``'s."""
+
+    def __init__(self, inner: MemoryStore, stale: list[Snapshot | None]) -> None:
+        self.inner, self.stale, self.loads = inner, stale, 0
+
+    def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
+        self.loads += 1
+        return self.stale.pop(0) if self.stale else self.inner.load(saga_id, lease=lease)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_start_stops_waiting_and_drops_a_message_whose_commit_never_lands() -> None:
+    engine, store = new_engine()
+    saga = submit(engine, "s-never", plan("a", "b"))
+    saga.start("a")
+    reads = Behind(store, [])
+    started = Engine(reads, clock=engine.clock).handle(  # type: ignore[arg-type]
+        "s-never", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1), not_before=9)
+    assert started.decision == Decision.SKIP  # b is not due: the sweep re-sends if need be
+    assert reads.loads == 1 + len(BEHIND_PAUSES_S)
+
+
+def test_a_cached_copy_older_than_the_message_is_not_used() -> None:
+    """``not_before`` past the cached version: the start loads instead of committing on a
+    copy it knows is stale (which would be refused)."""
+    engine, store = new_engine()
+    saga = submit(engine, "s-old", plan("a", "b"))
+    saga.start("a")
+    other = Engine(store, clock=engine.clock)
+    other.handle("s-old", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1, output="A"))
+    commits = [0]
+    original = store.commit
+
+    def counted(run: Any, **kwargs: Any) -> bool:
+        commits[0] += 1
+        return original(run, **kwargs)
+
+    store.commit = counted  # type: ignore[method-assign]
+    started = engine.handle("s-old", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1),
+                            not_before=3)
+    assert started.decision == Decision.RUN and commits[0] == 1
