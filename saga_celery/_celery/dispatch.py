@@ -113,8 +113,8 @@ class Dispatcher:
         return producer
 
     def _new_producer(self) -> Producer | None:
-        connection = self.app.connection_for_write()
-        if not fits_kept_client(connection.default_channel):
+        connection = self.app.connection_for_write()  # not connected yet
+        if getattr(connection.transport, "Channel", None) is not kombu_redis.Channel:
             connection.release()
             return None
         return self.app.amqp.Producer(connection)
