@@ -9,7 +9,6 @@ nobody.  The queues are purged before and deleted after the module.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Iterator
 from types import ModuleType
@@ -18,7 +17,7 @@ import pytest
 from kombu import Connection, Exchange, Queue
 
 from tests.integration.conftest import TEST_DB, _in_ci
-from tests.integration.shop_fixtures import SHOP
+from tests.integration.shop_fixtures import import_shop_copy
 from tests.integration.test_failures import (  # noqa: F401 (collected here again)
     test_killed_pool_process_is_redelivered_and_next_step_runs_once,
     test_whole_worker_killed_mid_step_and_a_new_worker_finishes,
@@ -53,7 +52,7 @@ def shop(shop_env: dict[str, str]) -> Iterator[ModuleType]:
         if _in_ci():
             pytest.fail(problem, pytrace=False)
         pytest.skip(problem)
-    module = _import_copy(shop_env)
+    module = import_shop_copy(shop_env, "amqp")
     _clear_queues(delete=False)
     yield module
     module.app.close()
@@ -67,26 +66,6 @@ def _reach(url: str) -> str | None:
     except Exception as exc:
         return f"RabbitMQ at {url} cannot be reached ({exc}): start it or set SAGA_TEST_AMQP_URL"
     return None
-
-
-def _import_copy(env: dict[str, str]) -> ModuleType:
-    """Import ``shop.py`` again under another name, with ``env`` set only while it loads."""
-    spec = importlib.util.find_spec(SHOP)
-    assert spec is not None and spec.origin is not None
-    copy = importlib.util.spec_from_file_location(f"{SHOP}_amqp", spec.origin)
-    assert copy is not None and copy.loader is not None
-    module = importlib.util.module_from_spec(copy)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        copy.loader.exec_module(module)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return module
 
 
 def _clear_queues(*, delete: bool) -> None:
