@@ -39,6 +39,7 @@ from saga_celery._engine import Lease
 from saga_celery._store import RedisStore
 from tests.integration import secure_app
 from tests.integration.harness import WorkerFactory
+from tests.integration.proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -317,7 +318,7 @@ def test_an_oversized_output_on_a_real_worker_fails_the_saga_and_rolls_back(
 # --- a connection dropped in the middle of a transition ---------------------------------------
 
 
-class ReplyDroppingProxy:
+class ReplyDroppingProxy(TcpProxy):
     """A TCP proxy in front of Redis that can lose one reply.
 
     Armed with a marker (a script's SHA), it forwards the request that carries it, waits
@@ -326,33 +327,19 @@ class ReplyDroppingProxy:
     """
 
     def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
         self.marker: bytes | None = None
         self.dropped = 0
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(host, port)
 
     def arm(self, marker: str) -> None:
         self.marker = marker.encode()
 
-    def close(self) -> None:
-        for sock in [self.listener, *self._sockets]:
-            with suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        with suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.upstream)
-                self._sockets += [client, server]
-                armed = threading.Event()
-                threading.Thread(target=self._requests, args=(client, server, armed),
-                                 daemon=True).start()
-                threading.Thread(target=self._replies, args=(server, client, armed),
-                                 daemon=True).start()
+    def connected(self, client: socket.socket, server: socket.socket) -> None:
+        armed = threading.Event()
+        threading.Thread(target=self._requests, args=(client, server, armed),
+                         daemon=True).start()
+        threading.Thread(target=self._replies, args=(server, client, armed),
+                         daemon=True).start()
 
     def _requests(self, client: socket.socket, server: socket.socket,
                   armed: threading.Event) -> None:

@@ -28,6 +28,7 @@ import pytest
 
 from saga_celery._engine import BEHIND_PAUSES_S
 from tests.integration.harness import WorkerFactory, WorkerProcess
+from tests.integration.proxy import TcpProxy
 from tests.integration.shop_fixtures import SHOP, entries, import_shop_copy, wait_for
 
 pytestmark = pytest.mark.integration
@@ -36,33 +37,17 @@ END_COMMIT = b"|release|"
 """In the header argument of a commit that gives a lease back: the end of an attempt."""
 
 
-class HoldingProxy:
+class HoldingProxy(TcpProxy):
     """A TCP proxy that holds back each request carrying ``END_COMMIT`` for ``hold_s``."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
         self.hold_s = 0.0
         self.held = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(host, port)
 
-    def close(self) -> None:
-        for sock in [self.listener, *self._sockets]:
-            with suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        with suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.upstream)
-                self._sockets += [client, server]
-                threading.Thread(target=self._pipe, args=(client, server, True),
-                                 daemon=True).start()
-                threading.Thread(target=self._pipe, args=(server, client, False),
-                                 daemon=True).start()
+    def connected(self, client: socket.socket, server: socket.socket) -> None:
+        threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
 
     def _pipe(self, source: socket.socket, target: socket.socket, requests: bool) -> None:
         with suppress(OSError):
