@@ -12,6 +12,7 @@ until PID 1 reaps it; zombies run no code, so every check here ignores them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Protocol
 
 from celery import Celery
@@ -271,3 +272,22 @@ def celery_client(redis_url: str) -> Iterator[Celery]:
         yield app
     finally:
         app.close()
+
+
+def import_copy(origin: str, name: str, env: dict[str, str]) -> ModuleType:
+    """Import the module file ``origin`` again as ``name``, with ``env`` set only while it
+    loads: a test's own client of a worker started with the same ``env``."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        spec = importlib.util.spec_from_file_location(name, origin)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return module

@@ -17,7 +17,6 @@ does is chosen by the saga's params: ``{"fail": true}`` raises ``NonRetryableErr
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 import uuid
@@ -28,6 +27,7 @@ from typing import Any
 from celery import Celery
 
 from saga_celery import NonRetryableError, RollbackContext, SagaApp, current_step
+from tests.integration.harness import import_copy
 
 URL = os.environ.get("SAGA_SECURE_URL", "redis://127.0.0.1:6379/14")
 SIGNING = os.environ.get("SAGA_SECURE_SIGNING")
@@ -97,17 +97,4 @@ def configured(env: dict[str, str]) -> ModuleType:
     Tests use it as the client of a worker started with the same ``env``; each copy reads
     the environment once, as the worker does.
     """
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    try:
-        spec = importlib.util.spec_from_file_location(f"secure_app_{uuid.uuid4().hex}", __file__)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    return module
+    return import_copy(__file__, f"secure_app_{uuid.uuid4().hex}", env)

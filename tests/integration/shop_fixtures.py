@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import WorkerFactory, WorkerProcess
+from tests.integration.harness import WorkerFactory, WorkerProcess, import_copy
 
 SHOP = "tests.integration.shop"
 
@@ -61,21 +61,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def import_shop_copy(env: dict[str, str], suffix: str) -> ModuleType:
-    """Import ``shop.py`` again as ``<shop>_<suffix>``, with ``env`` set only while it loads:
-    a test module's own deployment of the shop (the session's ``shop`` stays as it is)."""
+    """``shop.py`` again as ``<shop>_<suffix>`` built with ``env``: a test module's own
+    deployment of the shop (the session's ``shop`` stays as it is)."""
     spec = importlib.util.find_spec(SHOP)
     assert spec is not None and spec.origin is not None
-    copy = importlib.util.spec_from_file_location(f"{SHOP}_{suffix}", spec.origin)
-    assert copy is not None and copy.loader is not None
-    module = importlib.util.module_from_spec(copy)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        copy.loader.exec_module(module)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return module
+    return import_copy(spec.origin, f"{SHOP}_{suffix}", env)
