@@ -23,10 +23,12 @@ the environment before importing it:
   changes to the library, patched in at import, measured against the unpatched baseline.
 
 Chains (A) are plain Celery: ``bench.noop`` stores its result in the Redis result backend
-and the caller waits on the final ``AsyncResult``.  The honest variant (A') has no result
-backend: ``bench.noop_quiet`` links end in ``bench.done``, which pushes to a Redis list the
-caller blocks on.  Sagas (B) are ``bench.step`` steps, each with a no-op rollback; the
-failing sagas (C) end in ``bench.fail``, which has no rollback, so K-1 rollbacks run.
+and the caller waits on the final ``AsyncResult``.  (A'') is the same chain of
+``bench.noop_late`` links, acknowledged after they ran as saga tasks are (``acks_late``).
+The honest variant (A') has no result backend: ``bench.noop_quiet`` links end in
+``bench.done``, which pushes to a Redis list the caller blocks on.  Sagas (B) are
+``bench.step`` steps, each with a no-op rollback; the failing sagas (C) end in
+``bench.fail``, which has no rollback, so K-1 rollbacks run.
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ def noop(value: Any = None) -> Any:
     return value
 
 
+@app.task(name="bench.noop_late", acks_late=True)  # type: ignore[untyped-decorator]
+def noop_late(value: Any = None) -> Any:
+    """A chain link with result backend, acknowledged after it ran (``acks_late``), as saga
+    steps and rollbacks are (SPEC): a killed worker's message is then delivered again."""
+    return value
+
+
 @app.task(name="bench.noop_quiet", ignore_result=True)  # type: ignore[untyped-decorator]
 def noop_quiet(value: Any = None) -> Any:
     """A chain link that stores no result."""
@@ -111,6 +120,11 @@ def _done_client() -> redis.Redis:
 def chain_with_backend(k: int) -> Any:
     """(A) K no-op links; the caller waits on the last one's ``AsyncResult``."""
     return chain(noop.s(0), *[noop.s() for _ in range(k - 1)])
+
+
+def chain_acks_late(k: int) -> Any:
+    """(A'') K ``acks_late`` no-op links; the caller waits on the last one's ``AsyncResult``."""
+    return chain(noop_late.s(0), *[noop_late.s() for _ in range(k - 1)])
 
 
 def client_without_backend() -> Celery:
@@ -358,15 +372,7 @@ def _saga_no_time_limits(saga_app: SagaApp) -> None:
             task.time_limit = task.soft_time_limit = None
 
 
-def _chain_acks_late(_: SagaApp) -> None:
-    """A probe, not a change to keep: chain links acknowledged after they run, as saga tasks
-    are (``acks_late``), to learn what late acks cost the worker's main process per task."""
-    for task in (noop, noop_quiet, done):
-        task.acks_late = True
-
-
 EXPERIMENTS: dict[str, Callable[[SagaApp], None]] = {
-    "chain_acks_late": _chain_acks_late,
     "saga_no_time_limits": _saga_no_time_limits,
     "dispatch_ignore_result": _dispatch_ignore_result,
     "chain_extra_round_trip": _chain_extra_round_trip,

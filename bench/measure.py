@@ -29,6 +29,7 @@ PORTS = range(6500, 6600)
 KINDS = {
     "chain": "A: chain, result backend",
     "chain_nobackend": "A': chain, no backend",
+    "chain_acks_late": "A'': chain, result backend, acks_late",
     "saga": "B: saga",
     "saga_fail": "C: failing saga",
 }
@@ -228,11 +229,13 @@ class Bench:
         return {"worker_main": _cpu_s([main] if main else []), "worker_pool": _cpu_s(pool),
                 "redis": _cpu_s([self.redis_pid]), "client": time.process_time()}
 
-    # -- the four kinds: send one item, return what waits for it
+    # -- the five kinds: send one item, return what waits for it
 
     def send(self, kind: str, i: int) -> tuple[Waiter, Any]:
-        if kind == "chain":
-            result = self.app.chain_with_backend(self.k).apply_async()
+        if kind in ("chain", "chain_acks_late"):
+            build = (self.app.chain_with_backend if kind == "chain"
+                     else self.app.chain_acks_late)
+            result = build(self.k).apply_async()
             return (lambda t: result.get(timeout=t)), result
         if kind == "chain_nobackend":
             key = f"done:{self.run_id}:{i}"

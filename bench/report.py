@@ -18,10 +18,13 @@ from bench.measure import KINDS, Run, pcts, percentile
 def summarize(runs: list[Run]) -> dict[str, Any]:
     by = {kind: [r for r in runs if r.kind == kind] for kind in KINDS}
     a, a2, b, c = by["chain"], by["chain_nobackend"], by["saga"], by["saga_fail"]
+    a3 = by["chain_acks_late"]
     ratios = [rb.wall_s / ra.wall_s for ra, rb in zip(a, b, strict=True)]
     ratios_nb = [rb.wall_s / ra.wall_s for ra, rb in zip(a2, b, strict=True)]
+    ratios_late = [rb.wall_s / ra.wall_s for ra, rb in zip(a3, b, strict=True)]
     cpu = [rb.cpu_total_s / ra.cpu_total_s for ra, rb in zip(a, b, strict=True)]
     cpu_nb = [rb.cpu_total_s / ra.cpu_total_s for ra, rb in zip(a2, b, strict=True)]
+    cpu_late = [rb.cpu_total_s / ra.cpu_total_s for ra, rb in zip(a3, b, strict=True)]
     raw: dict[str, list[float]] = {"path": [], "sent": [], "event_to_sent": [], "whole": []}
     for run in c:
         for key, values in run.extra.pop("_raw").items():
@@ -35,6 +38,9 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "ratio_saga_vs_chain_no_backend": round(statistics.median(ratios_nb), 3),
         "ratio_per_pair": [round(x, 3) for x in ratios],
         "ratio_no_backend_per_pair": [round(x, 3) for x in ratios_nb],
+        "ratio_saga_vs_chain_acks_late": round(statistics.median(ratios_late), 3),
+        "ratio_acks_late_per_pair": [round(x, 3) for x in ratios_late],
+        "cpu_ratio_saga_vs_chain_acks_late": round(statistics.median(cpu_late), 3),
         "cpu_ratio_saga_vs_chain": round(statistics.median(cpu), 3),
         "cpu_ratio_saga_vs_chain_no_backend": round(statistics.median(cpu_nb), 3),
         "cpu_ratio_per_pair": [round(x, 3) for x in cpu],
@@ -42,6 +48,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "sagas_per_s": _median(r.per_s for r in b),
         "chains_per_s": _median(r.per_s for r in a),
         "chains_no_backend_per_s": _median(r.per_s for r in a2),
+        "chains_acks_late_per_s": _median(r.per_s for r in a3),
         "failing_sagas_per_s": _median(r.per_s for r in c),
         "p50_ms": round(percentile(_pool(b), 50), 1),
         "p99_ms": round(percentile(_pool(b), 99), 1),
@@ -148,9 +155,13 @@ def render_results(r: dict[str, Any]) -> str:
         f"| ratio B/A': saga vs chain without result backend | "
         f"**{r['ratio_saga_vs_chain_no_backend']}** "
         f"({', '.join(map(str, r['ratio_no_backend_per_pair']))}) | |",
+        f"| ratio B/A'': saga vs chain with result backend whose links are `acks_late`, as "
+        f"saga tasks are | **{r['ratio_saga_vs_chain_acks_late']}** "
+        f"({', '.join(map(str, r['ratio_acks_late_per_pair']))}) | |",
         f"| sagas/s (B) | {r['sagas_per_s']} | |",
         f"| chains/s (A, result backend) | {r['chains_per_s']} | |",
         f"| chains/s (A', no result backend) | {r['chains_no_backend_per_s']} | |",
+        f"| chains/s (A'', result backend, `acks_late`) | {r['chains_acks_late_per_s']} | |",
         f"| failing sagas/s (C, {cfg['k'] - 1} rollbacks each) | {r['failing_sagas_per_s']} | |",
         f"| per-saga latency p50 / p99, M sent at once | {r['p50_ms']} / {r['p99_ms']} ms | |",
         f"| per-chain latency p50 / p99 (A), M sent at once | {r['chain_p50_ms']} / "
@@ -196,7 +207,8 @@ def render_results(r: dict[str, Any]) -> str:
         f"**{tc['ratio_step_vs_link']}** (no backend {tc['ratio_step_vs_link_no_backend']}) | |",
         f"| CPU ratio B/A (worker + Redis + caller CPU time, median of pairs) | "
         f"{r['cpu_ratio_saga_vs_chain']} ({', '.join(map(str, r['cpu_ratio_per_pair']))}); "
-        f"B/A' {r['cpu_ratio_saga_vs_chain_no_backend']} | |",
+        f"B/A' {r['cpu_ratio_saga_vs_chain_no_backend']}; "
+        f"B/A'' {r['cpu_ratio_saga_vs_chain_acks_late']} | |",
     ]
     lines += [f"| CPU ms per item, {KINDS[kind]} | {_fmt_cpu(cpu[kind])} | |" for kind in KINDS]
     lines += [
@@ -310,7 +322,8 @@ def write_outputs(report: dict[str, Any], out: Path, md: Path | None) -> None:
 def print_summary(r: dict[str, Any]) -> None:
     sys.stdout.write(
         f"ratio B/A {r['ratio_saga_vs_chain']} (per pair {r['ratio_per_pair']}), "
-        f"B/A' {r['ratio_saga_vs_chain_no_backend']}\n"
+        f"B/A' {r['ratio_saga_vs_chain_no_backend']}, "
+        f"B/A'' (acks_late chain) {r['ratio_saga_vs_chain_acks_late']}\n"
         f"sagas/s {r['sagas_per_s']}, chains/s {r['chains_per_s']}, chains/s no backend "
         f"{r['chains_no_backend_per_s']}, failing sagas/s {r['failing_sagas_per_s']}\n"
         f"saga latency p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms; Redis cmds/step "

@@ -8,6 +8,8 @@
   each chain's final ``AsyncResult`` (``.get()``);
 - (A') the same chain with no result backend, its last task pushing to a Redis list the
   caller ``BLPOP``s (the honest comparison: the saga keeps its own outputs);
+- (A'') the chain (A) with ``acks_late`` links, acknowledged after they ran as saga tasks
+  are (SPEC): the like-for-like comparison of the acknowledgement mode;
 - (B)  a saga of K no-op steps, each with a no-op rollback, waited on with ``SagaHandle.wait``;
 - (C)  a saga whose last step fails: K-1 rollbacks run.
 
@@ -124,7 +126,7 @@ def serial_phase(bench: Bench, n: int, trace_dir: Path) -> dict[str, Any]:
 def timed_pairs(bench: Bench, opts: Options, trace_dir: Path) -> list[Run]:
     runs = []
     for i in range(opts.pairs):
-        order = ["chain", "chain_nobackend", "saga"]
+        order = ["chain", "chain_nobackend", "chain_acks_late", "saga"]
         if i % 2:
             order.reverse()  # alternate, so drift on a noisy machine hits both sides
         for kind in [*order, "saga_fail"]:
@@ -343,7 +345,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, default=300, help="items per run (default 300)")
     parser.add_argument("--k", type=int, default=5, help="steps per saga/chain (default 5)")
-    parser.add_argument("--pairs", type=int, default=3, help="timed A/A'/B/C rounds (3)")
+    parser.add_argument("--pairs", type=int, default=3, help="timed A/A'/A''/B/C rounds (3)")
     parser.add_argument("--serial", type=int, default=30,
                         help="items of each kind run one at a time for unloaded latency (30)")
     parser.add_argument("--count-m", type=int, default=100,

@@ -16,7 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPORTED = (
-    "ratio_saga_vs_chain", "ratio_saga_vs_chain_no_backend", "sagas_per_s", "chains_per_s",
+    "ratio_saga_vs_chain", "ratio_saga_vs_chain_no_backend", "ratio_saga_vs_chain_acks_late",
+    "cpu_ratio_saga_vs_chain_acks_late", "chains_acks_late_per_s", "sagas_per_s", "chains_per_s",
     "chains_no_backend_per_s", "redis_cmds_per_step", "store_rtt_per_transition",
     "rollback_path_s", "rollback_path_ms", "failure_to_compensation_sent_ms", "p50_ms",
     "p99_ms", "bytes_per_saga", "machine", "runs", "serial", "round_trips", "retention_check",
@@ -52,7 +53,7 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert {"cpu_count", "cpu_model", "python", "celery", "redis_server"} <= set(
         report["machine"])
     assert {run["kind"] for run in report["runs"]} == {
-        "chain", "chain_nobackend", "saga", "saga_fail"}
+        "chain", "chain_nobackend", "chain_acks_late", "saga", "saga_fail"}
 
 
 @pytest.mark.parametrize("kind", ["saga", "chain"])
