@@ -19,12 +19,8 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
     by = {kind: [r for r in runs if r.kind == kind] for kind in KINDS}
     a, a2, b, c = by["chain"], by["chain_nobackend"], by["saga"], by["saga_fail"]
     a3 = by["chain_acks_late"]
-    ratios = [rb.wall_s / ra.wall_s for ra, rb in zip(a, b, strict=True)]
-    ratios_nb = [rb.wall_s / ra.wall_s for ra, rb in zip(a2, b, strict=True)]
-    ratios_late = [rb.wall_s / ra.wall_s for ra, rb in zip(a3, b, strict=True)]
-    cpu = [rb.cpu_total_s / ra.cpu_total_s for ra, rb in zip(a, b, strict=True)]
-    cpu_nb = [rb.cpu_total_s / ra.cpu_total_s for ra, rb in zip(a2, b, strict=True)]
-    cpu_late = [rb.cpu_total_s / ra.cpu_total_s for ra, rb in zip(a3, b, strict=True)]
+    ratios, ratios_nb, ratios_late = (_ratios(base, b, "wall_s") for base in (a, a2, a3))
+    cpu, cpu_nb, cpu_late = (_ratios(base, b, "cpu_total_s") for base in (a, a2, a3))
     raw: dict[str, list[float]] = {"path": [], "sent": [], "event_to_sent": [], "whole": []}
     for run in c:
         for key, values in run.extra.pop("_raw").items():
@@ -76,6 +72,11 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "rollback_whole_ms": pcts(raw["whole"]),
         "runs": [r.summary() for r in runs],
     }
+
+
+def _ratios(base: list[Run], runs: list[Run], figure: str) -> list[float]:
+    """``figure`` of each run over that of the base run of the same round."""
+    return [getattr(rb, figure) / getattr(ra, figure) for ra, rb in zip(base, runs, strict=True)]
 
 
 def _cpu_per_item(runs: list[Run]) -> dict[str, float]:
