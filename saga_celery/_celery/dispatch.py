@@ -10,15 +10,20 @@ from contextlib import nullcontext
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import redis
+import structlog
 from celery import Celery
 from kombu import Producer
 from kombu.transport import redis as kombu_redis
 
+from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, queue_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun
 
 _TASK_ID_NS = uuid.UUID("6b0c8d1e-1f0e-4c7a-9a57-5a6a0f1c2b3d")
+log = structlog.get_logger("saga_celery")
+
 ARGS_REPR = "(…)"
 """Shown in events and Flower instead of the arguments: payloads stay out of events."""
 
@@ -73,16 +78,19 @@ class Dispatcher:
 
     On kombu's Redis transport each process (and thread) publishes through a producer of
     its own whose channel keeps one Redis client (``keep_client``); on any other transport,
-    through Celery's producer pool.
+    through Celery's producer pool.  There it also sends a running task's late ack
+    (``acks.py``), in the pipeline of the messages the task sends, or alone.
     """
 
     def __init__(self, app: Celery, clock: Callable[[], datetime]) -> None:
         self.app = app
         self.clock = clock
         self._local = threading.local()
+        self._acks_in_task: bool | None = None
 
     def send(self, run: SagaRun, dispatches: Sequence[Dispatch], *,
-             after: int | None = None) -> None:
+             after: int | None = None, ack: LateAck | None = None) -> None:
+        """Publish the messages of ``dispatches``; ``ack``, if still pending, rides along."""
         if not dispatches:
             return
         now = self.clock()
@@ -91,12 +99,61 @@ class Dispatcher:
         if producer is None:
             with self.app.producer_or_acquire() as pooled:
                 self._publish(pooled, messages)
+        elif ack is not None and ack.pending and _KEPT in producer.channel.__dict__:
+            self._publish_acking(producer, messages, ack)
         else:
             self._publish(producer, messages)
+
+    def acks_in_task(self) -> bool:
+        """Whether saga tasks acknowledge their own messages (``acks.py``); read once."""
+        if self._acks_in_task is None:
+            self._acks_in_task = acks_in_task(self.app)
+        return self._acks_in_task
+
+    def late_ack(self, request: Any) -> LateAck | None:
+        """The ack the task running ``request`` sends itself, or None: the main process does."""
+        return late_ack(request) if self.acks_in_task() else None
+
+    def ack(self, ack: LateAck | None) -> None:
+        """Send ``ack`` alone, unless it went out with the task's messages."""
+        if ack is None or not ack.pending:
+            return
+        producer = self._producer()
+        if producer is None:  # no Redis transport after all: acks_in_task() said otherwise
+            return
+        channel = producer.channel
+        with channel.conn_or_acquire() as client:
+            send_ack(channel, client, ack)
 
     def _publish(self, producer: Producer, messages: list[Message]) -> None:
         for m in messages:
             self.app.send_task(m.task, m.args, m.kwargs, producer=producer, **m.options())
+
+    def _publish_acking(self, producer: Producer, messages: list[Message],
+                        ack: LateAck) -> None:
+        """Publish ``messages`` and ``ack`` in one pipeline: one round trip for both.
+
+        kombu builds each message and looks up its route as usual; only the final LPUSH is
+        queued.  If the pipeline fails, the messages go out again through kombu's own
+        retried publish (a copy that did go out is dropped as a duplicate where it is
+        received) and the ack stays pending.
+        """
+        channel = producer.channel
+        kept = channel.__dict__[_KEPT]
+        with kept.pipeline(transaction=False) as pipe:
+            channel.__dict__[_RIDING] = _Riding(kept, pipe)
+            try:
+                self._publish(producer, messages)
+            finally:
+                del channel.__dict__[_RIDING]
+            queue_ack(channel, pipe, ack)
+            try:
+                pipe.execute()
+                return
+            except redis.RedisError as exc:
+                ack.pending = True
+                log.warning("saga.publish_retried", delivery_tag=ack.tag, error=repr(exc))
+        self._publish(producer, messages)
 
     def _producer(self) -> Producer | None:
         """This thread's own producer on the Redis transport, else None (use the pool).
@@ -121,6 +178,22 @@ class Dispatcher:
 
 
 _KEPT = "_saga_kept_client"
+_RIDING = "_saga_riding"
+
+
+class _Riding:
+    """The kept client while messages are published with an ack: each LPUSH is queued on
+    the pipeline; anything else kombu asks of the client (a route lookup) goes to it."""
+
+    def __init__(self, client: Any, pipe: Any) -> None:
+        self._client = client
+        self._pipe = pipe
+
+    def lpush(self, *args: Any) -> None:
+        self._pipe.lpush(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
 
 def fits_kept_client(channel: object) -> bool:
@@ -144,7 +217,7 @@ def keep_client(channel: Any) -> None:
     kept = channel._create_client()
 
     def conn_or_acquire(client: Any = None) -> nullcontext[Any]:
-        return nullcontext(client or kept)
+        return nullcontext(client or channel.__dict__.get(_RIDING) or kept)
 
     channel.conn_or_acquire = conn_or_acquire
     setattr(channel, _KEPT, kept)

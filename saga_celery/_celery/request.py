@@ -3,22 +3,63 @@
 It runs in the worker's main process.  On a hard time limit the pool process is killed
 mid-attempt, so the attempt's failure (a timeout) is recorded here; when a pool process
 dies (``WorkerLostError``) its lease is released so the redelivered message runs at once.
+A task that succeeded acknowledged its own message where it could (``acks.py``): the
+request then only forgets it in memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
+from saga_celery._celery.acks import forget, is_tag
+from saga_celery._celery.dispatch import fits_kept_client
 from saga_celery._celery.runtime import control_of
 
 log = structlog.get_logger("saga_celery")
 
 
+def _noting_own_ack(on_success: Callable[..., None]) -> Callable[..., None]:
+    """``on_success`` that first notes whether the task acknowledged its own message."""
+
+    def noted(self: SagaRequest, failed__retval__runtime: Any, **kwargs: Any) -> None:
+        self._acked_by_task = not failed__retval__runtime[0] and self._task_acks()
+        on_success(self, failed__retval__runtime, **kwargs)
+
+    return noted
+
+
 class SagaRequest(Request):  # type: ignore[misc]
+    _acked_by_task = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The worker runs a subclass Celery builds per task type (``create_request_cls``),
+        # whose own ``on_success`` would replace the one below: wrap it too.
+        super().__init_subclass__(**kwargs)
+        succeeded = cls.__dict__.get("on_success")
+        if succeeded is not None:
+            cls.on_success = _noting_own_ack(succeeded)
+
+    on_success = _noting_own_ack(Request.on_success)
+
+    def acknowledge(self) -> None:
+        if self._acked_by_task and not self.acknowledged:  # type: ignore[has-type]
+            forget(self._message)
+            self.acknowledged = True
+            return
+        super().acknowledge()
+
+    def _task_acks(self) -> bool:
+        """Whether the task acknowledged its message itself: the same test it made."""
+        message = self._message
+        return (control_of(self.kwargs) is not None and is_tag(message.delivery_tag)
+                and fits_kept_client(message.channel)
+                and self.task.saga_app.dispatcher.acks_in_task())
+
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)
         control = control_of(self.kwargs)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from celery import Task
 
+from saga_celery._celery.acks import LateAck
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._celery.dispatch import ARGS_REPR, Dispatcher, build_message
 from saga_celery._celery.leases import LeaseKeeper
@@ -86,8 +87,10 @@ class Runtime:
 
     def run_step(self, task: Task, control: Control, args: tuple[Any, ...],
                  kwargs: dict[str, Any], config: StepConfig) -> None:
+        ack = self.dispatcher.late_ack(task.request)
         started = self._start(task, control)
         if started is None:
+            self.dispatcher.ack(ack)
             return
         run, lease = started
 
@@ -99,13 +102,16 @@ class Runtime:
 
         token = _current.set(context)
         try:
-            self._execute(task, control, lease, config, lambda: task.run(*args, **kwargs))
+            self._execute(task, control, lease, config, lambda: task.run(*args, **kwargs), ack)
         finally:
             _current.reset(token)
+        self.dispatcher.ack(ack)  # unless it went out with the next messages
 
     def run_rollback(self, task: Task, control: Control, config: StepConfig) -> None:
+        ack = self.dispatcher.late_ack(task.request)
         started = self._start(task, control)
         if started is None:
+            self.dispatcher.ack(ack)
             return
         run, lease = started
         step = run.steps[control.key]
@@ -116,7 +122,8 @@ class Runtime:
             error=None if trigger is None else {"type": trigger.type, "message": trigger.message},
             idempotency_key=rollback_idempotency_key(run.id, control.step, control.count),
         )
-        self._execute(task, control, lease, config, lambda: task.run(ctx))
+        self._execute(task, control, lease, config, lambda: task.run(ctx), ack)
+        self.dispatcher.ack(ack)
 
     # --- the three phases --------------------------------------------------------------
 
@@ -139,7 +146,7 @@ class Runtime:
         return transition.run, lease
 
     def _execute(self, task: Task, control: Control, lease: Lease, config: StepConfig,
-                 body: Callable[[], Any]) -> None:
+                 body: Callable[[], Any], ack: LateAck | None) -> None:
         timeout_s = config.timeout.total_seconds()
         def deadline() -> None:
             self.record_timeout(control, timeout_s, lease)
@@ -157,11 +164,12 @@ class Runtime:
             raise
         ended = AttemptSucceeded(kind=control.kind, key=control.key, attempt=control.attempt,
                                  output=output)
-        # The next messages go out while the end commit's answer is on its way.
-        self.engine.handle(control.saga_id, ended, lease=lease, send=self._send)
+        # The next messages go out while the end commit's answer is on its way, and with
+        # them this task's own late ack (acks.py).
+        def send(transition: Transition, version: int | None) -> None:
+            self.dispatcher.send(transition.run, transition.dispatches, after=version, ack=ack)
 
-    def _send(self, transition: Transition, version: int | None) -> None:
-        self.dispatcher.send(transition.run, transition.dispatches, after=version)
+        self.engine.handle(control.saga_id, ended, lease=lease, send=send)
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:

@@ -1,0 +1,93 @@
+"""The late ack of a saga task, sent by the process that ran it, on kombu's Redis transport.
+
+Saga tasks are ``acks_late`` (SPEC): their message is acknowledged once it ran.  Celery does
+that in the worker's main process, after the pool process returned: on kombu's Redis
+transport a blocking round trip (a MULTI/ZREM/HDEL/EXEC pipeline) in the one process that
+feeds every pool process, between a pool process coming free and being given its next task.
+It cost a saga as much wall time as everything else it adds to a chain link.
+
+So a saga task that returns normally acknowledges its own message, in the process that ran
+it: the two commands ride in the pipeline that publishes the step's next message (no round
+trip of their own), or go alone when the task publishes nothing.  The main process then
+only forgets the message in memory, which frees its prefetch slot as Celery's ack does.
+A task that raises, retries or is lost leaves its message to the main process, as before.
+
+This holds where both sides can tell it holds, from the app's configuration alone: kombu's
+own Redis channel, read from and published to on one broker (the ack must reach the Redis
+the message came from).  Anywhere else the main process acknowledges, as Celery does.
+
+An ack that did not reach Redis leaves the message in kombu's unacked set; kombu delivers it
+again after the visibility timeout, and the engine drops it as a duplicate of a finished
+attempt.  A task acked here whose end was then never recorded (its process killed between
+the two) has a lease that lapses: the recovery sweep sends its attempt again, as it would
+had the message been redelivered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from celery import Celery
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import base as virtual
+
+log = structlog.get_logger("saga_celery")
+
+
+class LateAck:
+    """The acknowledgement a saga task owes its own message, until it is sent."""
+
+    __slots__ = ("pending", "tag")
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.pending = True
+
+
+def acks_in_task(app: Celery) -> bool:
+    """Whether saga tasks of ``app`` acknowledge their own messages (see the module)."""
+    conf = app.conf
+    read = conf.broker_read_url or conf.broker_url
+    write = conf.broker_write_url or conf.broker_url
+    if read != write:
+        return False
+    connection = app.connection_for_write()  # not connected: only its transport is read
+    try:
+        return getattr(connection.transport, "Channel", None) is kombu_redis.Channel
+    finally:
+        connection.release()
+
+
+def late_ack(request: Any) -> LateAck | None:
+    """The ack a running task owes, if its message has a delivery tag (not an eager call)."""
+    properties = getattr(request, "properties", None) or {}
+    tag = properties.get("delivery_tag")
+    return LateAck(str(tag)) if is_tag(tag) else None
+
+
+def is_tag(tag: object) -> bool:
+    """Whether ``tag`` is a delivery tag of kombu's Redis transport (a uuid string)."""
+    return isinstance(tag, str) and bool(tag)
+
+
+def queue_ack(channel: Any, pipe: Any, ack: LateAck) -> None:
+    """Add ``ack``'s commands to ``pipe``, as kombu's own ``QoS.ack`` writes them."""
+    channel.qos._remove_from_indices(ack.tag, pipe)
+    ack.pending = False
+
+
+def send_ack(channel: Any, client: Any, ack: LateAck) -> None:
+    """Send ``ack`` on its own; a failure is logged (the message comes back, and is dropped)."""
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            queue_ack(channel, pipe, ack)
+            pipe.execute()
+    except Exception as exc:
+        log.warning("saga.ack_not_sent", delivery_tag=ack.tag, error=repr(exc))
+
+
+def forget(message: Any) -> None:
+    """Acknowledge ``message`` in the consumer's memory only: its task already did in Redis."""
+    virtual.QoS.ack(message.channel.qos, message.delivery_tag)
+    message._state = "ACK"

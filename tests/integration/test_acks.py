@@ -1,0 +1,290 @@
+"""A saga task acknowledges its own message on kombu's Redis transport (``_celery/acks.py``).
+
+Saga tasks are ``acks_late``.  One that returns normally sends its ack from the process that
+ran it, in the pipeline of the messages it publishes (or alone when it publishes none), so
+the worker's main process only forgets the message in memory; a task that raises or
+retries leaves its ack to the main process, as Celery does it.  Either way every delivered
+message is acknowledged exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from saga_celery._celery.acks import LateAck, acks_in_task, late_ack
+from saga_celery._celery.dispatch import Dispatcher
+from saga_celery._core.machine import start_saga
+from saga_celery._core.model import Dispatch, SagaRun
+from tests.integration.harness import WorkerFactory, import_copy
+from tests.integration.shop_fixtures import SHOP
+from tests.unit.sim import plan
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+PORTS = range(6800, 6900)
+
+
+def _run(saga_id: str = "s-1") -> SagaRun:
+    return start_saga(saga_id=saga_id, name="order", plan=plan("shop.reserve"), params={},
+                      now=NOW).run
+
+
+def _dispatch(attempt: int) -> Dispatch:
+    first = start_saga(saga_id="s-0", name="order", plan=plan("shop.reserve"), params={},
+                       now=NOW).dispatches[0]
+    return first.model_copy(update={"attempt": attempt, "retries": attempt - 1})
+
+
+@pytest.fixture
+def app(redis_url: str) -> Iterator[Celery]:
+    celery = Celery("acks-test", broker=redis_url, set_as_current=False)
+    celery.conf.task_routes = {"shop.*": {"queue": "shop-steps"}}
+    yield celery
+    celery.close()
+
+
+def _delivered(client: redis.Redis, tag: str) -> None:
+    """What kombu's consumer writes when it receives a message: it is now unacknowledged."""
+    client.zadd("unacked_index", {tag: time.time()})
+    client.hset("unacked", tag, "[]")
+
+
+def _unacked(client: redis.Redis) -> tuple[int, int]:
+    return int(client.hlen("unacked")), int(client.zcard("unacked_index"))
+
+
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The command names of every redis-py pipeline executed during the test."""
+    executed: list[list[str]] = []
+    execute = redis.client.Pipeline.execute
+
+    def spy(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        executed.append([str(c[0][0]).upper() for c in self.command_stack])
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    return executed
+
+
+def test_a_tasks_ack_rides_in_the_pipeline_of_the_messages_it_sends(
+        app: Celery, redis_client: redis.Redis, pipelines: list[list[str]]) -> None:
+    """Publishing a step's next messages with its ack is one round trip that does both."""
+    redis_client.delete("shop-steps", "unacked", "unacked_index")
+    _delivered(redis_client, "tag-1")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
+    pipelines.clear()
+    ack = LateAck("tag-1")
+
+    dispatcher.send(_run(), [_dispatch(1), _dispatch(2)], ack=ack)
+
+    assert not ack.pending
+    assert _unacked(redis_client) == (0, 0)
+    assert redis_client.llen("shop-steps") == 3
+    assert pipelines == [["LPUSH", "LPUSH", "ZREM", "HDEL"]]
+    dispatcher.ack(ack)  # already sent: nothing more goes out
+    assert len(pipelines) == 1
+
+
+def test_a_task_that_sends_nothing_acks_alone(app: Celery, redis_client: redis.Redis,
+                                              pipelines: list[list[str]]) -> None:
+    """The last step of a saga publishes nothing: its ack goes out on its own."""
+    redis_client.delete("unacked", "unacked_index")
+    _delivered(redis_client, "tag-2")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    ack = LateAck("tag-2")
+
+    dispatcher.send(_run(), [], ack=ack)
+    assert ack.pending and _unacked(redis_client) == (1, 1)
+    dispatcher.ack(ack)
+
+    assert not ack.pending
+    assert _unacked(redis_client) == (0, 0)
+    assert pipelines == [["ZREM", "HDEL"]]
+
+
+def test_a_failed_pipeline_publishes_again_through_kombu_and_keeps_the_ack(
+        app: Celery, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the shared pipeline fails, the messages still go out (kombu's own publish) and the
+    ack stays owed, to be sent alone."""
+    redis_client.delete("shop-steps", "unacked", "unacked_index")
+    _delivered(redis_client, "tag-3")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
+    ack = LateAck("tag-3")
+    execute = redis.client.Pipeline.execute
+    failures = iter([redis.ConnectionError("connection reset by peer")])
+
+    def flaky(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            self.reset()
+            raise failure
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", flaky)
+    dispatcher.send(_run(), [_dispatch(1)], ack=ack)
+
+    assert ack.pending
+    assert redis_client.llen("shop-steps") == 2
+    assert _unacked(redis_client) == (1, 1)
+    dispatcher.ack(ack)
+    assert _unacked(redis_client) == (0, 0)
+
+
+def test_only_kombus_redis_transport_on_one_broker_lets_tasks_ack(redis_url: str) -> None:
+    """The ack must reach the Redis the message came from, in kombu's Redis layout."""
+    same = Celery("acks-same", broker=redis_url, set_as_current=False)
+    split = Celery("acks-split", broker=redis_url, set_as_current=False)
+    split.conf.broker_read_url = redis_url.rsplit("/", 1)[0] + "/15"
+    memory = Celery("acks-memory", broker="memory://", set_as_current=False)
+
+    assert acks_in_task(same)
+    assert not acks_in_task(split)
+    assert not acks_in_task(memory)
+    assert Dispatcher(memory, clock=lambda: NOW).late_ack(
+        SimpleNamespace(properties={"delivery_tag": "tag-4"})) is None
+
+
+def test_a_call_without_a_delivery_tag_owes_no_ack() -> None:
+    """An eager or direct call has no message to acknowledge."""
+    assert late_ack(SimpleNamespace(properties={})) is None
+    assert late_ack(SimpleNamespace()) is None
+    owed = late_ack(SimpleNamespace(properties={"delivery_tag": "tag-5"}))
+    assert owed is not None and (owed.tag, owed.pending) == ("tag-5", True)
+
+
+# --- in a real worker ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    for port in PORTS:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own, so that MONITOR sees only this test's traffic."""
+    port = _free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(10)
+
+
+@dataclass
+class Acks:
+    """What MONITOR showed of kombu's bookkeeping, by delivery tag."""
+
+    delivered: list[str] = field(default_factory=list)
+    in_transaction: list[str] = field(default_factory=list)
+    """Acked the way the worker's main process acks: inside MULTI/EXEC."""
+    bare: list[str] = field(default_factory=list)
+    """Acked the way a saga task acks itself: in a plain pipeline."""
+
+
+@contextlib.contextmanager
+def monitored(url: str) -> Iterator[Acks]:
+    acks = Acks()
+    stop = threading.Event()
+    client = redis.Redis.from_url(url)
+
+    def watch() -> None:
+        open_multi: set[str] = set()
+        with client.monitor() as monitor:
+            while not stop.is_set():
+                seen = monitor.next_command()
+                who = f"{seen['client_address']}:{seen['client_port']}"
+                words = seen["command"].split()
+                name = words[0].upper()
+                if name == "MULTI":
+                    open_multi.add(who)
+                elif name in ("EXEC", "DISCARD"):
+                    open_multi.discard(who)
+                elif name == "HSET" and words[1] == "unacked":
+                    acks.delivered.append(words[2])
+                elif name == "ZREM" and words[1] == "unacked_index":
+                    (acks.in_transaction if who in open_multi else acks.bare).append(words[2])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    time.sleep(0.3)  # MONITOR is on
+    try:
+        yield acks
+    finally:
+        time.sleep(0.3)  # the last commands reach the monitor
+        stop.set()
+        with redis.Redis.from_url(url) as waker:
+            waker.ping()  # one more line for the monitor, which then sees ``stop``
+        watcher.join(5)
+        client.close()
+
+
+def test_saga_tasks_ack_their_own_messages_and_the_main_process_acks_what_raised(
+        private_redis: str, worker_factory: WorkerFactory) -> None:
+    """In a real prefork worker: each delivered message is acked once; the ones whose task
+    raised (a retry, a failure) by the main process, all the others by their task."""
+    env = {"SAGA_TEST_REDIS_URL": private_redis}
+    shop = import_copy(str(Path(__file__).with_name("shop.py")), "shop_acks", env)
+    worker_factory(SHOP, env=env, concurrency=2)
+    probe = redis.Redis.from_url(private_redis)
+
+    with monitored(private_redis) as acks:
+        ok = shop.order.apply_async(saga_id=f"ok-{uuid.uuid4().hex[:8]}",
+                                    params={"fail": {"shop.charge": "times:1"}})
+        bad = shop.order.apply_async(saga_id=f"bad-{uuid.uuid4().hex[:8]}",
+                                     params={"fail": {"shop.ticket": "nonretryable"}})
+        assert ok.wait(timeout=30).status == "complete"
+        failed = bad.wait(timeout=30)
+        assert failed.status == "errored"
+        deadline = time.monotonic() + 10
+        while _unacked(probe) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    probe.close()
+
+    assert _unacked(redis.Redis.from_url(private_redis)) == (0, 0)
+    acked = acks.in_transaction + acks.bare
+    assert sorted(acked) == sorted(set(acks.delivered))  # each one, once
+    # raised: charge's first attempt (a retry) and ticket's only attempt (a failure)
+    assert len(acks.in_transaction) == 2
+    assert failed.rollback is not None and failed.rollback.outcome == "complete"
+    # ok: reserve, charge twice, ticket; bad: reserve, charge, ticket, and the rollbacks
+    assert len(acks.bare) == len(acks.delivered) - 2 >= 7
