@@ -96,7 +96,10 @@ def child(kind: str, m: int, miss: float) -> None:
                 if kind == "saga" and draw() < miss:  # as if the other process ran the last
                     saga_id = kwargs[CONTROL_KEY]["saga_id"]
                     bench_app.sagas.engine._cache.pop(saga_id, None)
+                # ``properties`` as Celery's Request passes them: a saga task finds its
+                # delivery tag there and sends its own late ack (``_celery/acks.py``).
                 request = {**headers, **embed, "delivery_info": message.delivery_info,
+                           "properties": message.properties,
                            "hostname": "bench@instructions", "args": args, "kwargs": kwargs,
                            "is_eager": False}
                 trace_task(app.tasks[headers["task"]], headers["id"], args, kwargs, request,
