@@ -88,9 +88,8 @@ class Runtime:
     def run_step(self, task: Task, control: Control, args: tuple[Any, ...],
                  kwargs: dict[str, Any], config: StepConfig) -> None:
         ack = self.dispatcher.late_ack(task.request)
-        started = self._start(task, control)
+        started = self._start(task, control, ack)
         if started is None:
-            self.dispatcher.ack(ack)
             return
         run, lease = started
 
@@ -105,13 +104,11 @@ class Runtime:
             self._execute(task, control, lease, config, lambda: task.run(*args, **kwargs), ack)
         finally:
             _current.reset(token)
-        self.dispatcher.ack(ack)  # unless it went out with the next messages
 
     def run_rollback(self, task: Task, control: Control, config: StepConfig) -> None:
         ack = self.dispatcher.late_ack(task.request)
-        started = self._start(task, control)
+        started = self._start(task, control, ack)
         if started is None:
-            self.dispatcher.ack(ack)
             return
         run, lease = started
         step = run.steps[control.key]
@@ -123,11 +120,13 @@ class Runtime:
             idempotency_key=rollback_idempotency_key(run.id, control.step, control.count),
         )
         self._execute(task, control, lease, config, lambda: task.run(ctx), ack)
-        self.dispatcher.ack(ack)
 
     # --- the three phases --------------------------------------------------------------
 
-    def _start(self, task: Task, control: Control) -> tuple[SagaRun, Lease] | None:
+    def _start(self, task: Task, control: Control, ack: LateAck | None
+               ) -> tuple[SagaRun, Lease] | None:
+        """Record the attempt's start; None if this delivery is not to run the body (then
+        its message is acknowledged here)."""
         req = task.request
         lease = Lease(name=lease_name(control.kind, control.key),
                       token=lease_token(req.hostname, os.getpid(), req.id, control.attempt)
@@ -142,6 +141,7 @@ class Runtime:
         if transition.decision != Decision.RUN:
             log.debug("saga.delivery_skipped", saga_id=control.saga_id, step=control.step,
                       attempt=control.attempt, decision=str(transition.decision))
+            self.dispatcher.ack(ack)
             return None
         return transition.run, lease
 
@@ -170,6 +170,7 @@ class Runtime:
             self.dispatcher.send(transition.run, transition.dispatches, after=version, ack=ack)
 
         self.engine.handle(control.saga_id, ended, lease=lease, send=send)
+        self.dispatcher.ack(ack)  # alone, if no message took it along
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:

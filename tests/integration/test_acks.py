@@ -4,13 +4,13 @@ Saga tasks are ``acks_late``.  One that returns normally sends its ack from the 
 ran it, in the pipeline of the messages it publishes (or alone when it publishes none), so
 the worker's main process only forgets the message in memory; a task that raises or
 retries leaves its ack to the main process, as Celery does it.  Either way every delivered
-message is acknowledged exactly once.
+message is acknowledged exactly once.  How the ack rides with the task's messages:
+``test_dispatch.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import threading
 import time
@@ -20,133 +20,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 
-from saga_celery._celery.acks import LateAck, acks_in_task, late_ack
+from saga_celery._celery.acks import acks_in_task, late_ack
 from saga_celery._celery.dispatch import Dispatcher
-from saga_celery._core.machine import start_saga
-from saga_celery._core.model import Dispatch, SagaRun
 from tests.integration.harness import WorkerFactory, import_copy
 from tests.integration.shop_fixtures import SHOP
-from tests.unit.sim import plan
+from workers.processes import free_port
 
 pytestmark = pytest.mark.integration
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
-PORTS = range(6800, 6900)
-
-
-def _run(saga_id: str = "s-1") -> SagaRun:
-    return start_saga(saga_id=saga_id, name="order", plan=plan("shop.reserve"), params={},
-                      now=NOW).run
-
-
-def _dispatch(attempt: int) -> Dispatch:
-    first = start_saga(saga_id="s-0", name="order", plan=plan("shop.reserve"), params={},
-                       now=NOW).dispatches[0]
-    return first.model_copy(update={"attempt": attempt, "retries": attempt - 1})
-
-
-@pytest.fixture
-def app(redis_url: str) -> Iterator[Celery]:
-    celery = Celery("acks-test", broker=redis_url, set_as_current=False)
-    celery.conf.task_routes = {"shop.*": {"queue": "shop-steps"}}
-    yield celery
-    celery.close()
-
-
-def _delivered(client: redis.Redis, tag: str) -> None:
-    """What kombu's consumer writes when it receives a message: it is now unacknowledged."""
-    client.zadd("unacked_index", {tag: time.time()})
-    client.hset("unacked", tag, "[]")
-
-
-def _unacked(client: redis.Redis) -> tuple[int, int]:
-    return int(client.hlen("unacked")), int(client.zcard("unacked_index"))
-
-
-@pytest.fixture
-def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The command names of every redis-py pipeline executed during the test."""
-    executed: list[list[str]] = []
-    execute = redis.client.Pipeline.execute
-
-    def spy(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
-        executed.append([str(c[0][0]).upper() for c in self.command_stack])
-        return execute(self, raise_on_error)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
-    return executed
-
-
-def test_a_tasks_ack_rides_in_the_pipeline_of_the_messages_it_sends(
-        app: Celery, redis_client: redis.Redis, pipelines: list[list[str]]) -> None:
-    """Publishing a step's next messages with its ack is one round trip that does both."""
-    redis_client.delete("shop-steps", "unacked", "unacked_index")
-    _delivered(redis_client, "tag-1")
-    dispatcher = Dispatcher(app, clock=lambda: NOW)
-    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
-    pipelines.clear()
-    ack = LateAck("tag-1")
-
-    dispatcher.send(_run(), [_dispatch(1), _dispatch(2)], ack=ack)
-
-    assert not ack.pending
-    assert _unacked(redis_client) == (0, 0)
-    assert redis_client.llen("shop-steps") == 3
-    assert pipelines == [["LPUSH", "LPUSH", "ZREM", "HDEL"]]
-    dispatcher.ack(ack)  # already sent: nothing more goes out
-    assert len(pipelines) == 1
-
-
-def test_a_task_that_sends_nothing_acks_alone(app: Celery, redis_client: redis.Redis,
-                                              pipelines: list[list[str]]) -> None:
-    """The last step of a saga publishes nothing: its ack goes out on its own."""
-    redis_client.delete("unacked", "unacked_index")
-    _delivered(redis_client, "tag-2")
-    dispatcher = Dispatcher(app, clock=lambda: NOW)
-    ack = LateAck("tag-2")
-
-    dispatcher.send(_run(), [], ack=ack)
-    assert ack.pending and _unacked(redis_client) == (1, 1)
-    dispatcher.ack(ack)
-
-    assert not ack.pending
-    assert _unacked(redis_client) == (0, 0)
-    assert pipelines == [["ZREM", "HDEL"]]
-
-
-def test_a_failed_pipeline_publishes_again_through_kombu_and_keeps_the_ack(
-        app: Celery, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the shared pipeline fails, the messages still go out (kombu's own publish) and the
-    ack stays owed, to be sent alone."""
-    redis_client.delete("shop-steps", "unacked", "unacked_index")
-    _delivered(redis_client, "tag-3")
-    dispatcher = Dispatcher(app, clock=lambda: NOW)
-    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
-    ack = LateAck("tag-3")
-    execute = redis.client.Pipeline.execute
-    failures = iter([redis.ConnectionError("connection reset by peer")])
-
-    def flaky(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
-        failure = next(failures, None)
-        if failure is not None:
-            self.reset()
-            raise failure
-        return execute(self, raise_on_error)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", flaky)
-    dispatcher.send(_run(), [_dispatch(1)], ack=ack)
-
-    assert ack.pending
-    assert redis_client.llen("shop-steps") == 2
-    assert _unacked(redis_client) == (1, 1)
-    dispatcher.ack(ack)
-    assert _unacked(redis_client) == (0, 0)
 
 
 def test_only_kombus_redis_transport_on_one_broker_lets_tasks_ack(redis_url: str) -> None:
@@ -174,21 +61,14 @@ def test_a_call_without_a_delivery_tag_owes_no_ack() -> None:
 # --- in a real worker ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
+def _unacked(client: redis.Redis) -> tuple[int, int]:
+    return int(client.hlen("unacked")), int(client.zcard("unacked_index"))
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test's own, so that MONITOR sees only this test's traffic."""
-    port = _free_port()
+    port = free_port(6800)
     server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(tmp_path)],

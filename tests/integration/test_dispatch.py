@@ -3,13 +3,15 @@
 kombu's Redis channel builds a new ``redis.Redis`` client per published message; the
 dispatcher's own channel keeps one (``keep_client``).  These tests publish to a real Redis
 broker and read the messages back: every message arrives, on the queue ``task_routes``
-names, and the app's producer pool (the user's own tasks) is left as kombu made it.
+names, and the app's producer pool (the user's own tasks) is left as kombu made it.  A
+saga task's own late ack rides in the pipeline of the messages it publishes, or goes alone.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +20,7 @@ import pytest
 import redis
 from celery import Celery
 
+from saga_celery._celery.acks import LateAck
 from saga_celery._celery.dispatch import Dispatcher, build_message, keep_client
 from saga_celery._core.machine import start_saga
 from saga_celery._core.model import Dispatch, SagaRun
@@ -125,3 +128,96 @@ def test_keep_client_leaves_a_channel_that_is_not_kombus_redis_channel_alone() -
     other = Other()
     keep_client(other)
     assert "conn_or_acquire" not in other.__dict__
+
+
+# --- a saga task's own late ack (_celery/acks.py) ---------------------------------------
+
+
+def _delivered(client: redis.Redis, tag: str) -> None:
+    """What kombu's consumer writes when it receives a message: it is now unacknowledged."""
+    client.zadd("unacked_index", {tag: time.time()})
+    client.hset("unacked", tag, "[]")
+
+
+def _unacked(client: redis.Redis) -> tuple[int, int]:
+    return int(client.hlen("unacked")), int(client.zcard("unacked_index"))
+
+
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The command names of every redis-py pipeline executed during the test."""
+    executed: list[list[str]] = []
+    execute = redis.client.Pipeline.execute
+
+    def spy(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        executed.append([str(c[0][0]).upper() for c in self.command_stack])
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    return executed
+
+
+def test_a_tasks_ack_rides_in_the_pipeline_of_the_messages_it_sends(
+        app: Celery, redis_client: redis.Redis, pipelines: list[list[str]]) -> None:
+    """Publishing a step's next messages with its ack is one round trip that does both."""
+    redis_client.delete("shop-steps", "unacked", "unacked_index")
+    _delivered(redis_client, "tag-1")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
+    pipelines.clear()
+    ack = LateAck("tag-1")
+
+    dispatcher.send(_run(), [_dispatch(1), _dispatch(2)], ack=ack)
+
+    assert not ack.pending
+    assert _unacked(redis_client) == (0, 0)
+    assert redis_client.llen("shop-steps") == 3
+    assert pipelines == [["LPUSH", "LPUSH", "ZREM", "HDEL"]]
+    dispatcher.ack(ack)  # already sent: nothing more goes out
+    assert len(pipelines) == 1
+
+
+def test_a_task_that_sends_nothing_acks_alone(app: Celery, redis_client: redis.Redis,
+                                              pipelines: list[list[str]]) -> None:
+    """The last step of a saga publishes nothing: its ack goes out on its own."""
+    redis_client.delete("unacked", "unacked_index")
+    _delivered(redis_client, "tag-2")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    ack = LateAck("tag-2")
+
+    dispatcher.send(_run(), [], ack=ack)
+    assert ack.pending and _unacked(redis_client) == (1, 1)
+    dispatcher.ack(ack)
+
+    assert not ack.pending
+    assert _unacked(redis_client) == (0, 0)
+    assert pipelines == [["ZREM", "HDEL"]]
+
+
+def test_a_failed_pipeline_publishes_again_through_kombu_and_keeps_the_ack(
+        app: Celery, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the shared pipeline fails, the messages still go out (kombu's own publish) and the
+    ack stays owed, to be sent alone."""
+    redis_client.delete("shop-steps", "unacked", "unacked_index")
+    _delivered(redis_client, "tag-3")
+    dispatcher = Dispatcher(app, clock=lambda: NOW)
+    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
+    ack = LateAck("tag-3")
+    execute = redis.client.Pipeline.execute
+    failures = iter([redis.ConnectionError("connection reset by peer")])
+
+    def flaky(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        failure = next(failures, None)
+        if failure is not None:
+            self.reset()
+            raise failure
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", flaky)
+    dispatcher.send(_run(), [_dispatch(1)], ack=ack)
+
+    assert ack.pending
+    assert redis_client.llen("shop-steps") == 2
+    assert _unacked(redis_client) == (1, 1)
+    dispatcher.ack(ack)
+    assert _unacked(redis_client) == (0, 0)
