@@ -221,3 +221,26 @@ def test_a_failed_pipeline_publishes_again_through_kombu_and_keeps_the_ack(
     assert _unacked(redis_client) == (1, 1)
     dispatcher.ack(ack)
     assert _unacked(redis_client) == (0, 0)
+
+
+def test_the_ack_follows_kombus_key_prefix_and_unacked_key_names(
+        redis_url: str, redis_client: redis.Redis) -> None:
+    """With ``global_keyprefix`` and renamed unacked keys, the ack removes what kombu's
+    consumer wrote, and the message lands on the prefixed queue."""
+    celery = Celery("dispatch-prefixed", broker=redis_url, set_as_current=False)
+    celery.conf.task_routes = {"shop.*": {"queue": "shop-steps"}}
+    celery.conf.broker_transport_options = {
+        "global_keyprefix": "pfx:", "unacked_key": "owed", "unacked_index_key": "owed_index"}
+    redis_client.delete("pfx:shop-steps", "pfx:owed", "pfx:owed_index")
+    redis_client.zadd("pfx:owed_index", {"tag-6": time.time()})
+    redis_client.hset("pfx:owed", "tag-6", "[]")
+    dispatcher = Dispatcher(celery, clock=lambda: NOW)
+    ack = LateAck("tag-6")
+    try:
+        dispatcher.send(_run(), [_dispatch(1)], ack=ack)
+    finally:
+        celery.close()
+
+    assert not ack.pending
+    assert (redis_client.hlen("pfx:owed"), redis_client.zcard("pfx:owed_index")) == (0, 0)
+    assert redis_client.llen("pfx:shop-steps") == 1
