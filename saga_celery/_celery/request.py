@@ -48,7 +48,10 @@ class SagaRequest(Request):  # type: ignore[misc]
 
     def acknowledge(self) -> None:
         if self._acked_by_task and not self.acknowledged:  # type: ignore[has-type]
-            forget(self._message)
+            try:
+                forget(self._message)
+            except Exception:  # as kombu's ack_log_error: never take the consumer down
+                log.exception("saga.ack_not_forgotten", task_id=self.id)
             self.acknowledged = True
             return
         super().acknowledge()
