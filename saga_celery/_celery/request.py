@@ -17,6 +17,7 @@ from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
 from saga_celery._celery.acks import forget, is_tag
+from saga_celery._celery.control import CONTROL_KEY
 from saga_celery._celery.dispatch import fits_kept_client
 from saga_celery._celery.runtime import control_of
 
@@ -57,9 +58,10 @@ class SagaRequest(Request):  # type: ignore[misc]
         super().acknowledge()
 
     def _task_acks(self) -> bool:
-        """Whether the task acknowledged its message itself: the same test it made."""
+        """Whether the task, which returned normally, acknowledged its message itself: the
+        same test it made (a control kwarg it could not parse would have failed it)."""
         message = self._message
-        return (control_of(self.kwargs) is not None and is_tag(message.delivery_tag)
+        return (CONTROL_KEY in (self.kwargs or {}) and is_tag(message.delivery_tag)
                 and fits_kept_client(message.channel)
                 and self.task.saga_app.dispatcher.acks_in_task())
 
