@@ -25,7 +25,7 @@ had the message been redelivered.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import structlog
 from celery import Celery
@@ -63,10 +63,10 @@ def late_ack(request: Any) -> LateAck | None:
     """The ack a running task owes, if its message has a delivery tag (not an eager call)."""
     properties = getattr(request, "properties", None) or {}
     tag = properties.get("delivery_tag")
-    return LateAck(str(tag)) if is_tag(tag) else None
+    return LateAck(tag) if is_tag(tag) else None
 
 
-def is_tag(tag: object) -> bool:
+def is_tag(tag: object) -> TypeGuard[str]:
     """Whether ``tag`` is a delivery tag of kombu's Redis transport (a uuid string)."""
     return isinstance(tag, str) and bool(tag)
 
