@@ -23,7 +23,9 @@ class AttemptStarted(_Event):
     key: str
     attempt: int
     lease_live: bool = False
-    """Whether some delivery of this attempt holds a live lease right now."""
+    """Whether another delivery holds the step's lease right now: one of this attempt, of
+    the attempt before it (a body that outlived its recorded end), or of the step that a
+    rollback attempt is to undo.  One lease per step covers all of them."""
 
 
 class AttemptSucceeded(_Event):
@@ -44,6 +46,9 @@ class AttemptFailed(_Event):
     """Uniform random number in [0, 1] for full jitter (the core reads no randomness)."""
     via_retry: bool = True
     """The reporting task can send the retry itself with ``Task.retry``."""
+    delay_ms: float | None = None
+    """The delay before the retry that the attempt asked for itself (``RetryLater``), in
+    place of its policy's; it still counts against the retry limit."""
 
 
 class TerminateRequested(_Event):
@@ -74,7 +79,11 @@ class Decision(StrEnum):
 
     RUN = "run"
     WAIT = "wait"
-    """Another delivery of this attempt holds a live lease: come back later."""
+    """Another delivery holds the step's live lease (this attempt running elsewhere, or a
+    body that outlived its recorded end): come back once that lease can have ended."""
+    BEHIND = "behind"
+    """The store does not show yet the commit that sent this message: come back (the
+    engine answers this, never the core)."""
     SKIP = "skip"
     """Nothing to run: a duplicate, a cancelled step, or an attempt that already ended."""
 

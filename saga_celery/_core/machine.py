@@ -123,6 +123,8 @@ def _on_started(ctx: Ctx, ev: AttemptStarted) -> Transition:
         return ctx.transition(Decision.SKIP)  # cancelled, superseded or never sent
     if ev.kind == Kind.STEP and ctx.run.error is not None:
         return ctx.transition(Decision.SKIP)  # no forward step starts once the saga failed
+    if ev.lease_live:  # the attempt before it, or the step it undoes, still runs somewhere
+        return ctx.transition(Decision.WAIT)
     ctx.run.outbox.pop(ctx.origin, None)
     item.next_attempt = None
     item.attempts.append(AttemptRecord(attempt=ev.attempt, started_at=ctx.now))
@@ -251,6 +253,8 @@ def _retry_delay(ctx: Ctx, ev: AttemptFailed, item: Item) -> float | None:
     policy = policy_of(ctx, ev.kind, ev.key)
     if not may_retry(policy, in_budget):
         return None
+    if ev.delay_ms is not None:
+        return max(ev.delay_ms, 0.0)
     return retry_delay_ms(policy, in_budget, draw=ev.draw)
 
 
@@ -301,9 +305,9 @@ def _on_terminate(ctx: Ctx, ev: TerminateRequested) -> Transition:
     run = ctx.run
     if run.is_terminal:
         return _refuse(run, f"saga {run.id!r} is already {run.status}: nothing to terminate")
-    if run.error is not None:
-        return _refuse(run, f"saga {run.id!r} is already stopping ({run.status}) after "
-                            f"{run.error.type}: wait for it to end")
+    if run.error is not None:  # already stopping: recorded, and the rollback goes on as it is
+        ctx.emit("terminate_requested", rollback=ev.rollback, reason=ev.reason)
+        return ctx.transition()
     error = ErrorInfo(type="Terminated", message=ev.reason)
     run.terminate = Termination(rollback=ev.rollback, error=error)
     ctx.emit("terminate_requested", rollback=ev.rollback, reason=ev.reason)

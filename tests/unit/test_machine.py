@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from saga_celery._core.events import Decision
+from datetime import timedelta
+
+from saga_celery._core.events import AttemptFailed, Decision
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import (
+    ErrorInfo,
     Kind,
     OnRollbackError,
     RollbackMode,
@@ -453,3 +456,59 @@ def test_with_plan_builds_what_model_construct_builds() -> None:
     assert encode_progress(built) == encode_progress(reference)
     assert built.model_dump() == reference.model_dump()
     assert decode_run(encode_progress(built), built.plan) == built
+
+
+def test_a_retry_due_while_the_attempt_before_still_holds_the_lease_waits() -> None:
+    """A retry whose step's lease is still held (a killed attempt's, or a body that outlived
+    its timeout) waits, changing nothing, and runs once the lease is gone."""
+    sim = Sim.start(plan("a", limit=1))
+    sim.start_step("a")
+    sim.fail("a")
+    t = sim.start_step("a", 2, lease_live=True)
+    assert t.decision == Decision.WAIT
+    assert not t.changed
+    assert sim.start_step("a", 2).decision == Decision.RUN
+
+
+def test_a_rollback_waits_while_its_step_still_holds_the_lease() -> None:
+    """A handler never runs beside a body of its own step still running past its end."""
+    sim = Sim.start(plan("a"))
+    sim.start_step("a")
+    sim.fail("a", error="TimeoutError")
+    assert sim.run.status == SagaStatus.ROLLING_BACK
+    t = sim.start_step("a", kind=Kind.ROLLBACK, lease_live=True)
+    assert t.decision == Decision.WAIT and not t.changed
+    assert sim.start_step("a", kind=Kind.ROLLBACK).decision == Decision.RUN
+
+
+def test_retry_later_sets_the_next_delay_and_still_counts_against_the_limit() -> None:
+    """``RetryLater``: the attempt's own delay replaces the policy's; the limit still holds."""
+    sim = Sim.start(plan("a", limit=1))
+    sim.start_step("a")
+    t = sim.feed(AttemptFailed(kind=Kind.STEP, key="a#1", attempt=1, delay_ms=30_000,
+                               error=ErrorInfo(type="RetryLater", message="rate limited")))
+    assert t.dispatches[0].due_at == sim.now + timedelta(seconds=30)
+    errored = [e for e in t.events if e["type"] == "attempt_errored"]
+    assert errored[0]["retry_delay_ms"] == 30_000
+    sim.start_step("a", 2)
+    t = sim.feed(AttemptFailed(kind=Kind.STEP, key="a#1", attempt=2, delay_ms=30_000,
+                               error=ErrorInfo(type="RetryLater", message="rate limited")))
+    assert [d.kind for d in t.dispatches] == [Kind.ROLLBACK]  # no third attempt: compensate
+    assert sim.run.steps["a#1"].status == StepStatus.ERRORED
+
+
+def test_terminate_during_a_rollback_after_failure_is_recorded_and_changes_nothing_else() -> None:
+    """SPEC 4: the request is recorded (terminate_requested); the rollback goes on and the
+    saga still ends errored."""
+    sim = Sim.start(plan("a", "b"))
+    sim.run_step("a")
+    sim.start_step("b")
+    sim.fail("b")
+    assert sim.run.status == SagaStatus.ROLLING_BACK
+    t = sim.terminate(rollback=True)
+    assert t.refusal is None
+    assert [e["type"] for e in t.events] == ["terminate_requested"]
+    assert sim.run.terminate is None and sim.run.status == SagaStatus.ROLLING_BACK
+    sim.rollback("b")
+    sim.rollback("a")
+    assert sim.run.status == SagaStatus.ERRORED

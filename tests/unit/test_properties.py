@@ -105,6 +105,9 @@ class World:
     pending: list[Msg] = field(default_factory=list)
     delivered: list[Msg] = field(default_factory=list)
     running: list[Msg] = field(default_factory=list)
+    lingering: list[Msg] = field(default_factory=list)
+    """Bodies recorded as timed out that still run (a thread no exception can stop): each
+    keeps its step's lease until it returns."""
     ends: list[Event] = field(default_factory=list)
     accepted: list[Event] = field(default_factory=list)
     """Requests (terminate, retry_rollback) the saga accepted."""
@@ -134,14 +137,19 @@ class World:
             stored = decode_run(encode_progress(before), before.plan)
             assert replay(stored, encode_entry(event, self.sim.now)) == t.run, (
                 f"replaying the journaled {event!r} gave another run")
-        again = apply(t.run, _replayed(event), now=self.sim.now + timedelta(seconds=1))
-        assert not again.changed and again.run == t.run and not again.events, (
-            f"applying {event!r} a second time changed the saga")
+        if not isinstance(event, TerminateRequested):  # a second request is recorded as one
+            again = apply(t.run, _replayed(event), now=self.sim.now + timedelta(seconds=1))
+            assert not again.changed and again.run == t.run and not again.events, (
+                f"applying {event!r} a second time changed the saga")
         self.pending.extend((d.kind, d.key, d.attempt) for d in t.dispatches)
         if self.failed_at is None and t.run.error is not None:
             self.failed_at = len(self.sim.log) - 1
         check_run(t.run)
         return t
+
+    def held(self, key: str) -> bool:
+        """Whether a body of step ``key`` or of its rollback runs: its lease is live."""
+        return any(m[1] == key for m in self.running + self.lingering)
 
     def check_agreement(self) -> None:
         """The attempts the core thinks are open are exactly those a live worker runs."""
@@ -158,10 +166,12 @@ class World:
         """Make one thing happen; False when nothing is left in flight."""
         deliverable = [m for m in self.pending if chaos or m not in self.running]
         moves = ["deliver"] * 3 * bool(deliverable) + ["end"] * 3 * bool(self.running)
+        moves += ["finish_late"] * bool(self.lingering)
         if chaos:  # weights by repetition: chaos is rarer than progress
-            moves += ["redeliver"] * bool(self.delivered) + ["resend_end"] * bool(self.ends)
+            moves += ["redeliver"] * bool(self.redeliverable()) + ["resend_end"] * bool(self.ends)
             moves += ["worker_lost"] * 2 * bool(self.running) + ["retry_rollback", "stray"]
-        if not deliverable and not self.running:
+            moves += ["timeout_late"] * bool(self.may_time_out())
+        if not deliverable and not self.running and not self.lingering:
             return False
         self.move(self.draw(st.sampled_from(moves)), deliverable)
         self.check_agreement()
@@ -173,7 +183,11 @@ class World:
         elif move == "end":
             self.end(self.draw(st.sampled_from(self.running)))
         elif move == "redeliver":
-            self.redeliver(self.draw(st.sampled_from(self.delivered)))
+            self.redeliver(self.draw(st.sampled_from(self.redeliverable())))
+        elif move == "timeout_late":
+            self.timeout_late(self.draw(st.sampled_from(self.may_time_out())))
+        elif move == "finish_late":
+            self.finish_late(self.draw(st.sampled_from(self.lingering)))
         elif move == "resend_end":
             self.resend_end(self.draw(st.sampled_from(self.ends)))
         elif move == "worker_lost":
@@ -187,7 +201,7 @@ class World:
         self.pending.remove(msg)
         if msg not in self.delivered:
             self.delivered.append(msg)
-        live = msg in self.running
+        live = self.held(msg[1])
         t = self.feed(AttemptStarted(kind=msg[0], key=msg[1], attempt=msg[2], lease_live=live))
         if t.decision == Decision.WAIT:
             assert live and not t.changed
@@ -223,11 +237,39 @@ class World:
         assert t.changed, f"ending running attempt {msg} changed nothing"
         self.ends.append(event)
 
+    def may_time_out(self) -> list[Msg]:
+        """Running attempts whose kind this world lets fail (a timeout is a failure)."""
+        return [m for m in self.running
+                if (self.step_failures if m[0] == Kind.STEP else self.handler_failures)]
+
+    def redeliverable(self) -> list[Msg]:
+        """Messages delivered before that are not waiting in the queue again."""
+        return [m for m in self.delivered if m not in self.pending]
+
     def redeliver(self, msg: Msg) -> None:
         """Celery delivers a message again while its attempt runs, or after it ended."""
         t = self.feed(AttemptStarted(kind=msg[0], key=msg[1], attempt=msg[2],
-                                     lease_live=msg in self.running))
+                                     lease_live=self.held(msg[1])))
         assert not t.changed and t.decision in (Decision.WAIT, Decision.SKIP)
+
+    def timeout_late(self, msg: Msg) -> None:
+        """The deadline passes: the attempt is recorded as timed out on behalf of a body
+        that goes on running (and holding its step's lease) until it returns."""
+        kind, key, attempt = msg
+        self.running.remove(msg)
+        error = ErrorInfo(type="TimeoutError", message=f"{key} {attempt} timed out")
+        t = self.feed(AttemptFailed(kind=kind, key=key, attempt=attempt, error=error,
+                                    via_retry=False, draw=self.draw(st.floats(0, 1))))
+        assert t.changed
+        self.lingering.append(msg)
+
+    def finish_late(self, msg: Msg) -> None:
+        """A body that outlived its recorded timeout returns; its end changes nothing."""
+        kind, key, attempt = msg
+        self.lingering.remove(msg)
+        output = f"{key}@{attempt}" if kind == Kind.STEP else None
+        t = self.feed(AttemptSucceeded(kind=kind, key=key, attempt=attempt, output=output))
+        assert not t.changed, "a body's late end changed a saga that recorded it timed out"
 
     def stray(self, item: tuple[Kind, str, StepRun | RollbackRun], attempt: int) -> None:
         """A message for an attempt nobody sent (cancelled, superseded, forged) runs nothing."""
@@ -454,7 +496,8 @@ def _check_event_counts(run: SagaRun, events: list[dict[str, Any]], accepted: li
     assert ends == 1 + revivals, "a saga ends once, and again each time retry_rollback() revives it"
     seqs = [e["start_seq"] for e in events if e["type"] == "step_started"]
     assert seqs == list(range(1, len(started) + 1)), "start_seq not unique and increasing"
-    assert count("terminate_requested") == (1 if run.terminate else 0)
+    assert count("terminate_requested") == sum(isinstance(r, TerminateRequested)
+                                               for r in accepted)
     for key, step in run.steps.items():
         assert count("step_started", key) == (step.start_seq is not None)
         assert count("attempt_started", key) == len(step.attempts)
