@@ -6,6 +6,7 @@ loop, leases, event ids and the structlog line of every lifecycle event.  No Cel
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,14 +29,10 @@ log = structlog.get_logger("saga_celery")
 MAX_CONFLICTS = 200
 """Compare-and-set retries before giving up: only a pathological storm of writers hits it."""
 
-BEHIND_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05)
-"""How long a start waits, read after read, for the commit that sent its message (~90 ms in
-all).  Past that it goes on with what is stored: an attempt not due there is dropped, and
-the recovery sweep re-sends it if the commit lands after all."""
-
-Sender = Callable[[Transition, int | None], None]
-"""Publishes a transition's messages, given the version its commit creates (None: stored)."""
-
+BEHIND_PAUSES_S = (0.001, 0.002, 0.005, 0.01)
+"""How long a start waits here, read after read, for the commit that sent its message
+(~20 ms in all).  Past that the answer is ``Decision.BEHIND``: the message comes back later,
+without using an attempt, rather than holding a worker slot."""
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -49,32 +46,42 @@ class Lease(NamedTuple):
     ttl_ms: int
 
 
-def lease_name(kind: str, key: str) -> str:
-    return f"{kind}:{key}"
+def lease_name(key: str) -> str:
+    """The lease of step ``key``: held by whichever attempt of the step or of its rollback
+    runs, so no two of them ever run at once (a retry waits for the attempt before it, a
+    handler for the step it undoes, even where a body outlives its recorded timeout)."""
+    return f"step:{key}"
 
 
 class Engine:
     """Applies events to stored sagas; every write is one atomic commit.
 
     After a commit the engine knows the saga's exact state and version, so the next event
-    for it in this process (a step's end, often the next step's start) goes straight to the
+    for it in this thread (a step's end, often the next step's start) goes straight to the
     compare-and-set without loading first.  A stale entry only costs a conflict and a real
     load; an answer that changes nothing is never taken from it without a real load.
 
     The remembered state is the committed ``SagaRun`` object itself (validating it again
     from JSON cost more than the commit's own Python work), and it is the one a transition
-    returns: callers read it and never change it.  Whoever takes it from the cache owns it
-    and applies the next event to it in place; nothing else does, so a caller still
-    reading it sees only parts an event never changes in place (ids, plan, params, the
-    outputs of finished steps) or a consistent newer state.
+    returns.  Each thread remembers its own: the run a transition hands a caller is never
+    changed by another thread, only by this thread's next event for the same saga, which
+    the caller sends once it is done reading the run.
     """
 
     def __init__(self, store: SagaStore, *, clock: Callable[[], datetime] = utcnow,
                  cache_size: int = 1024) -> None:
         self.store = store
         self.clock = clock
-        self._cache: OrderedDict[str, Snapshot] = OrderedDict()
+        self._local = threading.local()
         self._cache_size = cache_size
+
+    @property
+    def _cache(self) -> OrderedDict[str, Snapshot]:
+        """This thread's remembered sagas."""
+        cache: OrderedDict[str, Snapshot] | None = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = OrderedDict()
+        return cache
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
                ) -> tuple[Transition, bool]:
@@ -103,47 +110,41 @@ class Engine:
         return snapshot
 
     def handle(self, saga_id: str, event: Event, *, lease: Lease | None = None,
-               send: Sender | None = None, not_before: int | None = None) -> Transition:
+               not_before: int | None = None) -> Transition:
         """Apply ``event`` and commit it; retried on concurrent writes.
 
         With ``lease`` and an ``AttemptStarted`` event, the lease is taken with the commit
-        when the answer is RUN; with an end event it is given back with the commit.  A
-        start that leaves the saga running is committed as a journal line
-        (``_core/journal.py``) rather than the whole run.
+        when the answer is RUN; with an end event it is given back with the commit, or on
+        its own when the end changes nothing (the attempt was already recorded as ended, a
+        body that outlived its timeout).  A start that leaves the saga running is committed
+        as a journal line (``_core/journal.py``) rather than the whole run.
 
-        ``send``, given, publishes a transition's messages.  It is called for the
-        transition returned, with the version its commit creates, while that commit's
-        answer is on the way (the two round trips overlap), and also for a transition whose
-        commit was then refused: the receiving side drops those messages, since the
-        attempts they carry are not due in the stored saga.  An error it raises for a
-        commit that landed is raised once the commit is recorded; for one that was refused,
-        it is dropped with the refused messages.
-
-        ``not_before``: the version whose commit sent the message being started (it went
-        out before that commit's answer).  A store behind it is read again for a moment,
-        as the commit may still be on its way on another connection.
+        ``not_before``: the version whose commit sent the message being started.  A store
+        behind it is read again for a moment, as the commit may still be on its way; then
+        the answer is ``Decision.BEHIND`` (nothing applied): the message is to come back.
         """
         memo = self._cached_for(self._cache.pop(saga_id, None), event)
         if memo is not None and not_before is not None and memo[0].version < not_before:
-            memo = None  # this process's copy predates the message
+            memo = None  # this thread's copy predates the message
         fresh: tuple[Snapshot, Event] | None = None
         for _ in range(MAX_CONFLICTS):
             snapshot, applied = memo or fresh or self._load_for(saga_id, event, lease,
                                                                 not_before)
             from_memo, memo, fresh = memo is not None, None, None
+            if snapshot.version < (not_before or 0):
+                return Transition(run=snapshot.run, decision=Decision.BEHIND)
             was_terminal = snapshot.run.is_terminal
             now = self.clock()
             transition = apply_owned(snapshot.run, applied, now=now)
             if not transition.changed:
                 if from_memo:
                     continue  # "nothing to do" must come from the stored state
-                if send is not None:
-                    send(transition, None)
+                self._give_back(saga_id, event, lease)
                 return transition
             journal = (encode_entry(applied, now)
                        if isinstance(applied, AttemptStarted) and not transition.run.is_terminal
                        and snapshot.journal < MAX_ENTRIES else None)
-            if self._commit(snapshot, was_terminal, transition, event, lease, journal, send):
+            if self._commit(snapshot, was_terminal, transition, event, lease, journal):
                 return transition
             fresh = self._load_for(saga_id, event, lease)
             if _landed(fresh[0], snapshot.version, transition):
@@ -151,6 +152,11 @@ class Engine:
                 return transition
         raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
                              f"{type(event).__name__}", saga_id=saga_id)
+
+    def _give_back(self, saga_id: str, event: Event, lease: Lease | None) -> None:
+        """An end that changed nothing still gives its lease back: nothing else will."""
+        if lease is not None and not isinstance(event, AttemptStarted):
+            self.store.release_lease(saga_id, lease.name, lease.token)
 
     def _cached_for(self, cached: Snapshot | None, event: Event
                     ) -> tuple[Snapshot, Event] | None:
@@ -176,9 +182,7 @@ class Engine:
         while snapshot is not None and snapshot.version < (not_before or 0):
             pause = next(pauses, None)
             if pause is None:
-                break
-            log.debug("saga.start_waits_for_commit", saga_id=saga_id,
-                      version=snapshot.version, not_before=not_before, pause_s=pause)
+                break  # handle() answers BEHIND
             time.sleep(pause)  # the commit that sent the message is still on its way
             snapshot = self.store.load(saga_id, lease=name)
         if snapshot is None:
@@ -189,30 +193,17 @@ class Engine:
         return snapshot, event
 
     def _commit(self, snapshot: Snapshot, was_terminal: bool, transition: Transition,
-                event: Event, lease: Lease | None, journal: bytes | None,
-                send: Sender | None = None) -> bool:
+                event: Event, lease: Lease | None, journal: bytes | None) -> bool:
+        """Compare-and-set ``transition`` on ``snapshot``; False when refused."""
         change = _lease_change(transition, event, lease)
         version = snapshot.version
         events = _with_ids(transition.events, transition.run.id, version + 1)
         terminal = transition.run.is_terminal and not was_terminal
-        failed: list[BaseException] = []
-
-        def sent() -> None:
-            assert send is not None
-            try:
-                send(transition, version + 1)
-            except BaseException as exc:  # raised below once the commit is known to have landed
-                failed.append(exc)
-
         ok = self.store.commit(transition.run, version=version, events=events, lease=change,
-                               terminal=terminal, journal=journal,
-                               sent=None if send is None else sent)
+                               terminal=terminal, journal=journal)
         if ok:
             self._committed(Snapshot(transition.run, version + 1, None,
                                      snapshot.journal + 1 if journal else 0), transition)
-        if ok and failed:
-            raise failed[0]
-        # Refused: what failed to go out was not due; the next try sends what is.
         return ok
 
     def _committed(self, stored: Snapshot, transition: Transition) -> None:

@@ -14,6 +14,7 @@
         └── SagaCorruptStateError                   a stored record is not saga_celery's
 
     NonRetryableError  raised by user code in a step or rollback handler: do not retry.
+    RetryLater         raised by user code: retry after this delay (still within the limit).
 
 Errors carry structured attributes (``saga_id``, ``step``) where they belong to one.
 """
@@ -76,3 +77,30 @@ class SagaCorruptStateError(SagaStoreError):
 
 class NonRetryableError(Exception):
     """Raise it in a step or rollback handler to skip the remaining retries."""
+
+
+class RetryLater(Exception):
+    """Raise it in a step or rollback handler to set the delay before its next retry
+    yourself (a rate limit's Retry-After): ``raise RetryLater("30 seconds", "rate limited")``.
+
+    ``delay`` is a duration as in ``retries=``: a ``timedelta``, a string such as
+    ``"30 seconds"``, or a number of milliseconds.  The retry still counts against the
+    limit; with none left the attempt fails for good, like any other failure.
+    """
+
+    def __init__(self, delay: object, message: str = "") -> None:
+        from saga_celery._core.config import parse_duration
+
+        try:
+            self.delay = parse_duration(delay)
+        except ValueError as exc:
+            raise SagaConfigError(f"RetryLater({delay!r}): {exc}") from exc
+        super().__init__(message or f"retry in {self.delay.total_seconds():g} s")
+
+    @property
+    def delay_ms(self) -> float:
+        return self.delay.total_seconds() * 1000.0
+
+    def __reduce__(self) -> tuple[type[RetryLater], tuple[object, str]]:
+        """Rebuilt from its delay and message (Celery pickles a task's exception)."""
+        return (type(self), (self.delay, str(self)))

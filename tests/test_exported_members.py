@@ -9,6 +9,7 @@ EXPECTED = [
     "OutputNotSerializableError",
     "OutputTooLargeError",
     "RetryConfig",
+    "RetryLater",
     "RollbackContext",
     "SagaApp",
     "SagaConfigError",

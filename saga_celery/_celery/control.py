@@ -31,8 +31,11 @@ class Control:
     count: int
     attempt: int
     after: int | None = None
-    """The saga version whose commit sent this message, when it went out before that
-    commit's answer was read: a start that finds an older version waits for it."""
+    """The saga version whose commit sent this message: a start that finds an older
+    version waits for that commit (the message comes back) instead of dropping it."""
+    behind: int = 0
+    """How many times this message came back because the store did not show that commit
+    yet (each wait is longer)."""
 
     @classmethod
     def parse(cls, value: object) -> Control:
@@ -43,12 +46,13 @@ class Control:
         if type(value) is dict:  # what every message carries: checked in one expression
             saga_id, kind, key = value.get("saga_id"), value.get("kind"), value.get("key")
             step, count, attempt = value.get("step"), value.get("count"), value.get("attempt")
-            after = value.get("after")
+            after, behind = value.get("after"), value.get("behind", 0)
             if (type(saga_id) is str and type(key) is str and type(step) is str
                     and type(count) is int and type(attempt) is int and count > 0
                     and attempt > 0 and type(kind) is str and kind in _KINDS
-                    and (after is None or (type(after) is int and after > 0))):
-                return cls(saga_id, _KINDS[kind], key, step, count, attempt, after)
+                    and (after is None or (type(after) is int and after > 0))
+                    and type(behind) is int and behind >= 0):
+                return cls(saga_id, _KINDS[kind], key, step, count, attempt, after, behind)
         return cls._checked(value)
 
     @classmethod
@@ -68,12 +72,15 @@ class Control:
         if after is not None and (not isinstance(after, int) or isinstance(after, bool)
                                   or after < 1):
             raise _invalid(value, "after", "a positive integer or absent")
+        behind = value.get("behind", 0)
+        if not isinstance(behind, int) or isinstance(behind, bool) or behind < 0:
+            raise _invalid(value, "behind", "a non-negative integer or absent")
         try:
             kind = Kind(value["kind"])
         except ValueError:
             raise _invalid(value, "kind", f"one of {', '.join(k.value for k in Kind)}") from None
         return cls(saga_id=value["saga_id"], kind=kind, key=value["key"], step=value["step"],
-                   count=value["count"], attempt=value["attempt"], after=after)
+                   count=value["count"], attempt=value["attempt"], after=after, behind=behind)
 
     def as_kwarg(self) -> dict[str, Any]:
         """What the message carries under ``__saga__``: JSON types only."""
@@ -82,6 +89,8 @@ class Control:
                                "attempt": self.attempt}
         if self.after is not None:
             out["after"] = self.after
+        if self.behind:
+            out["behind"] = self.behind
         return out
 
     def kwargs_repr(self) -> str:

@@ -7,10 +7,12 @@ waits for its lease to end, and only a delivery that wins the lease runs the bod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from saga_celery._celery.acks import LateAck
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._celery.dispatch import ARGS_REPR, Dispatcher, build_message
 from saga_celery._celery.leases import LeaseKeeper
-from saga_celery._celery.timeouts import call_with_timeout, is_timeout
+from saga_celery._celery.timeouts import AttemptTimeout, call_with_timeout, is_timeout
 from saga_celery._context import (
     RollbackContext,
     StepContext,
@@ -44,6 +46,7 @@ from saga_celery._errors import (
     NonRetryableError,
     OutputNotSerializableError,
     OutputTooLargeError,
+    RetryLater,
     StepOutputError,
 )
 
@@ -52,8 +55,15 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("saga_celery")
 
-WAIT_COUNTDOWN_S = 1.0
-"""How long a duplicate delivery waits before looking at the lease again."""
+LEASE_MARGIN_S = 0.25
+"""How long after a lease could have lapsed a waiting delivery looks at it again."""
+
+BEHIND_MAX_COUNTDOWN_S = 2.0
+"""The longest a message waits, each time, for the commit that sent it to show."""
+
+BEHIND_LIMIT = 150
+"""Times a message comes back for its commit (about five minutes) before it goes on with
+what is stored: a commit still not there then was lost (a failover), not slow."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +138,16 @@ class Runtime:
         """Record the attempt's start; None if this delivery is not to run the body (then
         its message is acknowledged here)."""
         req = task.request
-        lease = Lease(name=lease_name(control.kind, control.key),
+        lease = Lease(name=lease_name(control.key),
                       token=lease_token(req.hostname, os.getpid(), req.id, control.attempt)
                       + f":{threading.get_ident()}",
                       ttl_ms=self.settings.lease_ttl_ms)
         event = AttemptStarted(kind=control.kind, key=control.key, attempt=control.attempt)
         transition = self.engine.handle(control.saga_id, event, lease=lease,
-                                        not_before=control.after)
+                                        not_before=self._not_before(control))
         self.dispatcher.send(transition.run, transition.dispatches)
-        if transition.decision == Decision.WAIT:
-            self._requeue(task, control)
+        if transition.decision in (Decision.WAIT, Decision.BEHIND):
+            self._requeue(task, control, transition.decision)
         if transition.decision != Decision.RUN:
             log.debug("saga.delivery_skipped", saga_id=control.saga_id, step=control.step,
                       attempt=control.attempt, decision=str(transition.decision))
@@ -148,15 +158,19 @@ class Runtime:
     def _execute(self, task: Task, control: Control, lease: Lease, config: StepConfig,
                  body: Callable[[], Any], ack: LateAck | None) -> None:
         timeout_s = config.timeout.total_seconds()
-        def deadline() -> None:
-            self.record_timeout(control, timeout_s, lease)
+
+        def deadline() -> None:  # the lease stays held until the body has really returned
+            self.record_timeout(control, timeout_s, None)
 
         try:
+            begun = time.monotonic()
             self.keeper.hold(control.saga_id, lease)
             try:
                 output = call_with_timeout(body, timeout_s, deadline)
             finally:
                 self.keeper.drop(control.saga_id, lease)
+            if time.monotonic() - begun > timeout_s:
+                raise AttemptTimeout  # the body swallowed its timeout and returned late
             output = self._checked_output(output) if control.kind == Kind.STEP else None
         except Exception as exc:
             self._failed(task, control, lease, exc, error_info(exc, timeout_s=timeout_s),
@@ -164,20 +178,20 @@ class Runtime:
             raise
         ended = AttemptSucceeded(kind=control.kind, key=control.key, attempt=control.attempt,
                                  output=output)
-        # The next messages go out while the end commit's answer is on its way, and with
-        # them this task's own late ack (acks.py).
-        def send(transition: Transition, version: int | None) -> None:
-            self.dispatcher.send(transition.run, transition.dispatches, after=version, ack=ack)
-
-        self.engine.handle(control.saga_id, ended, lease=lease, send=send)
+        # Acknowledged only once the end is recorded: a process that dies before that
+        # leaves its message to be delivered again (acks.py).
+        transition = self.engine.handle(control.saga_id, ended, lease=lease)
+        self.dispatcher.send(transition.run, transition.dispatches, ack=ack)
         self.dispatcher.ack(ack)  # alone, if no message took it along
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:
         """Record a failed attempt; raises Celery's ``Retry`` when the core wants a retry."""
         retryable = retryable and not isinstance(exc, NonRetryableError)
+        delay_ms = exc.delay_ms if isinstance(exc, RetryLater) else None
         ended = AttemptFailed(kind=control.kind, key=control.key, attempt=control.attempt,
-                              error=error, retryable=retryable, draw=random.random())
+                              error=error, retryable=retryable, draw=random.random(),
+                              delay_ms=delay_ms)
         transition = self.engine.handle(control.saga_id, ended, lease=lease)
         retry = _own_retry(transition, control)
         self.dispatcher.send(transition.run, [d for d in transition.dispatches if d is not retry])
@@ -196,12 +210,33 @@ class Runtime:
                          countdown=message.countdown, max_retries=limit, exc=exc,
                          kwargsrepr=message.control.kwargs_repr(), argsrepr=ARGS_REPR)
 
-    def _requeue(self, task: Task, control: Control) -> None:
-        """Come back once the lease holder may be done (not a retry: no attempt is used)."""
+    def _requeue(self, task: Task, control: Control, decision: Decision) -> None:
+        """Send this message again for later (not a retry: no attempt is used).
+
+        WAIT: when the lease can have lapsed, had its holder died now (a live holder keeps
+        renewing it; a dead one's redelivery or this message then runs the attempt).
+        BEHIND: shortly, then less and less often, until the commit that sent it shows.
+        """
         req = task.request
-        task.app.send_task(task.name, list(req.args or ()), dict(req.kwargs or {}),
-                           countdown=WAIT_COUNTDOWN_S, task_id=req.id, retries=req.retries,
+        kwargs = dict(req.kwargs or {})
+        if decision == Decision.BEHIND:
+            countdown = min(0.05 * 2 ** control.behind, BEHIND_MAX_COUNTDOWN_S)
+            control = dataclasses.replace(control, behind=control.behind + 1)
+            kwargs[CONTROL_KEY] = control.as_kwarg()
+        else:
+            countdown = self.settings.lease_ttl_ms / 1000 + LEASE_MARGIN_S
+        task.app.send_task(task.name, list(req.args or ()), kwargs, countdown=countdown,
+                           task_id=req.id, retries=req.retries,
                            kwargsrepr=control.kwargs_repr(), argsrepr=ARGS_REPR)
+
+    @staticmethod
+    def _not_before(control: Control) -> int | None:
+        """The version to wait for, until the message has waited for it long enough."""
+        if control.after is not None and control.behind >= BEHIND_LIMIT:
+            log.error("saga.commit_never_seen", saga_id=control.saga_id, step=control.step,
+                      attempt=control.attempt, version=control.after)
+            return None
+        return control.after
 
     def _checked_output(self, output: Any) -> JsonValue:
         try:
@@ -215,20 +250,27 @@ class Runtime:
             raise OutputTooLargeError(
                 f"step output is {size} bytes of JSON, over the limit of "
                 f"{self.settings.max_output_bytes} (SagaApp(max_output_bytes=...))")
-        return output  # type: ignore[no-any-return]
+        # Stored, passed on and shown as Celery's JSON serializer would deliver it (a tuple
+        # becomes a list, an int dict key a string): what the model holds is JSON.
+        round_trip: JsonValue = json.loads(encoded)
+        return round_trip
 
     # --- called in the worker's main process -------------------------------------------
 
     def record_hard_timeout(self, control: Control, hostname: str | None, pid: int | None,
                             task_id: str | None, timeout_s: float) -> None:
-        """The child was killed at the hard time limit and cannot record its own failure."""
-        self.record_timeout(control, timeout_s, None,
+        """The child was killed at the hard time limit and cannot record its own failure:
+        record it, and give back the dead child's lease in the same commit."""
+        holder = self._dead_holder(control, hostname, pid, task_id)
+        lease = None if holder is None else Lease(lease_name(control.key), holder,
+                                                  self.settings.lease_ttl_ms)
+        self.record_timeout(control, timeout_s, lease,
                             detail=" (hard time limit: the pool process was killed)")
-        self.release_lost_lease(control, hostname, pid, task_id)
 
     def record_timeout(self, control: Control, timeout_s: float, lease: Lease | None, *,
                        detail: str = "") -> None:
-        """Fail a running attempt at its deadline on behalf of a body that cannot stop."""
+        """Fail a running attempt at its deadline on behalf of a body that cannot stop;
+        ``lease``, given, is released with the commit."""
         error = ErrorInfo(type="TimeoutError",
                           message=f"the attempt exceeded its timeout of {timeout_s:g} s{detail}")
         ended = AttemptFailed(kind=control.kind, key=control.key, attempt=control.attempt,
@@ -239,12 +281,19 @@ class Runtime:
     def release_lost_lease(self, control: Control, hostname: str | None, pid: int | None,
                            task_id: str | None) -> None:
         """The pool process died: free its lease now so the redelivery need not wait."""
-        name = lease_name(control.kind, control.key)
-        prefix = lease_token(hostname, pid, task_id, control.attempt)
+        holder = self._dead_holder(control, hostname, pid, task_id)
+        if holder is not None:
+            self.engine.release(control.saga_id,
+                                Lease(lease_name(control.key), holder, self.settings.lease_ttl_ms))
+
+    def _dead_holder(self, control: Control, hostname: str | None, pid: int | None,
+                     task_id: str | None) -> str | None:
+        """The token of the lease the dead pool process held for this attempt, if it does."""
+        name = lease_name(control.key)
         snapshot = self.engine.store.load(control.saga_id, lease=name)
         holder = snapshot.lease_holder if snapshot else None
-        if holder is not None and holder.startswith(prefix):
-            self.engine.store.release_lease(control.saga_id, name, holder)
+        prefix = lease_token(hostname, pid, task_id, control.attempt)
+        return holder if holder is not None and holder.startswith(prefix) else None
 
 
 def _own_retry(transition: Transition, control: Control) -> Dispatch | None:

@@ -26,7 +26,7 @@ from saga_celery._core.events import (
     Transition,
 )
 from saga_celery._core.model import ErrorInfo, EventType, Kind, Plan
-from saga_celery._engine import BEHIND_PAUSES_S, Engine, Lease
+from saga_celery._engine import BEHIND_PAUSES_S, Engine, Lease, lease_name
 from saga_celery._store.base import Snapshot
 from saga_celery._store.memory import MemoryStore
 from tests.unit.sim import plan
@@ -499,80 +499,7 @@ def test_a_skip_is_never_decided_on_a_stale_cached_state() -> None:
     assert t.decision == Decision.RUN
 
 
-# --- publishing while the end commit's answer is on its way -------------------------------------
-
-
-def test_send_publishes_the_committed_transition_once() -> None:
-    """``handle(send=...)`` hands the transition it returns to ``send`` exactly once, after the
-    store has the commit; a transition that sends nothing still comes through it."""
-    engine, store = new_engine()
-    saga = submit(engine, "s-send", plan("a", "b"))
-    saga.start("a")
-    sent: list[tuple[int, int | None, Transition]] = []
-
-    def send(transition: Transition, version: int | None) -> None:
-        snapshot = store.load("s-send")
-        assert snapshot is not None
-        sent.append((snapshot.version, version, transition))
-
-    ended = engine.handle("s-send", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
-                                                     output="A"), send=send)
-    assert [t for _, _, t in sent] == [ended]
-    assert sent[0][:2] == (3, 3)  # the version the end commit creates, already stored
-    assert [d.key for d in ended.dispatches] == ["b#1"]
-
-
-def test_a_refused_commit_sends_again_what_the_landed_one_dispatches() -> None:
-    """A stale cached state: the speculative transition's messages go out with its commit,
-    which is refused; the transition built on the stored state is sent after its own."""
-    engine, store = new_engine()
-    saga = submit(engine, "s-stale", plan("a", "b"))
-    saga.start("a")
-    Engine(store, clock=engine.clock).handle(  # another process moves the saga on
-        "s-stale", TerminateRequested(rollback=False, reason="stop"))
-    sent: list[Transition] = []
-    ended = engine.handle("s-stale", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
-                                                      output="A"),
-                          send=lambda transition, _: sent.append(transition))
-    assert len(sent) == 2 and sent[-1] is ended
-    assert [d.key for d in sent[0].dispatches] == ["b#1"]  # dropped by its receiver
-    assert ended.dispatches == []  # terminated: nothing is due
-    assert store.load("s-stale").run.steps["a#1"].output == "A"  # type: ignore[union-attr]
-
-
-def test_a_send_error_is_raised_once_the_landed_commit_is_recorded() -> None:
-    engine, store = new_engine()
-    saga = submit(engine, "s-err", plan("a", "b"))
-    saga.start("a")
-
-    def send(_: Transition, __: int | None) -> None:
-        raise ConnectionError("broker down")
-
-    with pytest.raises(ConnectionError, match="broker down"):
-        engine.handle("s-err", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
-                                                output="A"), send=send)
-    stored = store.load("s-err")
-    assert stored is not None and stored.version == 3
-    assert list(stored.run.outbox) == ["step:b#1:1"]  # the sweeper re-sends it
-    assert engine._cache["s-err"].version == 3
-
-
-def test_a_send_error_for_a_refused_commit_is_dropped_with_its_messages() -> None:
-    engine, store = new_engine()
-    saga = submit(engine, "s-drop", plan("a", "b"))
-    saga.start("a")
-    Engine(store, clock=engine.clock).handle(
-        "s-drop", TerminateRequested(rollback=False, reason="stop"))
-    calls: list[Transition] = []
-
-    def send(transition: Transition, _: int | None) -> None:
-        calls.append(transition)
-        if len(calls) == 1:
-            raise ConnectionError("broker down")
-
-    ended = engine.handle("s-drop", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
-                                                     output="A"), send=send)
-    assert calls[-1] is ended and len(calls) == 2
+# --- a message that overtakes the commit that sent it -------------------------------------------
 
 
 def test_a_start_waits_a_moment_for_the_commit_that_sent_its_message() -> None:
@@ -604,15 +531,31 @@ class Behind:
         return getattr(self.inner, name)
 
 
-def test_a_start_stops_waiting_and_drops_a_message_whose_commit_never_lands() -> None:
+def test_a_start_whose_commit_is_not_there_yet_is_told_to_come_back() -> None:
+    """Past a moment's wait the answer is BEHIND, nothing applied: the message comes back
+    later rather than being dropped (it was left to the recovery sweep before)."""
     engine, store = new_engine()
     saga = submit(engine, "s-never", plan("a", "b"))
     saga.start("a")
+    before = store.load("s-never")
     reads = Behind(store, [])
     started = Engine(reads, clock=engine.clock).handle(  # type: ignore[arg-type]
         "s-never", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1), not_before=9)
-    assert started.decision == Decision.SKIP  # b is not due: the sweep re-sends if need be
+    assert started.decision == Decision.BEHIND and not started.changed
     assert reads.loads == 1 + len(BEHIND_PAUSES_S)
+    assert store.load("s-never").version == before.version  # type: ignore[union-attr]
+
+
+def test_a_start_behind_runs_once_the_commit_lands() -> None:
+    """The same message, come back after its commit landed, runs the attempt."""
+    engine, store = new_engine()
+    saga = submit(engine, "s-late", plan("a", "b"))
+    saga.start("a")
+    worker = Engine(store, clock=engine.clock)
+    event = AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1)
+    assert worker.handle("s-late", event, not_before=3).decision == Decision.BEHIND
+    saga.ok("a", "A")  # version 3 lands
+    assert worker.handle("s-late", event, not_before=3).decision == Decision.RUN
 
 
 def test_a_cached_copy_older_than_the_message_is_not_used() -> None:
@@ -634,3 +577,46 @@ def test_a_cached_copy_older_than_the_message_is_not_used() -> None:
     started = engine.handle("s-old", AttemptStarted(kind=Kind.STEP, key="b#1", attempt=1),
                             not_before=3)
     assert started.decision == Decision.RUN and commits[0] == 1
+
+
+# --- threads ------------------------------------------------------------------------------
+
+
+def test_a_run_handed_to_one_thread_is_never_changed_by_another() -> None:
+    """Each thread remembers its own sagas: the run a transition returned is not the object
+    another thread's next event for the same saga changes in place."""
+    engine, _ = new_engine()
+    submit(engine, "s-threads", plan("a", "b"))
+    started = engine.handle("s-threads", AttemptStarted(kind=Kind.STEP, key="a#1", attempt=1))
+    seen = started.run.model_dump_json()
+
+    def end() -> None:
+        engine.handle("s-threads", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
+                                                    output="A"))
+
+    other = threading.Thread(target=end)
+    other.start()
+    other.join()
+    assert started.run.model_dump_json() == seen
+    assert engine.load("s-threads").run.steps["a#1"].output == "A"
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+def test_an_end_that_changes_nothing_still_gives_its_lease_back() -> None:
+    """A body that returns after its attempt was recorded as timed out frees its step's lease
+    (a retry or a handler waits on it)."""
+    engine, store = new_engine()
+    submit(engine, "s-late-end", plan("a", "b"))
+    lease = Lease(name=lease_name("a#1"), token="worker-1", ttl_ms=60_000)
+    start = AttemptStarted(kind=Kind.STEP, key="a#1", attempt=1)
+    assert engine.handle("s-late-end", start, lease=lease).decision == Decision.RUN
+    timed_out = AttemptFailed(kind=Kind.STEP, key="a#1", attempt=1, via_retry=False,
+                              error=ErrorInfo(type="TimeoutError", message="late"))
+    engine.handle("s-late-end", timed_out)  # at the deadline, on the body's behalf
+    assert store.load("s-late-end", lease=lease.name).lease_holder == "worker-1"  # type: ignore[union-attr]
+    late = engine.handle("s-late-end", AttemptSucceeded(kind=Kind.STEP, key="a#1", attempt=1,
+                                                        output="A"), lease=lease)
+    assert not late.changed
+    assert store.load("s-late-end", lease=lease.name).lease_holder is None  # type: ignore[union-attr]

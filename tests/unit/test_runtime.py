@@ -1,0 +1,212 @@
+"""What a saga task does when it runs (``_celery/runtime.py``), on the in-memory store.
+
+A step "runs" by ``Task.apply`` of its message in this process, as a worker would (the main
+thread: the solo pool's way, an alarm for the timeout).  Messages the runtime sends are
+caught as Celery publishes them (``before_task_publish``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.signals import before_task_publish
+
+from saga_celery import RetryLater, SagaApp, SagaState
+from saga_celery._celery import timeouts
+from saga_celery._celery.control import CONTROL_KEY, Control
+from saga_celery._celery.dispatch import build_message
+from saga_celery._celery.runtime import BEHIND_MAX_COUNTDOWN_S, LEASE_MARGIN_S
+from saga_celery._core.events import AttemptStarted
+from saga_celery._core.model import Kind
+from saga_celery._engine import Lease, lease_name
+
+QUICK = {"limit": 0, "delay": 0}
+
+
+@pytest.fixture
+def sent() -> Iterator[list[dict[str, Any]]]:
+    """The headers and body of every task message published during the test."""
+    seen: list[dict[str, Any]] = []
+
+    def record(body: Any = None, headers: Any = None, **_: Any) -> None:
+        seen.append({"headers": dict(headers or {}), "body": body})
+
+    before_task_publish.connect(record, weak=False)
+    yield seen
+    before_task_publish.disconnect(record)
+
+
+def run_due(sagas: SagaApp, saga_id: str, *, after: int | None = None) -> None:
+    """Run every due message of the saga here, as a worker would, until none is left."""
+    for _ in range(20):
+        run = sagas.store.load(saga_id).run  # type: ignore[union-attr]
+        if not run.outbox:
+            return
+        for dispatch in list(run.outbox.values()):
+            message = build_message(run, dispatch, sagas.dispatcher.clock(), after)
+            sagas.app.tasks[message.task].apply(args=message.args, kwargs=message.kwargs,
+                                                task_id=message.task_id,
+                                                retries=message.retries)
+
+
+def state(sagas: SagaApp, saga_id: str) -> SagaState:
+    return sagas.run(saga_id).status()
+
+
+# --- outputs are their JSON round trip -----------------------------------------------------
+
+
+def test_a_tuple_output_and_int_keys_at_any_depth_are_stored_as_json_delivers_them(
+        app: Celery, sagas: SagaApp) -> None:
+    """A tuple becomes a list and an int dict key a string, at any depth; the next step gets
+    that, and the saga completes (the end was not recorded at all before: the body ran
+    again until WorkerLost)."""
+    got: list[Any] = []
+
+    @sagas.step(name="t.pair", retries=QUICK)
+    def pair() -> Any:
+        return (1, {2: {3: (4, 5)}})
+
+    @sagas.step(name="t.take", retries=QUICK)
+    def take(previous: Any) -> Any:
+        got.append(previous)
+        return previous
+
+    sagas.saga("round-trip", [pair.s(), take.s()]).apply_async(saga_id="rt-1")
+    run_due(sagas, "rt-1")
+    final = state(sagas, "rt-1")
+    assert final.status == "complete"
+    assert got == [[1, {"2": {"3": [4, 5]}}]]
+    assert final.step("t.pair").output == [1, {"2": {"3": [4, 5]}}]
+
+
+# --- a timeout is a timeout on every pool ----------------------------------------------------
+
+
+def test_a_body_that_swallows_the_timeout_alarm_is_a_timed_out_attempt(
+        app: Celery, sagas: SagaApp) -> None:
+    """Solo pool: ``except Exception`` around the work swallows the alarm; the attempt is
+    still a failed, timed-out one, not a success."""
+    @sagas.step(name="t.swallow", retries=QUICK, timeout=200)
+    def swallow() -> str:
+        try:
+            time.sleep(2)
+        except Exception:  # what careless code does: swallows the timeout too
+            return "done anyway"
+        return "done"
+
+    sagas.saga("swallow", [swallow.s()]).apply_async(saga_id="sw-1")
+    run_due(sagas, "sw-1")
+    (attempt,) = state(sagas, "sw-1").step("t.swallow").attempts
+    assert attempt.error is not None and attempt.error.type == "TimeoutError"
+    assert state(sagas, "sw-1").status == "errored"
+
+
+def test_a_body_that_returns_inside_the_hard_limit_grace_is_a_timed_out_attempt(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefork: a body that caught the soft limit and returned before the hard limit took
+    longer than its timeout: recorded as a failed, timed-out attempt."""
+    monkeypatch.setattr(timeouts, "_in_pool_child", True)  # Celery's limits apply: no alarm
+
+    @sagas.step(name="t.late", retries=QUICK, timeout=100)
+    def late() -> str:
+        time.sleep(0.3)  # where SoftTimeLimitExceeded would have been caught and ignored
+        return "late"
+
+    sagas.saga("late", [late.s()]).apply_async(saga_id="late-1")
+    run_due(sagas, "late-1")
+    (attempt,) = state(sagas, "late-1").step("t.late").attempts
+    assert attempt.error is not None and attempt.error.type == "TimeoutError"
+
+
+# --- RetryLater ---------------------------------------------------------------------------
+
+
+def test_retry_later_sets_the_delay_of_each_retry_within_the_limit(
+        app: Celery, sagas: SagaApp) -> None:
+    """``raise RetryLater("45 seconds")``: each retry waits the step's own delay, not its
+    policy's (10 ms here), and the limit still ends it after 1 + 2 attempts."""
+    @sagas.step(name="t.limited", retries={"limit": 2, "delay": 10, "backoff": "constant"})
+    def limited() -> None:
+        raise RetryLater("45 seconds", "rate limited: Retry-After 45")
+
+    sagas.saga("limited", [limited.s()]).apply_async(saga_id="rl-1")
+    run_due(sagas, "rl-1")  # eager: Celery runs each retry at once, whatever its countdown
+    errored = [e for e in sagas.run("rl-1").events() if e["type"] == "attempt_errored"]
+    assert [e["retry_delay_ms"] for e in errored] == [45_000, 45_000, None]
+    assert errored[0]["error"] == {"type": "RetryLater",
+                                   "message": "rate limited: Retry-After 45"}
+    assert state(sagas, "rl-1").status == "errored"
+
+
+def test_retry_later_survives_pickling_as_celery_stores_a_task_error() -> None:
+    """Rebuilt with its delay and message (not wrapped as an unpicklable exception)."""
+    import pickle
+
+    again = pickle.loads(pickle.dumps(RetryLater(1500, "busy")))
+    assert (again.delay_ms, str(again)) == (1500.0, "busy")
+
+
+def test_retry_later_with_a_bad_delay_names_it() -> None:
+    """A delay that is not a duration is a clear error naming it."""
+    with pytest.raises(ValueError, match="soon"):
+        RetryLater("soon")
+
+
+# --- deliveries that must come back ------------------------------------------------------------
+
+
+def test_a_duplicate_of_a_running_attempt_comes_back_when_the_lease_can_have_lapsed(
+        app: Celery, sagas: SagaApp, sent: list[dict[str, Any]]) -> None:
+    """Not every second for the attempt's whole run: once per lease time to live."""
+    @sagas.step(name="t.slow", retries=QUICK)
+    def slow() -> None:
+        return None
+
+    sagas.saga("slow", [slow.s()]).apply_async(saga_id="dup-1")
+    run = sagas.store.load("dup-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+    holder = Lease(lease_name("t.slow#1"), "another-worker", 60_000)
+    sagas.engine.handle("dup-1", AttemptStarted(kind=Kind.STEP, key="t.slow#1", attempt=1),
+                        lease=holder)
+    sent.clear()
+    app.tasks["t.slow"].apply(args=message.args, kwargs=message.kwargs,
+                              task_id=message.task_id)
+    (again,) = sent
+    ttl_s = sagas.runtime.settings.lease_ttl_ms / 1000
+    assert _countdown(again) == pytest.approx(ttl_s + LEASE_MARGIN_S, abs=0.5)
+
+
+def test_a_message_ahead_of_its_commit_comes_back_without_using_an_attempt(
+        app: Celery, sagas: SagaApp, sent: list[dict[str, Any]]) -> None:
+    """A next-step message whose commit the store does not show yet is sent again, soon and
+    then less often, carrying how often it waited; it was dropped after ~90 ms before."""
+    @sagas.step(name="t.first", retries=QUICK)
+    def first() -> None:
+        return None
+
+    sagas.saga("ahead", [first.s()]).apply_async(saga_id="ahead-1")
+    run = sagas.store.load("ahead-1").run  # type: ignore[union-attr]
+    version = sagas.store.load("ahead-1").version  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock(),
+                            after=version + 1)
+    sent.clear()
+    app.tasks["t.first"].apply(args=message.args, kwargs=message.kwargs,
+                               task_id=message.task_id)
+    (again,) = sent
+    control = Control.parse(again["body"][1][CONTROL_KEY])
+    assert (control.after, control.behind) == (version + 1, 1)
+    assert 0 < _countdown(again) <= BEHIND_MAX_COUNTDOWN_S
+    step = sagas.run("ahead-1").status().step("t.first")
+    assert step.status == "pending" and step.attempts == []
+
+
+def _countdown(message: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    eta = datetime.fromisoformat(message["headers"]["eta"])
+    return (eta - datetime.now(eta.tzinfo)).total_seconds()
