@@ -33,7 +33,8 @@ class SagaDefinition:
         self.plan = Plan(stages=_stages(sagas, name, stages),
                          rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
                          on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
-                                                   on_rollback_error))
+                                                   on_rollback_error),
+                         key_format=2)
 
     def apply_async(self, *, saga_id: str | None = None, params: Any = None) -> SagaHandle:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
