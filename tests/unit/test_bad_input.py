@@ -96,6 +96,7 @@ def test_unknown_saga_id_raises_not_found_naming_the_id(sagas: SagaApp) -> None:
         ({"retries": {"limit": 1, "tries": 3}}, "retries.tries"),
         ({"timeout": "soon"}, "timeout"),
         ({"timeout": -5}, "timeout"),
+        ({"timeout": 0}, "timeout"),
     ],
 )
 def test_invalid_step_config_is_refused_at_decoration_naming_step_and_field(
@@ -131,6 +132,16 @@ def test_invalid_rollback_config_is_refused_naming_the_rollback_and_field(sagas:
     assert "rollback of bad.reserve" in str(info.value)
     assert "retries.limit" in str(info.value)
     assert type(reserve).saga_rollback is None
+
+
+@pytest.mark.parametrize("how", ["decorator", "rollback_config"])
+def test_zero_rollback_timeout_is_refused_naming_the_rollback(sagas: SagaApp, how: str) -> None:
+    """A rollback handler's timeout must be greater than zero too, given either way."""
+    with pytest.raises(SagaConfigError, match=r"rollback of bad\.zero.*timeout"):
+        if how == "decorator":
+            sagas.step(name="bad.zero")(noop).rollback(timeout=0)(noop)
+        else:
+            sagas.step(name="bad.zero", rollback=noop, rollback_config={"timeout": 0})(noop)
 
 
 def test_invalid_cloudflare_rollback_config_is_refused_naming_the_field(sagas: SagaApp) -> None:
