@@ -20,7 +20,9 @@ from saga_celery._celery.tasks import (
     TIME_LIMIT_GRACE_S,
     SagaRollbackTask,
     SagaStepTask,
+    Target,
     build_task,
+    refuse_celery_retries,
     time_limits,
     unwrap,
 )
@@ -107,25 +109,40 @@ class SagaApp:
         """Make a function (or an existing Celery task) a saga step; see the README."""
 
         def decorate(target: Any) -> SagaStepTask:
-            func, bind, existing, options = unwrap(target)
-            task_name = name or existing or self.app.gen_task_name(func.__name__,
-                                                                   func.__module__)
+            parts = unwrap(target)
+            task_name = name or parts.name or self.app.gen_task_name(parts.fn.__name__,
+                                                                     parts.fn.__module__)
+            options = {**parts.options, **task_options}
+            refuse_celery_retries(task_name, options)
             config = self._config(task_name, retries, timeout)
-            if rollback is None and rollback_config is not None:
-                raise SagaConfigError(f"step {task_name!r}: rollback_config given without "
-                                      "rollback=", step=task_name)
-            handler_config = _rollback_config(task_name, rollback_config)
-            if rollback is not None:  # validated before anything is registered
-                self._config(f"rollback of {task_name}", handler_config.get("retries"),
-                             handler_config.get("timeout"))
-            task: SagaStepTask = self._build(func, SagaStepTask, bind, task_name, config,
-                                             {**options, **task_options})
+            handler_config = self._check_rollback(task_name, rollback, rollback_config)
+            task: SagaStepTask = self._build(parts, SagaStepTask, task_name, config, options)
             self.router.step_tasks.add(task_name)
             if rollback is not None:
                 self.register_rollback(task, rollback, **handler_config)
             return task
 
         return decorate if fn is None else decorate(fn)
+
+    def _check_rollback(self, step: str, rollback: Callable[..., Any] | None,
+                        rollback_config: dict[str, Any] | None) -> dict[str, Any]:
+        """The Cloudflare-shaped ``rollback=`` and ``rollback_config``, validated before the
+        step is registered; returns the handler's options."""
+        if rollback is None:
+            if rollback_config is not None:
+                raise SagaConfigError(f"step {step!r}: rollback_config given without "
+                                      "rollback=", step=step)
+            return {}
+        owner = f"rollback of {step}"
+        config = dict(rollback_config or {})
+        refuse_celery_retries(owner, {**unwrap(rollback).options, **config})
+        unknown = set(config) - _ROLLBACK_CONFIG_KEYS
+        if unknown:
+            raise SagaConfigError(f"step {step!r}: unknown rollback_config keys "
+                                  f"{sorted(unknown)} (allowed: retries, timeout, name)",
+                                  step=step)
+        self._config(owner, config.get("retries"), config.get("timeout"))
+        return config
 
     def register_rollback(self, step: SagaStepTask, handler: Any, *, retries: Any = None,
                           timeout: Any = None, name: str | None = None,
@@ -136,12 +153,14 @@ class SagaApp:
             raise SagaDefinitionError(
                 f"step {step.name!r} already has a rollback handler ({current.name!r}); "
                 "a step has at most one", step=step.name)
-        func, bind, existing, options = unwrap(handler)
-        task_name = name or existing or f"{step.name}.rollback"
-        config = self._config(f"rollback of {step.name}", retries, timeout)
-        options = {**options, **(task_options or {}), "saga_step_name": step.name}
-        task: SagaRollbackTask = self._build(func, SagaRollbackTask, bind, task_name, config,
-                                             options)
+        parts = unwrap(handler)
+        task_name = name or parts.name or f"{step.name}.rollback"
+        owner = f"rollback of {step.name}"
+        options = {**parts.options, **(task_options or {})}
+        refuse_celery_retries(owner, options)
+        config = self._config(owner, retries, timeout)
+        task: SagaRollbackTask = self._build(parts, SagaRollbackTask, task_name, config,
+                                             {**options, "saga_step_name": step.name})
         type(step).saga_rollback = task
         self.router.rollback_tasks.add(task_name)
         return task
@@ -159,14 +178,14 @@ class SagaApp:
                 "broker_transport_options['visibility_timeout'].", step=owner)
         return config
 
-    def _build(self, func: Callable[..., Any], base: type[Any], bind: bool, name: str,
-               config: StepConfig, options: dict[str, Any]) -> Any:
+    def _build(self, target: Target, base: type[Any], name: str, config: StepConfig,
+               options: dict[str, Any]) -> Any:
         queue = options.pop("queue", None)
         if queue is not None:
             self.router.explicit[name] = queue.name if isinstance(queue, Queue) else str(queue)
         options.update(time_limits(config), saga_app=self, saga_config=config,
                        max_retries=config.retries.limit)
-        return build_task(self.app, func, base=base, bind=bind, name=name, options=options)
+        return build_task(self.app, target, base=base, name=name, options=options)
 
     # --- sagas -----------------------------------------------------------------------
 
@@ -185,15 +204,6 @@ class SagaApp:
         """One recovery sweep (see ``saga_celery._celery.recovery``); returns messages re-sent."""
         delay = self.recovery_grace if grace is None else parse_duration(grace)
         return recover(self.engine, self.dispatcher, grace=delay)
-
-
-def _rollback_config(step: str, config: dict[str, Any] | None) -> dict[str, Any]:
-    config = dict(config or {})
-    unknown = set(config) - _ROLLBACK_CONFIG_KEYS
-    if unknown:
-        raise SagaConfigError(f"step {step!r}: unknown rollback_config keys "
-                              f"{sorted(unknown)} (allowed: retries, timeout, name)", step=step)
-    return config
 
 
 def _positive_ms(field: str, value: object) -> int:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, group
+from celery import Celery, Task, group
 from pydantic import ValidationError
 
 from saga_celery import (
@@ -180,6 +180,102 @@ def test_step_refused_for_its_rollback_config_is_not_registered(app: Celery,
             return None
 
     assert "bad.charge" not in app.tasks
+
+
+# --- Celery's own retry options ---------------------------------------------------------------
+
+CELERY_RETRY_OPTIONS = [("autoretry_for", (ValueError,)), ("retry_backoff", True),
+                        ("retry_backoff_max", 60), ("retry_jitter", False),
+                        ("retry_kwargs", {"max_retries": 2}), ("max_retries", 2),
+                        ("default_retry_delay", 5)]
+"""Each of Celery's retry options, with a value a user might set."""
+
+
+def assert_refused_for(info: pytest.ExceptionInfo[SagaConfigError], owner: str,
+                       option: str) -> None:
+    """The error names the step (or rollback), the option, and the way to retry instead."""
+    message = str(info.value)
+    assert owner in message and repr(option) in message and "retries=" in message
+
+
+@pytest.mark.parametrize(("option", "value"), CELERY_RETRY_OPTIONS)
+def test_celery_retry_option_on_a_step_is_refused(app: Celery, sagas: SagaApp, option: str,
+                                                  value: object) -> None:
+    """``@sagas.step(autoretry_for=..., max_retries=..., ...)`` raises SagaConfigError naming the
+    step and the option (saga steps retry through ``retries=`` alone); nothing is registered."""
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(name="bad.celery", **{option: value})(noop)
+    assert_refused_for(info, "bad.celery", option)
+    assert info.value.step == "bad.celery"
+    assert "bad.celery" not in app.tasks
+
+
+@pytest.mark.parametrize(("option", "value"), CELERY_RETRY_OPTIONS)
+def test_celery_retry_option_on_a_rollback_is_refused(sagas: SagaApp, option: str,
+                                                      value: object) -> None:
+    """``@step.rollback(max_retries=...)`` and ``rollback_config={"max_retries": ...}`` are
+    refused naming the rollback and the option."""
+    step = sagas.step(name="bad.celery")(noop)
+    with pytest.raises(SagaConfigError) as info:
+        step.rollback(**{option: value})(noop)
+    assert_refused_for(info, "rollback of bad.celery", option)
+    assert type(step).saga_rollback is None
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(name="bad.cloudflare", rollback=noop, rollback_config={option: value})(noop)
+    assert_refused_for(info, "rollback of bad.cloudflare", option)
+
+
+@pytest.mark.parametrize(("option", "value"), CELERY_RETRY_OPTIONS)
+def test_celery_retry_option_on_a_wrapped_task_is_refused(app: Celery, sagas: SagaApp,
+                                                          option: str, value: object) -> None:
+    """``@sagas.step`` above ``@app.task(autoretry_for=...)`` raises SagaConfigError naming the
+    step and the option, and leaves the Celery task registered as it was."""
+    task = app.task(name="plain.retrying", lazy=False, **{option: value})(noop)
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(task)
+    assert_refused_for(info, "plain.retrying", option)
+    assert app.tasks["plain.retrying"] is task
+
+
+def test_a_wrapped_task_refused_for_its_config_stays_registered(app: Celery,
+                                                                sagas: SagaApp) -> None:
+    """A Celery task whose saga config is refused is left registered as the plain task it was."""
+    task = app.task(name="plain.task", lazy=False)(noop)
+    with pytest.raises(SagaConfigError, match="timeout"):
+        sagas.step(timeout="soon")(task)
+    assert app.tasks["plain.task"] is task
+
+
+def test_celery_retry_option_inherited_by_a_wrapped_task_is_refused(app: Celery,
+                                                                    sagas: SagaApp) -> None:
+    """A retry option the wrapped task gets from its own base class is refused too."""
+    class Backoff(Task):  # type: ignore[misc]
+        retry_backoff = True
+
+    task = app.task(name="plain.based", base=Backoff)(noop)
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(retries={"limit": 1})(task)
+    assert_refused_for(info, "plain.based", "retry_backoff")
+
+
+def test_celery_retry_option_on_a_wrapped_rollback_task_is_refused(app: Celery,
+                                                                   sagas: SagaApp) -> None:
+    """A Celery task with ``max_retries`` registered as a rollback handler is refused."""
+    step = sagas.step(name="bad.celery")(noop)
+    handler = app.task(name="plain.undo", lazy=False, max_retries=7)(noop)
+    with pytest.raises(SagaConfigError) as info:
+        step.rollback(handler)
+    assert_refused_for(info, "rollback of bad.celery", "max_retries")
+    assert app.tasks["plain.undo"] is handler
+
+
+def test_a_wrapped_task_without_retry_options_gets_its_limit_from_retries(
+        app: Celery, sagas: SagaApp) -> None:
+    """Celery's defaults on a wrapped task are not the user's: it is accepted, and its
+    ``max_retries`` is the saga's ``retries.limit``."""
+    step = sagas.step(retries={"limit": 4, "delay": 100})(app.task(name="plain.fine")(noop))
+    undo = step.rollback(retries={"limit": 0})(app.task(name="plain.fine-undo")(noop))
+    assert (step.max_retries, undo.max_retries) == (4, 0)
 
 
 # --- the Redis visibility timeout ------------------------------------------------------------
