@@ -6,20 +6,25 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from kombu import Queue
 
 from saga_celery._celery.definition import SagaDefinition
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.recovery import recover
-from saga_celery._celery.routing import SagaRouter, configure, visibility_timeout
+from saga_celery._celery.routing import (
+    SagaRouter,
+    check_visibility_timeout,
+    configure,
+    restore_defaults,
+)
 from saga_celery._celery.runtime import Runtime, RuntimeSettings
 from saga_celery._celery.security import check_app
 from saga_celery._celery.tasks import (
-    TIME_LIMIT_GRACE_S,
     SagaRollbackTask,
     SagaStepTask,
+    SagaTask,
     Target,
     build_task,
     refuse_celery_retries,
@@ -79,6 +84,7 @@ class SagaApp:
                                                max_output_bytes=max_output_bytes))
         self.recovery_grace = parse_duration(recovery_grace)
         self._register_recovery(_positive_ms("recovery_interval", recovery_interval) / 1000)
+        app.steps["worker"].add(_worker_check(self._check_worker))
 
     def _register_recovery(self, interval_s: float) -> None:
         """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""
@@ -167,16 +173,24 @@ class SagaApp:
 
     def _config(self, owner: str, retries: Any, timeout: Any) -> StepConfig:
         config = resolve_config(owner=owner, retries=retries, timeout=timeout)
-        limit = visibility_timeout(self.app)
-        longest = config.longest_wait_s() + TIME_LIMIT_GRACE_S
-        if limit is not None and longest >= limit:
-            raise SagaConfigError(
-                f"{owner!r}: its longest retry delay plus timeout and hard-limit grace "
-                f"({longest:g} s) must stay below the Redis transport's "
-                f"visibility_timeout ({limit:g} s), or Redis redelivers waiting messages. "
-                "Lower retries.delay / retries.max_delay / timeout, or raise "
-                "broker_transport_options['visibility_timeout'].", step=owner)
+        check_visibility_timeout(self.app, owner, config)
         return config
+
+    def _check_worker(self) -> None:
+        """Run when a worker starts, before it connects: the settings the user assigned after
+        ``SagaApp()`` are in force now.  Puts the unacked-restore options back and checks every
+        saga task against the visibility timeout again; ``SagaConfigError`` stops the worker."""
+        restore_defaults(self.app)
+        for task in list(self.app.tasks.values()):
+            if isinstance(task, SagaTask) and task.saga_app is self:
+                owner = (f"rollback of {task.saga_step_name}"
+                         if isinstance(task, SagaRollbackTask) else task.name)
+                try:
+                    check_visibility_timeout(self.app, owner, task.saga_config)
+                except SagaConfigError as exc:
+                    raise SagaConfigError(f"this worker cannot start: {exc} (checked at worker "
+                                          "start, with the settings now in force)",
+                                          step=owner) from exc
 
     def _build(self, target: Target, base: type[Any], name: str, config: StepConfig,
                options: dict[str, Any]) -> Any:
@@ -204,6 +218,21 @@ class SagaApp:
         """One recovery sweep (see ``saga_celery._celery.recovery``); returns messages re-sent."""
         delay = self.recovery_grace if grace is None else parse_duration(grace)
         return recover(self.engine, self.dispatcher, grace=delay)
+
+
+def _worker_check(check: Callable[[], None]) -> type[bootsteps.Step]:
+    """A worker bootstep that runs ``check`` while the worker is built, before it connects.
+
+    Not a signal (``worker_init``): Celery logs a signal handler's exception and goes on, and
+    a worker that breaks the checks must not start."""
+
+    class SagaWorkerCheck(bootsteps.Step):  # type: ignore[misc]
+        name = "saga_celery.worker_check"
+
+        def create(self, parent: Any) -> None:
+            check()
+
+    return SagaWorkerCheck
 
 
 def _positive_ms(field: str, value: object) -> int:
