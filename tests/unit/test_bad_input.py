@@ -47,6 +47,14 @@ def noop(ctx: RollbackContext) -> None:
     return None
 
 
+def nested(depth: int) -> list[Any]:
+    """A list inside a list, ``depth`` times: deeper than JSON encoding can recurse."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def one_step_saga(sagas: SagaApp, name: str = "one", **options: Any) -> Any:
     @sagas.step(name=f"bad.{name}.step", retries={"limit": 0}, timeout="5 seconds", **options)
     def step(x: int = 0) -> int:
@@ -598,7 +606,9 @@ def test_non_string_saga_id_is_refused(sagas: SagaApp) -> None:
         saga.apply_async(saga_id=42)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("params", [{"when": object()}, {"x": float("inf")}, {1, 2}])
+@pytest.mark.parametrize("params", [{"when": object()}, {"x": float("inf")}, {1, 2},
+                                    {"x": float("nan")}, {"a": {"b": [{1, 2}]}},
+                                    {(1, 2): "tuple key"}, {"deep": nested(100_000)}])
 def test_non_json_params_are_refused_and_nothing_is_stored(sagas: SagaApp, params: Any) -> None:
     """Params JSON cannot carry raise SagaDefinitionError naming the saga id; no saga is created."""
     saga = one_step_saga(sagas)
@@ -606,6 +616,40 @@ def test_non_json_params_are_refused_and_nothing_is_stored(sagas: SagaApp, param
         saga.apply_async(saga_id="order-42", params=params)
     with pytest.raises(SagaNotFoundError):
         sagas.run("order-42")
+
+
+def test_params_are_stored_as_their_json_round_trip(sagas: SagaApp) -> None:
+    """Params JSON holds differently (tuples, int keys, at any depth) start the saga and are
+    stored as Celery's JSON would deliver them: lists and string keys."""
+    saga = one_step_saga(sagas)
+    run = saga.apply_async(saga_id="order-42", params={"a": {2: (3,)}, 1: ("x", {4: 5})})
+    assert run.status().params == {"a": {"2": [3]}, "1": ["x", {"4": 5}]}
+    again = saga.apply_async(saga_id="order-42", params={"a": {2: (3,)}, 1: ("x", {4: 5})})
+    assert again.id == "order-42"
+
+
+@pytest.mark.parametrize(("args", "kwargs", "stored_args", "stored_kwargs"), [
+    (((1, 2),), {}, [[1, 2]], {}),
+    (({1: "a"},), {}, [{"1": "a"}], {}),
+    ((), {"y": {"n": (1, {2: (3,)})}}, [], {"y": {"n": [1, {"2": [3]}]}}),
+])
+def test_step_arguments_are_stored_as_their_json_round_trip(
+        sagas: SagaApp, args: tuple[Any, ...], kwargs: dict[str, Any], stored_args: list[Any],
+        stored_kwargs: dict[str, Any]) -> None:
+    """A tuple or an int-keyed dict in a step's arguments is accepted and stored (and passed to
+    the step) as its JSON round trip, not refused with a raw pydantic error."""
+    seen: list[tuple[Any, ...]] = []
+
+    @sagas.step(name="bad.args", retries={"limit": 0})
+    def step(x: Any = None, y: Any = None) -> None:
+        seen.append((x, y))
+
+    saga = sagas.saga("args", [step.s(*args, **kwargs)])
+    (spec,) = saga.plan.stages[0]
+    assert (spec.args, spec.kwargs) == (stored_args, stored_kwargs)
+    saga.apply_async(saga_id="args-1")
+    run_first_attempt(sagas, "args-1")
+    assert seen == [(stored_args[0] if stored_args else None, stored_kwargs.get("y"))]
 
 
 # --- a Redis that cannot be reached -----------------------------------------------------------
