@@ -139,7 +139,7 @@ class SagaApp:
                 raise SagaConfigError(f"step {step!r}: rollback_config given without "
                                       "rollback=", step=step)
             return {}
-        owner = f"rollback of {step}"
+        owner = _rollback_of(step)
         config = dict(rollback_config or {})
         refuse_celery_retries(owner, {**unwrap(rollback).options, **config})
         unknown = set(config) - _ROLLBACK_CONFIG_KEYS
@@ -161,7 +161,7 @@ class SagaApp:
                 "a step has at most one", step=step.name)
         parts = unwrap(handler)
         task_name = name or parts.name or f"{step.name}.rollback"
-        owner = f"rollback of {step.name}"
+        owner = _rollback_of(step.name)
         options = {**parts.options, **(task_options or {})}
         refuse_celery_retries(owner, options)
         config = self._config(owner, retries, timeout)
@@ -183,7 +183,7 @@ class SagaApp:
         restore_defaults(self.app)
         for task in list(self.app.tasks.values()):
             if isinstance(task, SagaTask) and task.saga_app is self:
-                owner = (f"rollback of {task.saga_step_name}"
+                owner = (_rollback_of(task.saga_step_name)
                          if isinstance(task, SagaRollbackTask) else task.name)
                 try:
                     check_visibility_timeout(self.app, owner, task.saga_config)
@@ -218,6 +218,11 @@ class SagaApp:
         """One recovery sweep (see ``saga_celery._celery.recovery``); returns messages re-sent."""
         delay = self.recovery_grace if grace is None else parse_duration(grace)
         return recover(self.engine, self.dispatcher, grace=delay)
+
+
+def _rollback_of(step: str) -> str:
+    """How errors name a step's rollback handler."""
+    return f"rollback of {step}"
 
 
 def _worker_check(check: Callable[[], None]) -> type[bootsteps.Step]:
