@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 
@@ -67,9 +67,24 @@ def current_step() -> StepContext:
     return ctx
 
 
-def step_idempotency_key(saga_id: str, step: str, count: int) -> str:
-    return f"{saga_id}:{step}:{count}"
+def step_idempotency_key(saga_id: str, step: str, count: int, *,
+                         key_format: Literal[1, 2]) -> str:
+    """The key a step's body sees, in the saga plan's ``key_format``.
+
+    Format 2 escapes ``%`` and ``:`` in each part before joining them with ``:``, so the key
+    splits back into its parts: two different (saga id, step, count) never share one.
+    """
+    parts = [saga_id, step, str(count)]
+    if key_format == 2:
+        parts = [_escape(part) for part in parts]
+    return ":".join(parts)
 
 
-def rollback_idempotency_key(saga_id: str, step: str, count: int) -> str:
-    return f"{saga_id}:{step}:{count}:rollback"
+def rollback_idempotency_key(saga_id: str, step: str, count: int, *,
+                             key_format: Literal[1, 2]) -> str:
+    """The rollback handler's own key: its step's key plus a part no step key ends with."""
+    return step_idempotency_key(saga_id, step, count, key_format=key_format) + ":rollback"
+
+
+def _escape(part: str) -> str:
+    return part.replace("%", "%25").replace(":", "%3A")

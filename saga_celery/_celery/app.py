@@ -6,21 +6,28 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from kombu import Queue
 
 from saga_celery._celery.definition import SagaDefinition
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.recovery import recover
-from saga_celery._celery.routing import SagaRouter, configure, visibility_timeout
+from saga_celery._celery.routing import (
+    SagaRouter,
+    check_visibility_timeout,
+    configure,
+    restore_defaults,
+)
 from saga_celery._celery.runtime import Runtime, RuntimeSettings
 from saga_celery._celery.security import check_app
 from saga_celery._celery.tasks import (
-    TIME_LIMIT_GRACE_S,
     SagaRollbackTask,
     SagaStepTask,
+    SagaTask,
+    Target,
     build_task,
+    refuse_celery_retries,
     time_limits,
     unwrap,
 )
@@ -77,6 +84,7 @@ class SagaApp:
                                                max_output_bytes=max_output_bytes))
         self.recovery_grace = parse_duration(recovery_grace)
         self._register_recovery(_positive_ms("recovery_interval", recovery_interval) / 1000)
+        app.steps["worker"].add(_worker_check(self._check_worker))
 
     def _register_recovery(self, interval_s: float) -> None:
         """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""
@@ -107,25 +115,40 @@ class SagaApp:
         """Make a function (or an existing Celery task) a saga step; see the README."""
 
         def decorate(target: Any) -> SagaStepTask:
-            func, bind, existing, options = unwrap(target)
-            task_name = name or existing or self.app.gen_task_name(func.__name__,
-                                                                   func.__module__)
+            parts = unwrap(target)
+            task_name = name or parts.name or self.app.gen_task_name(parts.fn.__name__,
+                                                                     parts.fn.__module__)
+            options = {**parts.options, **task_options}
+            refuse_celery_retries(task_name, options)
             config = self._config(task_name, retries, timeout)
-            if rollback is None and rollback_config is not None:
-                raise SagaConfigError(f"step {task_name!r}: rollback_config given without "
-                                      "rollback=", step=task_name)
-            handler_config = _rollback_config(task_name, rollback_config)
-            if rollback is not None:  # validated before anything is registered
-                self._config(f"rollback of {task_name}", handler_config.get("retries"),
-                             handler_config.get("timeout"))
-            task: SagaStepTask = self._build(func, SagaStepTask, bind, task_name, config,
-                                             {**options, **task_options})
+            handler_config = self._check_rollback(task_name, rollback, rollback_config)
+            task: SagaStepTask = self._build(parts, SagaStepTask, task_name, config, options)
             self.router.step_tasks.add(task_name)
             if rollback is not None:
                 self.register_rollback(task, rollback, **handler_config)
             return task
 
         return decorate if fn is None else decorate(fn)
+
+    def _check_rollback(self, step: str, rollback: Callable[..., Any] | None,
+                        rollback_config: dict[str, Any] | None) -> dict[str, Any]:
+        """The Cloudflare-shaped ``rollback=`` and ``rollback_config``, validated before the
+        step is registered; returns the handler's options."""
+        if rollback is None:
+            if rollback_config is not None:
+                raise SagaConfigError(f"step {step!r}: rollback_config given without "
+                                      "rollback=", step=step)
+            return {}
+        owner = _rollback_of(step)
+        config = dict(rollback_config or {})
+        refuse_celery_retries(owner, {**unwrap(rollback).options, **config})
+        unknown = set(config) - _ROLLBACK_CONFIG_KEYS
+        if unknown:
+            raise SagaConfigError(f"step {step!r}: unknown rollback_config keys "
+                                  f"{sorted(unknown)} (allowed: retries, timeout, name)",
+                                  step=step)
+        self._config(owner, config.get("retries"), config.get("timeout"))
+        return config
 
     def register_rollback(self, step: SagaStepTask, handler: Any, *, retries: Any = None,
                           timeout: Any = None, name: str | None = None,
@@ -136,37 +159,47 @@ class SagaApp:
             raise SagaDefinitionError(
                 f"step {step.name!r} already has a rollback handler ({current.name!r}); "
                 "a step has at most one", step=step.name)
-        func, bind, existing, options = unwrap(handler)
-        task_name = name or existing or f"{step.name}.rollback"
-        config = self._config(f"rollback of {step.name}", retries, timeout)
-        options = {**options, **(task_options or {}), "saga_step_name": step.name}
-        task: SagaRollbackTask = self._build(func, SagaRollbackTask, bind, task_name, config,
-                                             options)
+        parts = unwrap(handler)
+        task_name = name or parts.name or f"{step.name}.rollback"
+        owner = _rollback_of(step.name)
+        options = {**parts.options, **(task_options or {})}
+        refuse_celery_retries(owner, options)
+        config = self._config(owner, retries, timeout)
+        task: SagaRollbackTask = self._build(parts, SagaRollbackTask, task_name, config,
+                                             {**options, "saga_step_name": step.name})
         type(step).saga_rollback = task
         self.router.rollback_tasks.add(task_name)
         return task
 
     def _config(self, owner: str, retries: Any, timeout: Any) -> StepConfig:
         config = resolve_config(owner=owner, retries=retries, timeout=timeout)
-        limit = visibility_timeout(self.app)
-        longest = config.longest_wait_s() + TIME_LIMIT_GRACE_S
-        if limit is not None and longest >= limit:
-            raise SagaConfigError(
-                f"{owner!r}: its longest retry delay plus timeout and hard-limit grace "
-                f"({longest:g} s) must stay below the Redis transport's "
-                f"visibility_timeout ({limit:g} s), or Redis redelivers waiting messages. "
-                "Lower retries.delay / retries.max_delay / timeout, or raise "
-                "broker_transport_options['visibility_timeout'].", step=owner)
+        check_visibility_timeout(self.app, owner, config)
         return config
 
-    def _build(self, func: Callable[..., Any], base: type[Any], bind: bool, name: str,
-               config: StepConfig, options: dict[str, Any]) -> Any:
+    def _check_worker(self) -> None:
+        """Run when a worker starts, before it connects: the settings the user assigned after
+        ``SagaApp()`` are in force now.  Puts the unacked-restore options back and checks every
+        saga task against the visibility timeout again; ``SagaConfigError`` stops the worker."""
+        restore_defaults(self.app)
+        for task in list(self.app.tasks.values()):
+            if isinstance(task, SagaTask) and task.saga_app is self:
+                owner = (_rollback_of(task.saga_step_name)
+                         if isinstance(task, SagaRollbackTask) else task.name)
+                try:
+                    check_visibility_timeout(self.app, owner, task.saga_config)
+                except SagaConfigError as exc:
+                    raise SagaConfigError(f"this worker cannot start: {exc} (checked at worker "
+                                          "start, with the settings now in force)",
+                                          step=owner) from exc
+
+    def _build(self, target: Target, base: type[Any], name: str, config: StepConfig,
+               options: dict[str, Any]) -> Any:
         queue = options.pop("queue", None)
         if queue is not None:
             self.router.explicit[name] = queue.name if isinstance(queue, Queue) else str(queue)
         options.update(time_limits(config), saga_app=self, saga_config=config,
                        max_retries=config.retries.limit)
-        return build_task(self.app, func, base=base, bind=bind, name=name, options=options)
+        return build_task(self.app, target, base=base, name=name, options=options)
 
     # --- sagas -----------------------------------------------------------------------
 
@@ -187,13 +220,24 @@ class SagaApp:
         return recover(self.engine, self.dispatcher, grace=delay)
 
 
-def _rollback_config(step: str, config: dict[str, Any] | None) -> dict[str, Any]:
-    config = dict(config or {})
-    unknown = set(config) - _ROLLBACK_CONFIG_KEYS
-    if unknown:
-        raise SagaConfigError(f"step {step!r}: unknown rollback_config keys "
-                              f"{sorted(unknown)} (allowed: retries, timeout, name)", step=step)
-    return config
+def _rollback_of(step: str) -> str:
+    """How errors name a step's rollback handler."""
+    return f"rollback of {step}"
+
+
+def _worker_check(check: Callable[[], None]) -> type[bootsteps.Step]:
+    """A worker bootstep that runs ``check`` while the worker is built, before it connects.
+
+    Not a signal (``worker_init``): Celery logs a signal handler's exception and goes on, and
+    a worker that breaks the checks must not start."""
+
+    class SagaWorkerCheck(bootsteps.Step):  # type: ignore[misc]
+        name = "saga_celery.worker_check"
+
+        def create(self, parent: Any) -> None:
+            check()
+
+    return SagaWorkerCheck
 
 
 def _positive_ms(field: str, value: object) -> int:

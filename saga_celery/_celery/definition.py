@@ -33,13 +33,15 @@ class SagaDefinition:
         self.plan = Plan(stages=_stages(sagas, name, stages),
                          rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
                          on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
-                                                   on_rollback_error))
+                                                   on_rollback_error),
+                         key_format=2)
 
     def apply_async(self, *, saga_id: str | None = None, params: Any = None) -> SagaHandle:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
         saga_id = _checked_id(saga_id)
-        params = _json(params if params is not None else {}, f"params of saga {saga_id!r}")
-        _check_size(params, self.sagas.runtime.settings.max_output_bytes, saga_id)
+        text = _json_text(params if params is not None else {}, f"params of saga {saga_id!r}")
+        _check_size(text, self.sagas.runtime.settings.max_output_bytes, saga_id)
+        params = json.loads(text)
         transition, created = self.sagas.engine.submit(
             saga_id=saga_id, name=self.name, plan=self.plan, params=params)
         if created:
@@ -61,7 +63,6 @@ def _checked_id(saga_id: str | None) -> str:
 
 
 _E = TypeVar("_E", RollbackMode, OnRollbackError)
-_T = TypeVar("_T")
 
 
 def _choice(enum: type[_E], field: str, value: str) -> _E:
@@ -72,17 +73,23 @@ def _choice(enum: type[_E], field: str, value: str) -> _E:
         raise SagaDefinitionError(f"{field}={value!r} is not one of {allowed}") from None
 
 
-def _json(value: _T, what: str) -> _T:
+def _json_text(value: object, what: str) -> str:
+    """``value`` as JSON text, as Celery's JSON serializer would send it; ``SagaDefinitionError``
+    naming ``what`` when it has no JSON form (an object, a set, NaN, nesting too deep)."""
     try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise SagaDefinitionError(f"{what} must be JSON-serializable: {exc}") from exc
-    return value
 
 
-def _check_size(params: Any, limit: int, saga_id: str) -> None:
+def _round_trip(value: object, what: str) -> Any:
+    """``value`` as the step will receive it: a tuple becomes a list, a dict key a string."""
+    return json.loads(_json_text(value, what))
+
+
+def _check_size(params: str, limit: int, saga_id: str) -> None:
     """Params live in the saga record, rewritten by every transition: cap them like outputs."""
-    size = len(json.dumps(params, allow_nan=False).encode())
+    size = len(params.encode())
     if size > limit:
         raise SagaDefinitionError(
             f"params of saga {saga_id!r} are {size} bytes of JSON, over the limit of {limit} "
@@ -122,8 +129,8 @@ def _spec(sagas: SagaApp, saga: str, item: Any, stage: int, index: int, in_group
     where = f"arguments of step {task.name!r} in saga {saga!r}"
     return StepSpec(
         key=f"{task.name}#{counts[task.name]}", name=task.name, count=counts[task.name],
-        stage=stage, index=index, task=task.name, args=_json(list(sig.args), where),
-        kwargs=_json(dict(sig.kwargs), where), immutable=bool(sig.immutable),
+        stage=stage, index=index, task=task.name, args=_round_trip(list(sig.args), where),
+        kwargs=_round_trip(dict(sig.kwargs), where), immutable=bool(sig.immutable),
         in_group=in_group, policy=task.saga_config.policy(),
         rollback_task=None if rollback is None else rollback.name,
         rollback_policy=None if rollback is None else rollback.saga_config.policy(),

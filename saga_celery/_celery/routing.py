@@ -1,4 +1,5 @@
-"""Queues and routing: steps to one queue, rollbacks and coordination to another."""
+"""Queues and routing: steps to one queue, rollbacks and coordination to another; and the
+Redis transport settings saga messages depend on (restore period, visibility timeout)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from saga_celery._celery.control import CONTROL_KEY
+from saga_celery._celery.tasks import TIME_LIMIT_GRACE_S
+from saga_celery._core.config import StepConfig
+from saga_celery._errors import SagaConfigError
 
 RESTORE_DEFAULTS = {
     # kombu's defaults (10 s x 10 throttle, 300 s mutex) leave a killed worker's messages
@@ -60,10 +64,18 @@ def configure(app: Celery, router: SagaRouter) -> None:
         if name not in names:
             queues.append(_queue(name))
     conf.task_queues = queues
-    options = dict(conf.broker_transport_options or {})
+    restore_defaults(app)
+
+
+def restore_defaults(app: Celery) -> None:
+    """Shorten kombu's unacked-restore period, keeping every option the user set.
+
+    Run again when a worker starts: ``broker_transport_options`` assigned after ``SagaApp()``
+    replaced what ``configure`` set."""
+    options = dict(app.conf.broker_transport_options or {})
     for key, value in RESTORE_DEFAULTS.items():
         options.setdefault(key, value)
-    conf.broker_transport_options = options
+    app.conf.broker_transport_options = options
 
 
 def _queue(name: str) -> Queue:
@@ -77,3 +89,19 @@ def visibility_timeout(app: Celery) -> float | None:
     if not url.startswith(("redis://", "rediss://", "sentinel://", "redis+socket://")):
         return None
     return float((app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+
+
+def check_visibility_timeout(app: Celery, owner: str, config: StepConfig) -> None:
+    """Refuse (``SagaConfigError``) a saga task whose message Redis would redeliver while it
+    is still due: its longest retry delay plus timeout and hard-limit grace must stay below
+    the visibility timeout.  The one home of this rule: decoration and worker start call it.
+    """
+    limit = visibility_timeout(app)
+    longest = config.longest_wait_s() + TIME_LIMIT_GRACE_S
+    if limit is not None and longest >= limit:
+        raise SagaConfigError(
+            f"{owner!r}: its longest retry delay plus timeout and hard-limit grace "
+            f"({longest:g} s) must stay below the Redis transport's "
+            f"visibility_timeout ({limit:g} s), or Redis redelivers waiting messages. "
+            "Lower retries.delay / retries.max_delay / timeout, or raise "
+            "broker_transport_options['visibility_timeout'].", step=owner)

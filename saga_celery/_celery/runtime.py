@@ -106,8 +106,9 @@ class Runtime:
         def context() -> StepContext:  # built if the body calls current_step()
             return StepContext(saga_id=run.id, step=control.step, count=control.count,
                                attempt=control.attempt, config=config, params=run.params,
-                               idempotency_key=step_idempotency_key(run.id, control.step,
-                                                                    control.count))
+                               idempotency_key=step_idempotency_key(
+                                   run.id, control.step, control.count,
+                                   key_format=run.plan.key_format))
 
         token = _current.set(context)
         try:
@@ -127,7 +128,8 @@ class Runtime:
             saga_id=run.id, step=control.step, count=control.count, attempt=control.attempt,
             output=step.output, params=run.params, config=config,
             error=None if trigger is None else {"type": trigger.type, "message": trigger.message},
-            idempotency_key=rollback_idempotency_key(run.id, control.step, control.count),
+            idempotency_key=rollback_idempotency_key(
+                run.id, control.step, control.count, key_format=run.plan.key_format),
         )
         self._execute(task, control, lease, config, lambda: task.run(ctx), ack)
 

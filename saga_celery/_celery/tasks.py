@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import Celery, Task
@@ -12,7 +13,7 @@ from saga_celery._celery.control import split_control
 from saga_celery._celery.dispatch import ARGS_REPR
 from saga_celery._celery.security import signing
 from saga_celery._core.config import StepConfig
-from saga_celery._errors import SagaDefinitionError
+from saga_celery._errors import SagaConfigError, SagaDefinitionError
 
 if TYPE_CHECKING:
     from saga_celery._celery.app import SagaApp
@@ -23,6 +24,11 @@ TIME_LIMIT_GRACE_S = 2.0
 _GENERATED = frozenset({"app", "name", "run", "_decorated", "__doc__", "__module__",
                         "__annotations__", "__header__", "__wrapped__", "__qualname__",
                         "__dict__", "__weakref__"})
+CELERY_RETRY_OPTIONS = frozenset({"autoretry_for", "retry_backoff", "retry_backoff_max",
+                                  "retry_jitter", "retry_kwargs", "max_retries",
+                                  "default_retry_delay"})
+"""Celery's own retry machinery: saga tasks retry through ``retries=`` (the library sets
+``max_retries`` from it)."""
 _FORCED = frozenset({"acks_late", "reject_on_worker_lost", "serializer", "Request", "typing"})
 """Options a saga task must keep: redelivery and the hard-timeout hook depend on them."""
 
@@ -96,15 +102,29 @@ def time_limits(config: StepConfig) -> dict[str, float]:
     return {"soft_time_limit": soft, "time_limit": soft + TIME_LIMIT_GRACE_S}
 
 
-def unwrap(target: Any) -> tuple[Callable[..., Any], bool, str | None, dict[str, Any]]:
-    """A function, or an existing Celery task: (function, bind, name, its task options)."""
+@dataclass(frozen=True)
+class Target:
+    """What ``@sagas.step`` or ``@step.rollback`` decorates, taken apart."""
+
+    fn: Callable[..., Any]
+    bind: bool
+    name: str | None
+    """The wrapped Celery task's name (None for a plain function)."""
+    options: dict[str, Any]
+    """The task options the wrapped task was given."""
+    task: Task | None = None
+    """The wrapped Celery task, unregistered only once the saga task replaces it."""
+
+
+def unwrap(target: Any) -> Target:
+    """A function, or an existing Celery task, taken apart; registers and unregisters nothing."""
     if isinstance(target, Proxy):
         target = target._get_current_object()
     if not isinstance(target, Task):
         if not callable(target):
             raise SagaDefinitionError(f"a saga step must be a function or a Celery task, "
                                       f"got {target!r}")
-        return target, False, None, {}
+        return Target(target, False, None, {})
     if isinstance(target, SagaTask):
         raise SagaDefinitionError(f"task {target.name!r} is already a saga step or rollback")
     raw = type(target).__dict__.get("run")
@@ -117,10 +137,33 @@ def unwrap(target: Any) -> tuple[Callable[..., Any], bool, str | None, dict[str,
     for attr, setting in Task.from_config:  # filled in from app.conf when Celery bound it
         if attr in options and options[attr] == target.app.conf.get(setting):
             del options[attr]
-    target.app.tasks.pop(target.name, None)  # re-registered below as a saga step
-    return fn, bind, target.name, options
+    return Target(fn, bind, target.name, {**options, **_retry_options(target)}, target)
 
 
-def build_task(app: Celery, fn: Callable[..., Any], *, base: type[SagaTask], bind: bool,
-               name: str | None, options: dict[str, Any]) -> Any:
-    return app.task(fn, base=base, bind=bind, name=name, lazy=False, shared=False, **options)
+def _retry_options(task: Task) -> dict[str, Any]:
+    """Celery retry options the task has from its own base class (not Celery's defaults)."""
+    unset = object()
+    values = {attr: getattr(task, attr, unset) for attr in CELERY_RETRY_OPTIONS}
+    return {attr: value for attr, value in values.items()
+            if value is not unset and value != getattr(Task, attr, unset)}
+
+
+def refuse_celery_retries(owner: str, options: Mapping[str, Any]) -> None:
+    """Celery's own retries beside the saga's would retry twice over, and record ``Retry``
+    as the error: ``SagaConfigError`` naming ``owner`` and the options."""
+    given = sorted(CELERY_RETRY_OPTIONS.intersection(options))
+    if given:
+        raise SagaConfigError(
+            f"{owner!r}: Celery's retry options ({', '.join(map(repr, given))}) do not apply "
+            "to saga steps and rollbacks, which retry through retries= alone: use e.g. "
+            "retries={'limit': 3, 'delay': '10 seconds', 'backoff': 'exponential'}",
+            step=owner)
+
+
+def build_task(app: Celery, target: Target, *, base: type[SagaTask], name: str,
+               options: dict[str, Any]) -> Any:
+    """Register ``target`` as a saga task, in place of the Celery task it wraps."""
+    if target.task is not None:
+        target.task.app.tasks.pop(target.task.name, None)
+    return app.task(target.fn, base=base, bind=target.bind, name=name, lazy=False,
+                    shared=False, **options)

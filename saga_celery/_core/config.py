@@ -6,7 +6,7 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from saga_celery._core.model import Backoff, Policy
 from saga_celery._errors import SagaConfigError
@@ -39,7 +39,15 @@ def _non_negative(value: timedelta) -> timedelta:
     return value
 
 
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("must be greater than zero")
+    return value
+
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+"""A timeout: zero would mean "no limit" to one pool and "fail at once" to another."""
 
 
 class RetryConfig(BaseModel):
@@ -66,7 +74,7 @@ class StepConfig(BaseModel):
 
     retries: RetryConfig = RetryConfig()
     """Retry policy of each attempt."""
-    timeout: Duration = timedelta(minutes=10)
+    timeout: PositiveDuration = timedelta(minutes=10)
     """Per attempt: an attempt running longer fails (and is retried like any failure)."""
 
     def policy(self) -> Policy:

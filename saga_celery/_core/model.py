@@ -128,6 +128,10 @@ class Plan(_Frozen):
     stages: list[list[StepSpec]]
     rollback_mode: RollbackMode = RollbackMode.SEQUENTIAL
     on_rollback_error: OnRollbackError = OnRollbackError.HALT
+    key_format: Literal[1, 2] = 1
+    """How the saga's idempotency keys are encoded: 1, ':'-joined as 0.1.0 built them (a plan
+    stored without this field); 2, each part escaped first, so no two keys collide.  Kept
+    with the plan so a saga's keys never change while it runs."""
 
     def spec(self, key: str) -> StepSpec:
         """The step of the plan with this key; ``KeyError`` if there is none."""

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from celery import Celery, group
+from celery import Celery, Task, group
 from pydantic import ValidationError
 
 from saga_celery import (
@@ -45,6 +45,14 @@ def redis_broker_app(visibility_timeout: float) -> Celery:
 
 def noop(ctx: RollbackContext) -> None:
     return None
+
+
+def nested(depth: int) -> list[Any]:
+    """A list inside a list, ``depth`` times: deeper than JSON encoding can recurse."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 def one_step_saga(sagas: SagaApp, name: str = "one", **options: Any) -> Any:
@@ -96,6 +104,7 @@ def test_unknown_saga_id_raises_not_found_naming_the_id(sagas: SagaApp) -> None:
         ({"retries": {"limit": 1, "tries": 3}}, "retries.tries"),
         ({"timeout": "soon"}, "timeout"),
         ({"timeout": -5}, "timeout"),
+        ({"timeout": 0}, "timeout"),
     ],
 )
 def test_invalid_step_config_is_refused_at_decoration_naming_step_and_field(
@@ -131,6 +140,16 @@ def test_invalid_rollback_config_is_refused_naming_the_rollback_and_field(sagas:
     assert "rollback of bad.reserve" in str(info.value)
     assert "retries.limit" in str(info.value)
     assert type(reserve).saga_rollback is None
+
+
+@pytest.mark.parametrize("how", ["decorator", "rollback_config"])
+def test_zero_rollback_timeout_is_refused_naming_the_rollback(sagas: SagaApp, how: str) -> None:
+    """A rollback handler's timeout must be greater than zero too, given either way."""
+    with pytest.raises(SagaConfigError, match=r"rollback of bad\.zero.*timeout"):
+        if how == "decorator":
+            sagas.step(name="bad.zero")(noop).rollback(timeout=0)(noop)
+        else:
+            sagas.step(name="bad.zero", rollback=noop, rollback_config={"timeout": 0})(noop)
 
 
 def test_invalid_cloudflare_rollback_config_is_refused_naming_the_field(sagas: SagaApp) -> None:
@@ -169,6 +188,102 @@ def test_step_refused_for_its_rollback_config_is_not_registered(app: Celery,
             return None
 
     assert "bad.charge" not in app.tasks
+
+
+# --- Celery's own retry options ---------------------------------------------------------------
+
+CELERY_RETRY_OPTIONS = [("autoretry_for", (ValueError,)), ("retry_backoff", True),
+                        ("retry_backoff_max", 60), ("retry_jitter", False),
+                        ("retry_kwargs", {"max_retries": 2}), ("max_retries", 2),
+                        ("default_retry_delay", 5)]
+"""Each of Celery's retry options, with a value a user might set."""
+
+
+def assert_refused_for(info: pytest.ExceptionInfo[SagaConfigError], owner: str,
+                       option: str) -> None:
+    """The error names the step (or rollback), the option, and the way to retry instead."""
+    message = str(info.value)
+    assert owner in message and repr(option) in message and "retries=" in message
+
+
+@pytest.mark.parametrize(("option", "value"), CELERY_RETRY_OPTIONS)
+def test_celery_retry_option_on_a_step_is_refused(app: Celery, sagas: SagaApp, option: str,
+                                                  value: object) -> None:
+    """``@sagas.step(autoretry_for=..., max_retries=..., ...)`` raises SagaConfigError naming the
+    step and the option (saga steps retry through ``retries=`` alone); nothing is registered."""
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(name="bad.celery", **{option: value})(noop)
+    assert_refused_for(info, "bad.celery", option)
+    assert info.value.step == "bad.celery"
+    assert "bad.celery" not in app.tasks
+
+
+@pytest.mark.parametrize(("option", "value"), CELERY_RETRY_OPTIONS)
+def test_celery_retry_option_on_a_rollback_is_refused(sagas: SagaApp, option: str,
+                                                      value: object) -> None:
+    """``@step.rollback(max_retries=...)`` and ``rollback_config={"max_retries": ...}`` are
+    refused naming the rollback and the option."""
+    step = sagas.step(name="bad.celery")(noop)
+    with pytest.raises(SagaConfigError) as info:
+        step.rollback(**{option: value})(noop)
+    assert_refused_for(info, "rollback of bad.celery", option)
+    assert type(step).saga_rollback is None
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(name="bad.cloudflare", rollback=noop, rollback_config={option: value})(noop)
+    assert_refused_for(info, "rollback of bad.cloudflare", option)
+
+
+@pytest.mark.parametrize(("option", "value"), CELERY_RETRY_OPTIONS)
+def test_celery_retry_option_on_a_wrapped_task_is_refused(app: Celery, sagas: SagaApp,
+                                                          option: str, value: object) -> None:
+    """``@sagas.step`` above ``@app.task(autoretry_for=...)`` raises SagaConfigError naming the
+    step and the option, and leaves the Celery task registered as it was."""
+    task = app.task(name="plain.retrying", lazy=False, **{option: value})(noop)
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(task)
+    assert_refused_for(info, "plain.retrying", option)
+    assert app.tasks["plain.retrying"] is task
+
+
+def test_a_wrapped_task_refused_for_its_config_stays_registered(app: Celery,
+                                                                sagas: SagaApp) -> None:
+    """A Celery task whose saga config is refused is left registered as the plain task it was."""
+    task = app.task(name="plain.task", lazy=False)(noop)
+    with pytest.raises(SagaConfigError, match="timeout"):
+        sagas.step(timeout="soon")(task)
+    assert app.tasks["plain.task"] is task
+
+
+def test_celery_retry_option_inherited_by_a_wrapped_task_is_refused(app: Celery,
+                                                                    sagas: SagaApp) -> None:
+    """A retry option the wrapped task gets from its own base class is refused too."""
+    class Backoff(Task):  # type: ignore[misc]
+        retry_backoff = True
+
+    task = app.task(name="plain.based", base=Backoff)(noop)
+    with pytest.raises(SagaConfigError) as info:
+        sagas.step(retries={"limit": 1})(task)
+    assert_refused_for(info, "plain.based", "retry_backoff")
+
+
+def test_celery_retry_option_on_a_wrapped_rollback_task_is_refused(app: Celery,
+                                                                   sagas: SagaApp) -> None:
+    """A Celery task with ``max_retries`` registered as a rollback handler is refused."""
+    step = sagas.step(name="bad.celery")(noop)
+    handler = app.task(name="plain.undo", lazy=False, max_retries=7)(noop)
+    with pytest.raises(SagaConfigError) as info:
+        step.rollback(handler)
+    assert_refused_for(info, "rollback of bad.celery", "max_retries")
+    assert app.tasks["plain.undo"] is handler
+
+
+def test_a_wrapped_task_without_retry_options_gets_its_limit_from_retries(
+        app: Celery, sagas: SagaApp) -> None:
+    """Celery's defaults on a wrapped task are not the user's: it is accepted, and its
+    ``max_retries`` is the saga's ``retries.limit``."""
+    step = sagas.step(retries={"limit": 4, "delay": 100})(app.task(name="plain.fine")(noop))
+    undo = step.rollback(retries={"limit": 0})(app.task(name="plain.fine-undo")(noop))
+    assert (step.max_retries, undo.max_retries) == (4, 0)
 
 
 # --- the Redis visibility timeout ------------------------------------------------------------
@@ -491,7 +606,9 @@ def test_non_string_saga_id_is_refused(sagas: SagaApp) -> None:
         saga.apply_async(saga_id=42)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("params", [{"when": object()}, {"x": float("inf")}, {1, 2}])
+@pytest.mark.parametrize("params", [{"when": object()}, {"x": float("inf")}, {1, 2},
+                                    {"x": float("nan")}, {"a": {"b": [{1, 2}]}},
+                                    {(1, 2): "tuple key"}, {"deep": nested(100_000)}])
 def test_non_json_params_are_refused_and_nothing_is_stored(sagas: SagaApp, params: Any) -> None:
     """Params JSON cannot carry raise SagaDefinitionError naming the saga id; no saga is created."""
     saga = one_step_saga(sagas)
@@ -499,6 +616,40 @@ def test_non_json_params_are_refused_and_nothing_is_stored(sagas: SagaApp, param
         saga.apply_async(saga_id="order-42", params=params)
     with pytest.raises(SagaNotFoundError):
         sagas.run("order-42")
+
+
+def test_params_are_stored_as_their_json_round_trip(sagas: SagaApp) -> None:
+    """Params JSON holds differently (tuples, int keys, at any depth) start the saga and are
+    stored as Celery's JSON would deliver them: lists and string keys."""
+    saga = one_step_saga(sagas)
+    run = saga.apply_async(saga_id="order-42", params={"a": {2: (3,)}, 1: ("x", {4: 5})})
+    assert run.status().params == {"a": {"2": [3]}, "1": ["x", {"4": 5}]}
+    again = saga.apply_async(saga_id="order-42", params={"a": {2: (3,)}, 1: ("x", {4: 5})})
+    assert again.id == "order-42"
+
+
+@pytest.mark.parametrize(("args", "kwargs", "stored_args", "stored_kwargs"), [
+    (((1, 2),), {}, [[1, 2]], {}),
+    (({1: "a"},), {}, [{"1": "a"}], {}),
+    ((), {"y": {"n": (1, {2: (3,)})}}, [], {"y": {"n": [1, {"2": [3]}]}}),
+])
+def test_step_arguments_are_stored_as_their_json_round_trip(
+        sagas: SagaApp, args: tuple[Any, ...], kwargs: dict[str, Any], stored_args: list[Any],
+        stored_kwargs: dict[str, Any]) -> None:
+    """A tuple or an int-keyed dict in a step's arguments is accepted and stored (and passed to
+    the step) as its JSON round trip, not refused with a raw pydantic error."""
+    seen: list[tuple[Any, ...]] = []
+
+    @sagas.step(name="bad.args", retries={"limit": 0})
+    def step(x: Any = None, y: Any = None) -> None:
+        seen.append((x, y))
+
+    saga = sagas.saga("args", [step.s(*args, **kwargs)])
+    (spec,) = saga.plan.stages[0]
+    assert (spec.args, spec.kwargs) == (stored_args, stored_kwargs)
+    saga.apply_async(saga_id="args-1")
+    run_first_attempt(sagas, "args-1")
+    assert seen == [(stored_args[0] if stored_args else None, stored_kwargs.get("y"))]
 
 
 # --- a Redis that cannot be reached -----------------------------------------------------------

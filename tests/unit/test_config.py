@@ -51,7 +51,10 @@ def test_config_is_frozen() -> None:
      ({"retries": {"backoff": "fibonacci"}}, "retries.backoff"),
      ({"retries": {"limti": 2}}, "retries.limti"),
      ({"timeout": "5 parsecs"}, "timeout"),
-     ({"timeout": -5}, "timeout")],
+     ({"timeout": -5}, "timeout"),
+     ({"timeout": 0}, "timeout"),
+     ({"timeout": "0 seconds"}, "timeout"),
+     ({"timeout": timedelta(0)}, "timeout")],
 )
 def test_bad_config_names_the_step_and_field(kwargs: dict[str, object], field: str) -> None:
     """Bad config raises SagaConfigError (a SagaError and ValueError) naming step and field."""
@@ -60,3 +63,16 @@ def test_bad_config_names_the_step_and_field(kwargs: dict[str, object], field: s
     assert isinstance(info.value, SagaError) and isinstance(info.value, ValueError)
     assert "shop.charge" in str(info.value) and field in str(info.value)
     assert info.value.__cause__ is not None
+
+
+def test_timeout_must_be_greater_than_zero() -> None:
+    """A zero timeout is refused (each pool would read it differently), saying it must be
+    positive."""
+    with pytest.raises(SagaConfigError, match=r"'shop\.charge'.*timeout.*greater than zero"):
+        resolve_config(owner="shop.charge", timeout="0 seconds")
+
+
+def test_zero_delays_stay_allowed() -> None:
+    """A zero retry delay (retry at once) and a zero max_delay are valid durations."""
+    config = resolve_config(owner="s", retries={"delay": 0, "max_delay": "0 seconds"})
+    assert config.retries.delay == config.retries.max_delay == timedelta(0)

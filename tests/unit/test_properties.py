@@ -14,6 +14,7 @@ finished run is checked against SPEC section 4 and 5.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -22,6 +23,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from saga_celery._context import rollback_idempotency_key, step_idempotency_key
 from saga_celery._core.attempts import open_attempt
 from saga_celery._core.events import (
     AttemptFailed,
@@ -573,3 +575,33 @@ def test_with_handlers_that_succeed_every_started_step_is_compensated_once_in_or
         assert done == run.rollback.order
     else:
         assert sorted(done) == sorted(run.rollback.order)
+
+
+KEY_PARTS = st.one_of(st.text(alphabet="ab:%3A25", max_size=6), st.text())
+"""Saga ids and step names: arbitrary text, often made of the characters an encoding escapes
+or produces."""
+TRIPLES = st.tuples(KEY_PARTS, KEY_PARTS, st.integers(min_value=1))
+
+
+def decode_key(key: str) -> list[str]:
+    """The parts of an escaped key, unescaped: what makes the encoding injective."""
+    unescape = {"%25": "%", "%3A": ":"}
+    return [re.sub("%25|%3A", lambda m: unescape[m.group()], p) for p in key.split(":")]
+
+
+@settings(max_examples=300)
+@given(first=TRIPLES, second=TRIPLES)
+def test_idempotency_keys_are_injective_over_arbitrary_text(
+    first: tuple[str, str, int], second: tuple[str, str, int]
+) -> None:
+    """A key splits back into its (saga id, step, count), so two different triples never share
+    a step or rollback key, and no step key is ever a rollback key."""
+    saga_id, step, count = first
+    key = step_idempotency_key(saga_id, step, count, key_format=2)
+    assert decode_key(key) == [saga_id, step, str(count)]
+    rollback = rollback_idempotency_key(saga_id, step, count, key_format=2)
+    assert decode_key(rollback) == [saga_id, step, str(count), "rollback"]
+    if first != second:
+        assert key != step_idempotency_key(*second, key_format=2)
+        assert rollback != rollback_idempotency_key(*second, key_format=2)
+    assert key != rollback_idempotency_key(*second, key_format=2)
