@@ -84,4 +84,22 @@ def unstall(ctx: RollbackContext) -> None:
            error=ctx.error)
 
 
+@sagas.step(name="pools.swallow", retries={"limit": 0, "delay": 200}, timeout=TIMEOUT_S * 1000)
+def swallow(reservation: dict[str, str]) -> str:
+    """Careless code: ``except Exception`` around the work also swallows the timeout (the
+    alarm on solo, SoftTimeLimitExceeded on prefork) and returns as if all went well."""
+    ctx = current_step()
+    try:
+        stall_for("sleep:3")
+    except Exception as exc:
+        record(ctx.saga_id, kind="swallowed", step="pools.swallow", error=type(exc).__name__)
+    return "swallowed"
+
+
+@swallow.rollback(retries=QUICK, timeout="5 seconds")
+def unswallow(ctx: RollbackContext) -> None:
+    record(ctx.saga_id, kind="rollback_done", step="pools.swallow", output=ctx.output)
+
+
 reserve_then_stall = sagas.saga("reserve-then-stall", [reserve.s("sku-1"), stall.s()])
+reserve_then_swallow = sagas.saga("reserve-then-swallow", [reserve.s("sku-1"), swallow.s()])

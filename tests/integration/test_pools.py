@@ -1,8 +1,12 @@
-"""Per-attempt timeouts on pools without Celery time limits (SPEC section 1): solo, threads.
+"""Per-attempt timeouts on every pool (SPEC section 1): solo, threads, prefork.
 
-There Celery's soft and hard time limits do nothing, so the library enforces the timeout
-itself; a step that overstays it fails as a timed-out attempt and the saga rolls back
-without waiting for the body to give up on its own.
+On solo and threads Celery's soft and hard time limits do nothing, so the library enforces
+the timeout itself; a step that overstays it fails as a timed-out attempt.  A body that
+swallows the timeout and returns late is still a timed-out attempt, on every pool.
+
+On threads a body stuck in one blocking call cannot be stopped: its attempt is recorded as
+timed out at the deadline, but the step's compensation waits until the body has returned
+(its lease stays held), so an effect it makes late is never left behind.
 """
 
 from __future__ import annotations
@@ -79,14 +83,52 @@ def test_solo_pool_enforces_the_step_timeout(pools: ModuleType, pools_env: dict[
     assert_timed_out_and_rolled_back(pools, saga_id, mode)
 
 
-@pytest.mark.parametrize("mode", [LOOP, SLEEP])
 def test_threads_pool_enforces_the_step_timeout(pools: ModuleType, pools_env: dict[str, str],
-                                                worker_factory: WorkerFactory, saga_id: str,
-                                                mode: str) -> None:
-    """On the threads pool a step past its 1 s timeout fails with TimeoutError and the saga
-    rolls back long before the body would have finished."""
+                                                worker_factory: WorkerFactory,
+                                                saga_id: str) -> None:
+    """On the threads pool a step running Python past its 1 s timeout is stopped there: it
+    fails with TimeoutError and the saga rolls back long before the body would have ended."""
     worker_factory(POOLS, env=pools_env, pool="threads", concurrency=2)
-    assert_timed_out_and_rolled_back(pools, saga_id, mode)
+    assert_timed_out_and_rolled_back(pools, saga_id, LOOP)
+
+
+def test_threads_pool_compensates_a_blocked_body_only_after_it_returns(
+        pools: ModuleType, pools_env: dict[str, str], worker_factory: WorkerFactory,
+        saga_id: str) -> None:
+    """A body blocked in one call on the threads pool cannot be interrupted: its attempt is
+    a timed-out one at 1 s, but its handler runs only once the body has returned from that
+    call, never beside it."""
+    worker_factory(POOLS, env=pools_env, pool="threads", concurrency=2)
+    blocked_s = 4
+    run = pools.reserve_then_stall.apply_async(saga_id=saga_id,
+                                               params={"stall": f"sleep:{blocked_s}"})
+    state = run.wait(timeout=40)
+    assert state.status == "errored"
+    (attempt,) = state.step("pools.stall").attempts
+    assert attempt.error is not None and attempt.error.type == "TimeoutError"
+    assert attempt.ended_at is not None
+    assert (attempt.ended_at - attempt.started_at).total_seconds() < pools.TIMEOUT_S + 2
+    ledger = pools.entries(saga_id)
+    began = [e["t"] for e in ledger if e["kind"] == "step_start" and e["step"] == "pools.stall"]
+    undone = [e["t"] for e in ledger
+              if e["kind"] == "rollback_done" and e["step"] == "pools.stall"]
+    assert began and undone, ledger
+    assert undone[0] >= began[0] + blocked_s, "the handler ran while the body was blocked"
+    assert state.rollback is not None and state.rollback.outcome == "complete"
+
+
+@pytest.mark.parametrize("pool", ["solo", "threads", "prefork"])
+def test_a_body_that_swallows_its_timeout_is_a_timed_out_attempt(
+        pools: ModuleType, pools_env: dict[str, str], worker_factory: WorkerFactory,
+        saga_id: str, pool: str) -> None:
+    """``except Exception`` around the work swallows the timeout and the body returns late:
+    the attempt is recorded as failed with TimeoutError, not as a success, on every pool."""
+    worker_factory(POOLS, env=pools_env, pool=pool, concurrency=1)
+    state = pools.reserve_then_swallow.apply_async(saga_id=saga_id).wait(timeout=30)
+    assert state.status == "errored", state.status
+    (attempt,) = state.step("pools.swallow").attempts
+    assert attempt.error is not None and attempt.error.type == "TimeoutError"
+    assert state.rollback is not None and state.rollback.outcome == "complete"
 
 
 @pytest.mark.parametrize("pool", ["solo", "threads"])
