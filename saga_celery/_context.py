@@ -6,7 +6,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from saga_celery._core.config import StepConfig
 from saga_celery._errors import SagaError
@@ -33,7 +33,7 @@ class StepContext(BaseModel):
 class RollbackContext(BaseModel):
     """What a rollback handler gets: the step's output and the error that failed the saga."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     saga_id: str
     step: str
@@ -48,6 +48,15 @@ class RollbackContext(BaseModel):
     config: StepConfig
     idempotency_key: str
     """Its own key (not the step's), stable across the rollback's retries."""
+    args: list[JsonValue] = Field(default_factory=list)
+    """The step's own positional arguments, the previous stage's output first where the
+    step received it: what a handler needs to undo a step that never returned."""
+    kwargs: dict[str, JsonValue] = Field(default_factory=dict)
+    """The step's own keyword arguments."""
+    step_idempotency_key: str = ""
+    """The key the step's body saw, to look up an effect the step made under it."""
+    step_error: dict[str, Any] | None = None
+    """``{"type", "message"}`` of the step's own last failed attempt, or None."""
 
 
 _current: ContextVar[StepContext | Callable[[], StepContext] | None] = ContextVar(

@@ -19,7 +19,7 @@ from kombu.transport import redis as kombu_redis
 from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, queue_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
-from saga_celery._core.model import Dispatch, Kind, SagaRun
+from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
 
 _TASK_ID_NS = uuid.UUID("6b0c8d1e-1f0e-4c7a-9a57-5a6a0f1c2b3d")
 log = structlog.get_logger("saga_celery")
@@ -59,10 +59,8 @@ def build_message(run: SagaRun, dispatch: Dispatch, now: datetime,
                       count=spec.count, attempt=dispatch.attempt, after=after)
     if dispatch.kind == Kind.STEP:
         task = spec.task
-        args = list(spec.args)
-        if spec.stage > 0 and not spec.immutable:
-            args.insert(0, stage_output(run, spec.stage - 1))
-        kwargs: dict[str, Any] = {**spec.kwargs, CONTROL_KEY: control.as_kwarg()}
+        args, call_kwargs = step_call(run, spec)
+        kwargs: dict[str, Any] = {**call_kwargs, CONTROL_KEY: control.as_kwarg()}
     else:
         assert spec.rollback_task is not None
         task, args, kwargs = spec.rollback_task, [], {CONTROL_KEY: control.as_kwarg()}
@@ -71,6 +69,15 @@ def build_message(run: SagaRun, dispatch: Dispatch, now: datetime,
     countdown = max((dispatch.due_at - now).total_seconds(), 0.0)
     return Message(task=task, args=args, kwargs=kwargs, control=control, countdown=countdown,
                    task_id=str(task_id), retries=dispatch.retries)
+
+
+def step_call(run: SagaRun, spec: StepSpec) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments a step is called with: its own, after the previous stage's output
+    (as in a Celery chain) unless its signature is immutable."""
+    args = list(spec.args)
+    if spec.stage > 0 and not spec.immutable:
+        args.insert(0, stage_output(run, spec.stage - 1))
+    return args, dict(spec.kwargs)
 
 
 class Dispatcher:

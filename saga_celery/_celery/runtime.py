@@ -22,7 +22,7 @@ from celery import Task
 
 from saga_celery._celery.acks import LateAck
 from saga_celery._celery.control import CONTROL_KEY, Control
-from saga_celery._celery.dispatch import ARGS_REPR, Dispatcher, build_message
+from saga_celery._celery.dispatch import ARGS_REPR, Dispatcher, build_message, step_call
 from saga_celery._celery.leases import LeaseKeeper
 from saga_celery._celery.timeouts import AttemptTimeout, call_with_timeout, is_timeout
 from saga_celery._context import (
@@ -122,16 +122,8 @@ class Runtime:
         if started is None:
             return
         run, lease = started
-        step = run.steps[control.key]
-        trigger = run.rollback.trigger_error if run.rollback else run.error
-        ctx = RollbackContext(
-            saga_id=run.id, step=control.step, count=control.count, attempt=control.attempt,
-            output=step.output, params=run.params, config=config,
-            error=None if trigger is None else {"type": trigger.type, "message": trigger.message},
-            idempotency_key=rollback_idempotency_key(
-                run.id, control.step, control.count, key_format=run.plan.key_format),
-        )
-        self._execute(task, control, lease, config, lambda: task.run(ctx), ack)
+        self._execute(task, control, lease, config,
+                      lambda: task.run(_rollback_context(run, control, config)), ack)
 
     # --- the three phases --------------------------------------------------------------
 
@@ -296,6 +288,28 @@ class Runtime:
         holder = snapshot.lease_holder if snapshot else None
         prefix = lease_token(hostname, pid, task_id, control.attempt)
         return holder if holder is not None and holder.startswith(prefix) else None
+
+
+def _rollback_context(run: SagaRun, control: Control, config: StepConfig) -> RollbackContext:
+    step = run.steps[control.key]
+    trigger = run.rollback.trigger_error if run.rollback else run.error
+    failed = [a.error for a in step.attempts if a.error is not None]
+    args, kwargs = step_call(run, run.plan.spec(control.key))
+    fmt = run.plan.key_format
+    return RollbackContext(
+        saga_id=run.id, step=control.step, count=control.count, attempt=control.attempt,
+        output=step.output, params=run.params, config=config, error=_pair(trigger),
+        idempotency_key=rollback_idempotency_key(run.id, control.step, control.count,
+                                                 key_format=fmt),
+        args=args, kwargs=kwargs, step_error=_pair(failed[-1] if failed else None),
+        step_idempotency_key=step_idempotency_key(run.id, control.step, control.count,
+                                                  key_format=fmt),
+    )
+
+
+def _pair(error: ErrorInfo | None) -> dict[str, Any] | None:
+    """An error as contexts carry it: ``{"type", "message"}``."""
+    return None if error is None else {"type": error.type, "message": error.message}
 
 
 def _own_retry(transition: Transition, control: Control) -> Dispatch | None:

@@ -210,3 +210,37 @@ def _countdown(message: dict[str, Any]) -> float:
 
     eta = datetime.fromisoformat(message["headers"]["eta"])
     return (eta - datetime.now(eta.tzinfo)).total_seconds()
+
+
+# --- what a handler gets -----------------------------------------------------------------------
+
+
+def test_a_handler_gets_what_it_needs_to_undo_a_step_that_never_returned(
+        app: Celery, sagas: SagaApp) -> None:
+    """SPEC 2: the step's own call arguments (the previous stage's output first), the key
+    its body saw and its own last error, beside ``output`` (None: it failed)."""
+    from saga_celery import NonRetryableError, RollbackContext, current_step
+
+    seen: list[RollbackContext] = []
+    keys: list[str] = []
+
+    @sagas.step(name="t.hold", retries=QUICK)
+    def hold(sku: str) -> dict[str, str]:
+        return {"hold": sku}
+
+    @sagas.step(name="t.pay", retries=QUICK)
+    def pay(held: Any, amount: int) -> None:
+        keys.append(current_step().idempotency_key)
+        raise NonRetryableError("card declined")
+
+    @pay.rollback(retries=QUICK)
+    def refund(ctx: RollbackContext) -> None:
+        seen.append(ctx)
+
+    sagas.saga("pay", [hold.s("sku-9"), pay.s(amount=12)]).apply_async(saga_id="ctx:1")
+    run_due(sagas, "ctx:1")
+    (ctx,) = seen
+    assert ctx.output is None
+    assert (ctx.args, ctx.kwargs) == ([{"hold": "sku-9"}], {"amount": 12})
+    assert ctx.step_idempotency_key == keys[0] != ctx.idempotency_key
+    assert ctx.step_error == {"type": "NonRetryableError", "message": "card declined"}
