@@ -9,8 +9,6 @@ eventually exact: ``active`` is kept a superset of the non-terminal sagas.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,7 +42,7 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
-from saga_celery._store.wire import Wire, pack, pack_args
+from saga_celery._store.wire import ThreadWires, Wire, pack, pack_args
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 """How long a terminal saga's state and events are kept: a week."""
@@ -79,7 +77,7 @@ class RedisStore:
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._release = client.register_script(scripts.RELEASE_LEASE)
         self._plans: dict[bytes | str, Plan] = {}
-        self._held = threading.local()
+        self._wires = ThreadWires(client.connection_pool)
         self._heads: dict[tuple[str, int], bytes] = {}
         self._raw = isinstance(client, redis.Redis)
 
@@ -351,7 +349,7 @@ class RedisStore:
         ``sent`` is called once, between the first write that went out and reading: what
         the caller does there overlaps the round trip.
         """
-        wire = self._wire()
+        wire = self._wires.get()
         if wire.waiting:  # ``sent`` (a publish signal handler?) came back to the store
             return self._exchange_aside(payload, count)
         if sent is None:
@@ -393,20 +391,6 @@ class RedisStore:
             return self._client.execute_command(*command)  # type: ignore[no-untyped-call]
         except redis.ResponseError as exc:
             return exc
-
-    def _wire(self) -> Wire:
-        """This thread's connection, kept between commands.
-
-        Checking a connection out of redis-py's pool and back costs twice the instructions
-        of the round trip itself (callgrind: 104k against 33k per PING).  One per thread and
-        per process: a forked pool process takes a new one (the pool resets itself there).
-        """
-        held: tuple[int, Wire] | None = getattr(self._held, "wire", None)
-        pid = os.getpid()
-        if held is None or held[0] != pid:
-            held = (pid, Wire(self._client.connection_pool.get_connection()))
-            self._held.wire = held
-        return held[1]
 
     def _pipeline(
         self, saga_id: str, script: Script, queue: Callable[[Pipeline], None]

@@ -12,12 +12,18 @@ default) from the connection's socket.
 Only redis-py's own socket connections take this path (``Wire.fits``); any other
 (fakeredis' in-memory connections, a client's custom connection class) goes through
 redis-py's ``send_packed_command`` and ``read_response``.
+
+``ThreadWires`` keeps one such connection per thread, taken from the client's pool, and
+gives it back to the pool when the thread ends: no connection outlives its thread.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 import time
+import weakref
 from typing import Any
 
 import redis
@@ -155,6 +161,54 @@ class Wire:
             items = [self._reply() for _ in range(count * 2 if kind == b"%" else count)]
             return dict(zip(items[::2], items[1::2], strict=True)) if kind == b"%" else items
         raise redis.exceptions.InvalidResponse(f"Protocol error, got {line[:40]!r}")
+
+
+class ThreadWires:
+    """One kept ``Wire`` per thread (and per process) on connections of ``pool``.
+
+    Checking a connection out of redis-py's pool and back costs twice the instructions of
+    the round trip itself (callgrind: 104k against 33k per PING), so a thread keeps its
+    own.  It goes back to the pool when the thread ends (a thread-per-request web app,
+    the threads pool's deadline timers) or when this object is dropped; a forked process
+    takes a new one (the pool resets itself there).
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self._local = threading.local()
+
+    def get(self) -> Wire:
+        """This thread's ``Wire``, taken from the pool on first use."""
+        kept: _Kept | None = getattr(self._local, "kept", None)
+        if kept is None or kept.pid != os.getpid():
+            kept = self._local.kept = _Kept(self._pool)
+        return kept.wire
+
+
+class _Kept:
+    """A thread's connection, given back to its pool once nothing holds this any more.
+
+    Only the thread's ``threading.local`` holds it, so it goes when the thread ends.
+    """
+
+    __slots__ = ("__weakref__", "pid", "wire")
+
+    def __init__(self, pool: Any) -> None:
+        self.pid = os.getpid()
+        conn = pool.get_connection()
+        self.wire = Wire(conn)
+        # The finalizer holds the connection and only a weak reference to the pool: neither
+        # holds this object, which would keep it alive.
+        weakref.finalize(self, _give_back, weakref.ref(pool), conn).atexit = False
+
+
+def _give_back(pool_ref: weakref.ref[Any], conn: Any) -> None:
+    """Return ``conn`` to its pool, or close it if the pool is gone."""
+    pool = pool_ref()
+    if pool is None:
+        conn.disconnect()
+    else:
+        pool.release(conn)  # a connection of the parent, in a forked child: left alone
 
 
 def pack(*args: str | bytes) -> bytes:

@@ -671,7 +671,7 @@ def test_the_kept_connection_reads_every_reply_it_can_get(protocol: int) -> None
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5.0, protocol=protocol)
     prefix = f"sagatest-{uuid4().hex[:8]}:"
     store = RedisStore(client, prefix=prefix)
-    assert store._wire().direct
+    assert store._wires.get().direct
     big = b"x" * 300_000
     try:
         replies = store._send([
@@ -695,7 +695,7 @@ def test_an_interrupted_exchange_leaves_no_reply_behind(
     its own reply, not the one left unread."""
     store = real_redis_backend.store
     assert isinstance(store, RedisStore)
-    wire = store._wire()
+    wire = store._wires.get()
     read = wire._reply
     calls = [0]
 
@@ -898,9 +898,9 @@ def test_sent_runs_while_the_kept_connection_owes_the_reply(real_redis_backend: 
     store.create(run, [])
     owed: list[bool] = []
     assert store.commit(run, version=1, events=[],
-                        sent=lambda: owed.append(store._wire().waiting)) is True
+                        sent=lambda: owed.append(store._wires.get().waiting)) is True
     assert owed == [True]
-    assert store._wire().waiting is False
+    assert store._wires.get().waiting is False
 
 
 def test_a_sent_that_raises_leaves_no_reply_behind(real_redis_backend: Backend) -> None:
