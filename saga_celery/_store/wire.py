@@ -167,9 +167,9 @@ class ThreadWires:
     """One kept ``Wire`` per thread (and per process) on connections of ``pool``.
 
     Checking a connection out of redis-py's pool and back costs more Python than the round
-    trip itself, so a thread keeps its own.  It goes back to the pool when the thread ends (a thread-per-request web app,
-    the threads pool's deadline timers) or when this object is dropped; a forked process
-    takes a new one (the pool resets itself there).
+    trip itself, so a thread keeps its own.  It goes back to the pool when the thread ends
+    (a thread-per-request web app, the threads pool's deadline timers) or when this object
+    is dropped; a forked process takes a new one (the pool resets itself there).
     """
 
     def __init__(self, pool: Any) -> None:
