@@ -30,7 +30,13 @@ from saga_celery._errors import (
     SagaStoreUnavailableError,
 )
 from saga_celery._store import scripts
-from saga_celery._store.base import EventDict, LeaseAction, LeaseChange, Snapshot
+from saga_celery._store.base import (
+    CorruptRecord,
+    EventDict,
+    LeaseAction,
+    LeaseChange,
+    Snapshot,
+)
 from saga_celery._store.keys import (
     DATA_FIELD,
     DEFAULT_PREFIX,
@@ -249,6 +255,45 @@ class RedisStore:
         with self._errors(key=self._keys.active):
             ids = self._client.zrange(self._keys.active, 0, limit - 1)
         return [_str(i) for i in cast(list[bytes | str], ids)]
+
+    def active_page(self, after_ms: int | None = None, count: int = 1000
+                    ) -> tuple[list[str], int | None]:
+        if count < 1:
+            raise ValueError(f"count must be positive, not {count}")
+        key = self._keys.active
+        low = "-inf" if after_ms is None else f"({after_ms}"
+        with self._errors(key=key):
+            found = cast(list[tuple[bytes | str, float]], self._client.zrangebyscore(
+                key, low, "+inf", start=0, num=count, withscores=True))
+            if len(found) < count:
+                return [_str(saga_id) for saga_id, _ in found], None
+            last = found[-1][1]
+            # The rest created in the same ms as the last: the next page starts after it.
+            ties = cast(list[bytes | str], self._client.zrangebyscore(key, last, last))
+        ids = [_str(saga_id) for saga_id, score in found if score != last]
+        return ids + [_str(saga_id) for saga_id in ties], int(last)
+
+    def mark_corrupt(self, saga_id: str, why: str, *, at_ms: int) -> None:
+        # In this order, and not one transaction (Cluster: three slots): a crash between
+        # them leaves the id in both sets, and the next sweep moves it again.
+        with self._errors(saga_id):  # a WRONGTYPE names its command, and so its key
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(self._keys.corrupt, {saga_id: at_ms})
+            pipe.hset(self._keys.corrupt_why, saga_id, why)
+            pipe.zrem(self._keys.active, saga_id)
+            pipe.execute()
+
+    def corrupt_records(self, limit: int = 100) -> list[CorruptRecord]:
+        if limit <= 0:
+            return []
+        with self._errors(key=self._keys.corrupt):
+            found = cast(list[tuple[bytes | str, float]], self._client.zrevrange(
+                self._keys.corrupt, 0, limit - 1, withscores=True))
+            if not found:
+                return []
+            whys = self._client.hmget(self._keys.corrupt_why, [i for i, _ in found])
+        return [CorruptRecord(_str(saga_id), int(at_ms), _text(why) or "")
+                for (saga_id, at_ms), why in zip(found, whys, strict=True)]
 
     def list_ids(self, limit: int = 100) -> list[str]:
         if limit <= 0:
