@@ -1,46 +1,25 @@
 """The recovery sweep against a real Redis: every active saga, and none it cannot read twice.
 
 No worker runs: messages go to Celery's in-memory broker, and what the sweep re-sends is
-counted from its return value.
+counted from its return value.  ``saga-celery`` runs as a real subprocess.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import redis
-import structlog
 from celery import Celery
-from click.testing import CliRunner
 from structlog.testing import capture_logs
 
 from saga_celery import SagaApp, SagaCorruptStateError
 from saga_celery._celery.recovery import recover
-from saga_celery.cli import main
+from tests.integration.test_cli import run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture(autouse=True)
-def _keep_structlog_config() -> Iterator[None]:
-    """The CLI points structlog at stderr: give later tests the configuration back."""
-    before = structlog.get_config()
-    yield
-    structlog.configure(**before)
-
-
-@pytest.fixture
-def prefix(redis_client: redis.Redis) -> Iterator[str]:
-    """A key prefix of this test's own, whose keys are deleted afterwards."""
-    name = f"sweep-{uuid.uuid4().hex[:8]}:"
-    yield name
-    keys = list(redis_client.scan_iter(match=f"{name}*"))
-    if keys:
-        redis_client.delete(*keys)
 
 
 @pytest.fixture
@@ -86,13 +65,12 @@ def test_a_foreign_record_is_moved_aside_once_and_listed(
         assert sagas.recover(grace=0) == 1
     with capture_logs() as second:
         sagas.recover(grace=0)
-    listed = CliRunner().invoke(main, ["--redis-url", redis_url, "--prefix", prefix,
-                                       "list", "--corrupt"])
+    listed = run_cli("--redis-url", redis_url, "--prefix", prefix, "list", "--corrupt")
 
     assert [e["saga_id"] for e in first if e["log_level"] == "error"] == ["broken"]
     assert [e for e in second if e["log_level"] == "error"] == []
     assert "broken" not in sagas.store.active_ids()
-    assert listed.exit_code == 0, listed.output
+    assert listed.returncode == 0, listed.stderr
     rows = listed.stdout.splitlines()
     assert rows[0].split() == ["id", "moved_at", "why"]
     assert rows[1].startswith("broken  20")
