@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import update_wrapper
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -234,18 +234,41 @@ def _times(state: SagaState) -> str:
 @click.option("--name", help="Only sagas with this name.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help=f"At most this many; filters look at the {LIST_SCAN_FACTOR}x newest.")
+@click.option("--corrupt", is_flag=True,
+              help="Instead: the sagas the recovery sweep could not read and moved aside.")
 @with_sagas
-def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int) -> None:
+def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int,
+          corrupt: bool) -> None:
     """List the newest sagas, optionally filtered.
 
-    Columns: id, name, status, rollback outcome and creation time, newest first.
+    Columns: id, name, status, rollback outcome and creation time, newest first.  With
+    --corrupt: id, when the sweep moved it aside and why, the most recently moved first.
     """
+    if corrupt:
+        _list_corrupt(sagas.store, limit, filtered=status_ is not None or name is not None)
+        return
     runs = list(matching(sagas.store, status=status_, name=name, limit=limit))
     if not runs:
         click.echo("no sagas found")
         return
     rows = [["id", "name", "status", "rollback", "created_at"], *map(_list_row, runs)]
     click.echo("\n".join(render(rows)))
+
+
+def _list_corrupt(store: SagaStore, limit: int, *, filtered: bool) -> None:
+    if filtered:
+        raise click.UsageError("--corrupt lists unreadable records: --status and --name "
+                               "need a readable saga")
+    records = store.corrupt_records(limit)
+    if not records:
+        click.echo("no corrupt sagas")
+        return
+    rows = [[r.saga_id, _epoch_ms(r.at_ms), r.why] for r in records]
+    click.echo("\n".join(render([["id", "moved_at", "why"], *rows])))
+
+
+def _epoch_ms(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat(timespec="seconds")
 
 
 def matching(store: SagaStore, *, status: str | None, name: str | None,

@@ -14,6 +14,11 @@ until ``grace·2^resends`` has passed, so a slow backlog is not flooded with cop
 receiver drops a message for an attempt that already ended, and waits while another
 delivery holds the attempt's lease.  Run by beat (``saga_celery.recover``) and by
 ``saga-celery recover``.
+
+One sweep pages through the whole active index, however many sagas it holds.  A saga whose
+record cannot be read (``SagaCorruptStateError``) is logged once and moved out of the active
+index into the corrupt records, where ``saga-celery list --corrupt`` lists it: later sweeps
+no longer trip over it.
 """
 
 from __future__ import annotations
@@ -28,21 +33,40 @@ from saga_celery._core.model import Kind, SagaRun
 from saga_celery._core.recovery import overdue, stalled
 from saga_celery._engine import Engine, lease_name
 from saga_celery._errors import SagaCorruptStateError, SagaNotFoundError
+from saga_celery._store.base import active_pages
 
 log = structlog.get_logger("saga_celery")
 
+PAGE_SIZE = 1000
+"""Active saga ids read per round trip of a sweep."""
+PRUNE_PER_SWEEP = 10_000
+"""Oldest index entries a sweep checks for an expired saga (``list`` has nothing to show)."""
+
 
 def recover(engine: Engine, dispatcher: Dispatcher, *, grace: timedelta,
-            limit: int = 10_000) -> int:
-    """Sweep the active sagas once; returns how many messages were sent again."""
+            page_size: int = PAGE_SIZE) -> int:
+    """Sweep every active saga once, ``page_size`` ids a page; how many messages were sent
+    again."""
     sent = 0
-    engine.store.prune_index(limit)  # ids whose retention ran out: `list` has nothing to show
-    for saga_id in engine.store.active_ids(limit):
-        try:
-            sent += _sweep_one(engine, dispatcher, saga_id, grace)
-        except (SagaCorruptStateError, SagaNotFoundError) as exc:  # one bad record must
-            log.error("saga.recovery_skipped", saga_id=saga_id, error=str(exc))  # not stop it
+    engine.store.prune_index(PRUNE_PER_SWEEP)  # ids whose retention ran out
+    for page in active_pages(engine.store, page_size):
+        for saga_id in page:
+            sent += _sweep_safely(engine, dispatcher, saga_id, grace)
     return sent
+
+
+def _sweep_safely(engine: Engine, dispatcher: Dispatcher, saga_id: str,
+                  grace: timedelta) -> int:
+    """``_sweep_one``; a record it cannot read is moved aside, not allowed to stop the sweep."""
+    try:
+        return _sweep_one(engine, dispatcher, saga_id, grace)
+    except SagaCorruptStateError as exc:
+        log.error("saga.recovery_moved_aside", saga_id=saga_id, error=str(exc))
+        at_ms = int(engine.clock().timestamp() * 1000)
+        engine.store.mark_corrupt(saga_id, str(exc), at_ms=at_ms)
+    except SagaNotFoundError as exc:  # vanished mid-sweep: the next one forgets it
+        log.error("saga.recovery_skipped", saga_id=saga_id, error=str(exc))
+    return 0
 
 
 def _sweep_one(engine: Engine, dispatcher: Dispatcher, saga_id: str, grace: timedelta) -> int:

@@ -1,7 +1,23 @@
 """Where saga runs, their events and their leases are kept: Redis, or memory in tests."""
 
-from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
+from saga_celery._store.base import (
+    CorruptRecord,
+    LeaseAction,
+    LeaseChange,
+    SagaStore,
+    Snapshot,
+    active_pages,
+)
 from saga_celery._store.memory import MemoryStore
 from saga_celery._store.redis import RedisStore
 
-__all__ = ["LeaseAction", "LeaseChange", "MemoryStore", "RedisStore", "SagaStore", "Snapshot"]
+__all__ = [
+    "CorruptRecord",
+    "LeaseAction",
+    "LeaseChange",
+    "MemoryStore",
+    "RedisStore",
+    "SagaStore",
+    "Snapshot",
+    "active_pages",
+]

@@ -8,7 +8,7 @@ fakeredis in fast tests) and ``MemoryStore`` (the in-memory twin).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
@@ -40,6 +40,16 @@ class LeaseChange(NamedTuple):
     token: str
     action: LeaseAction
     ttl_ms: int = 0
+
+
+class CorruptRecord(NamedTuple):
+    """A saga the recovery sweep could not read, moved out of the active index."""
+
+    saga_id: str
+    at_ms: int
+    """When it was moved aside, in epoch ms."""
+    why: str
+    """The error that reading it raised."""
 
 
 class SagaStore(Protocol):
@@ -101,6 +111,24 @@ class SagaStore(Protocol):
     def active_ids(self, limit: int = 1000) -> list[str]:
         """Ids of sagas that may not be terminal yet, oldest first (a superset)."""
 
+    def active_page(self, after_ms: int | None = None, count: int = 1000
+                    ) -> tuple[list[str], int | None]:
+        """One page of the active index, oldest first, and the cursor of the next page.
+
+        The page holds the ``count`` oldest ids created after ``after_ms`` (epoch ms; None:
+        from the oldest), and every other id created in the same ms as its last one, so it
+        may run over ``count``.  The cursor is that last creation time, or None when no page
+        follows.  Paging from None to the end (``active_pages``) visits every saga active
+        throughout exactly once, whatever joins or leaves the index meanwhile.
+        """
+
+    def mark_corrupt(self, saga_id: str, why: str, *, at_ms: int) -> None:
+        """Move an id whose record cannot be read from the active index to the corrupt
+        records, with when (epoch ms) and why; marking it again updates both."""
+
+    def corrupt_records(self, limit: int = 100) -> list[CorruptRecord]:
+        """The sagas moved aside by ``mark_corrupt``, the most recently moved first."""
+
     def list_ids(self, limit: int = 100) -> list[str]:
         """Ids of known sagas, newest first."""
 
@@ -109,3 +137,12 @@ class SagaStore(Protocol):
 
     def prune_index(self, limit: int = 1000) -> int:
         """Drop the ids among the ``limit`` oldest indexed whose saga expired; how many."""
+
+
+def active_pages(store: SagaStore, count: int = 1000) -> Iterator[list[str]]:
+    """Every page of the active index, oldest first (see ``SagaStore.active_page``)."""
+    ids, after = store.active_page(None, count)
+    yield ids
+    while after is not None:
+        ids, after = store.active_page(after, count)
+        yield ids

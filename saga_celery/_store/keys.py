@@ -15,6 +15,14 @@ Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster w
 
     <prefix>index                 zset    every saga id, score = created_at in epoch ms
     <prefix>active                zset    ids that may not be terminal yet, same score
+    <prefix>corrupt               zset    ids the recovery sweep could not read and moved
+                                          out of ``active``, score = when, in epoch ms
+    <prefix>corrupt:why           hash    id -> the error that reading it raised
+
+An id moves to ``corrupt`` before it leaves ``active`` (a crash between the two leaves it in
+both, and the next sweep moves it again).  ``saga-celery list --corrupt`` lists them; once
+the record is repaired, ``ZADD <prefix>active <created_at ms> <id>`` gives it back to the
+sweep, and ``ZREM``/``HDEL`` of the id takes it off the list.
 """
 
 from __future__ import annotations
@@ -61,6 +69,14 @@ class KeySpace:
     @property
     def active(self) -> str:
         return f"{self.prefix}active"
+
+    @property
+    def corrupt(self) -> str:
+        return f"{self.prefix}corrupt"
+
+    @property
+    def corrupt_why(self) -> str:
+        return f"{self.prefix}corrupt:why"
 
     def _tagged(self, saga_id: str) -> str:
         return f"{self.prefix}{{{saga_id}}}"

@@ -18,7 +18,13 @@ from pydantic_core import PydanticSerializationError, to_json
 
 from saga_celery._core.model import Plan, SagaRun, decode_run, encode_progress
 from saga_celery._errors import SagaConfigError, SagaStoreError
-from saga_celery._store.base import EventDict, LeaseAction, LeaseChange, Snapshot
+from saga_celery._store.base import (
+    CorruptRecord,
+    EventDict,
+    LeaseAction,
+    LeaseChange,
+    Snapshot,
+)
 from saga_celery._store.keys import index_score
 
 
@@ -54,6 +60,7 @@ class MemoryStore:
         self._leases: dict[tuple[str, str], _Lease] = {}
         self._index: dict[str, int] = {}
         self._active: dict[str, int] = {}
+        self._corrupt: dict[str, tuple[int, str]] = {}
         self._last_event = 0
 
     def ping(self) -> None:
@@ -152,6 +159,29 @@ class MemoryStore:
             ranked = sorted(self._active.items(), key=lambda item: (item[1], item[0]))
         return [saga_id for saga_id, _ in ranked[: max(limit, 0)]]
 
+    def active_page(self, after_ms: int | None = None, count: int = 1000
+                    ) -> tuple[list[str], int | None]:
+        _check_count(count)
+        with self._changed:
+            ranked = sorted((score, saga_id) for saga_id, score in self._active.items()
+                            if after_ms is None or score > after_ms)
+        if len(ranked) < count:
+            return [saga_id for _, saga_id in ranked], None
+        last = ranked[count - 1][0]
+        return [saga_id for score, saga_id in ranked if score <= last], last
+
+    def mark_corrupt(self, saga_id: str, why: str, *, at_ms: int) -> None:
+        with self._changed:
+            self._corrupt[saga_id] = (at_ms, why)
+            self._active.pop(saga_id, None)
+
+    def corrupt_records(self, limit: int = 100) -> list[CorruptRecord]:
+        with self._changed:
+            records = [CorruptRecord(saga_id, at_ms, why)
+                       for saga_id, (at_ms, why) in self._corrupt.items()]
+        records.sort(key=lambda record: (record.at_ms, record.saga_id), reverse=True)
+        return records[: max(limit, 0)]
+
     def list_ids(self, limit: int = 100) -> list[str]:
         with self._changed:
             ranked = sorted(self._index.items(), key=lambda item: (item[1], item[0]), reverse=True)
@@ -227,6 +257,11 @@ class MemoryStore:
         if record is None:
             return []
         return [entry for entry in record.events if entry[0] > start]
+
+
+def _check_count(count: int) -> None:
+    if count < 1:
+        raise ValueError(f"count must be positive, not {count}")
 
 
 def _check_ttl(ttl_ms: int) -> None:

@@ -9,8 +9,6 @@ eventually exact: ``active`` is kept a superset of the non-terminal sagas.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,7 +30,13 @@ from saga_celery._errors import (
     SagaStoreUnavailableError,
 )
 from saga_celery._store import scripts
-from saga_celery._store.base import EventDict, LeaseAction, LeaseChange, Snapshot
+from saga_celery._store.base import (
+    CorruptRecord,
+    EventDict,
+    LeaseAction,
+    LeaseChange,
+    Snapshot,
+)
 from saga_celery._store.keys import (
     DATA_FIELD,
     DEFAULT_PREFIX,
@@ -44,7 +48,7 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
-from saga_celery._store.wire import Wire, pack, pack_args
+from saga_celery._store.wire import ThreadWires, Wire, pack, pack_args
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 """How long a terminal saga's state and events are kept: a week."""
@@ -79,7 +83,7 @@ class RedisStore:
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._release = client.register_script(scripts.RELEASE_LEASE)
         self._plans: dict[bytes | str, Plan] = {}
-        self._held = threading.local()
+        self._wires = ThreadWires(client.connection_pool)
         self._heads: dict[tuple[str, int], bytes] = {}
         self._raw = isinstance(client, redis.Redis)
 
@@ -252,6 +256,45 @@ class RedisStore:
             ids = self._client.zrange(self._keys.active, 0, limit - 1)
         return [_str(i) for i in cast(list[bytes | str], ids)]
 
+    def active_page(self, after_ms: int | None = None, count: int = 1000
+                    ) -> tuple[list[str], int | None]:
+        if count < 1:
+            raise ValueError(f"count must be positive, not {count}")
+        key = self._keys.active
+        low = "-inf" if after_ms is None else f"({after_ms}"
+        with self._errors(key=key):
+            found = cast(list[tuple[bytes | str, float]], self._client.zrangebyscore(
+                key, low, "+inf", start=0, num=count, withscores=True))
+            if len(found) < count:
+                return [_str(saga_id) for saga_id, _ in found], None
+            last = found[-1][1]
+            # The rest created in the same ms as the last: the next page starts after it.
+            ties = cast(list[bytes | str], self._client.zrangebyscore(key, last, last))
+        ids = [_str(saga_id) for saga_id, score in found if score != last]
+        return ids + [_str(saga_id) for saga_id in ties], int(last)
+
+    def mark_corrupt(self, saga_id: str, why: str, *, at_ms: int) -> None:
+        # In this order, and not one transaction (Cluster: three slots): a crash between
+        # them leaves the id in both sets, and the next sweep moves it again.
+        with self._errors(saga_id):  # a WRONGTYPE names its command, and so its key
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zadd(self._keys.corrupt, {saga_id: at_ms})
+            pipe.hset(self._keys.corrupt_why, saga_id, why)
+            pipe.zrem(self._keys.active, saga_id)
+            pipe.execute()
+
+    def corrupt_records(self, limit: int = 100) -> list[CorruptRecord]:
+        if limit <= 0:
+            return []
+        with self._errors(key=self._keys.corrupt):
+            found = cast(list[tuple[bytes | str, float]], self._client.zrevrange(
+                self._keys.corrupt, 0, limit - 1, withscores=True))
+            if not found:
+                return []
+            whys = self._client.hmget(self._keys.corrupt_why, [i for i, _ in found])
+        return [CorruptRecord(_str(saga_id), int(at_ms), _text(why) or "")
+                for (saga_id, at_ms), why in zip(found, whys, strict=True)]
+
     def list_ids(self, limit: int = 100) -> list[str]:
         if limit <= 0:
             return []
@@ -351,7 +394,7 @@ class RedisStore:
         ``sent`` is called once, between the first write that went out and reading: what
         the caller does there overlaps the round trip.
         """
-        wire = self._wire()
+        wire = self._wires.get()
         if wire.waiting:  # ``sent`` (a publish signal handler?) came back to the store
             return self._exchange_aside(payload, count)
         if sent is None:
@@ -393,20 +436,6 @@ class RedisStore:
             return self._client.execute_command(*command)  # type: ignore[no-untyped-call]
         except redis.ResponseError as exc:
             return exc
-
-    def _wire(self) -> Wire:
-        """This thread's connection, kept between commands.
-
-        Checking a connection out of redis-py's pool and back costs twice the instructions
-        of the round trip itself (callgrind: 104k against 33k per PING).  One per thread and
-        per process: a forked pool process takes a new one (the pool resets itself there).
-        """
-        held: tuple[int, Wire] | None = getattr(self._held, "wire", None)
-        pid = os.getpid()
-        if held is None or held[0] != pid:
-            held = (pid, Wire(self._client.connection_pool.get_connection()))
-            self._held.wire = held
-        return held[1]
 
     def _pipeline(
         self, saga_id: str, script: Script, queue: Callable[[Pipeline], None]

@@ -23,12 +23,14 @@ from saga_celery._errors import (
     SagaStoreUnavailableError,
 )
 from saga_celery._store import (
+    CorruptRecord,
     LeaseAction,
     LeaseChange,
     MemoryStore,
     RedisStore,
     SagaStore,
     Snapshot,
+    active_pages,
 )
 from tests.contract.conftest import REDIS_URL, Backend, make_event, make_run
 
@@ -330,6 +332,63 @@ def test_forget_active_keeps_a_live_saga(store: SagaStore) -> None:
     assert store.active_ids() == [run.id]
 
 
+def test_active_pages_visit_every_active_saga_once_oldest_first(store: SagaStore) -> None:
+    """Pages of 10 over 25 active sagas give each once, oldest first; a page ends only where
+    a creation time ends, so one holds every saga created in its last millisecond."""
+    runs = [make_run(f"a-{i:02d}", created=i // 3) for i in range(25)]  # three per second
+    for run in reversed(runs):
+        store.create(run, [])
+
+    pages = list(active_pages(store, 10))
+
+    assert [saga_id for page in pages for saga_id in page] == [run.id for run in runs]
+    assert [len(page) for page in pages] == [12, 12, 1]
+
+
+def test_active_pages_keep_their_place_while_sagas_leave(store: SagaStore) -> None:
+    """A saga that ends while the pages are read, before or after the page it is on, moves
+    no other saga out of the pages."""
+    runs = [make_run(f"b-{i:02d}", created=i) for i in range(25)]
+    for run in runs:
+        store.create(run, [])
+    pages = active_pages(store, 10)
+
+    seen = next(pages)
+    for ended in (runs[3], runs[15]):
+        store.commit(ended, version=1, events=[], terminal=True)
+    seen += [saga_id for page in pages for saga_id in page]
+
+    assert seen == [run.id for run in runs if run is not runs[15]]
+
+
+def test_active_page_of_an_empty_index_is_the_last(store: SagaStore) -> None:
+    """With no active saga, the first page is empty and no page follows."""
+    assert store.active_page(None, 10) == ([], None)
+    with pytest.raises(ValueError, match="count"):
+        store.active_page(None, 0)
+
+
+def test_a_saga_marked_corrupt_leaves_the_active_index_for_the_corrupt_records(
+    store: SagaStore,
+) -> None:
+    """mark_corrupt moves an id out of the active index into the corrupt records (most
+    recently moved first, with when and why); marking it again updates them."""
+    first, second = make_run("c-1"), make_run("c-2", created=1)
+    for run in (first, second):
+        store.create(run, [])
+    store.mark_corrupt("c-1", "unreadable", at_ms=1000)
+    store.mark_corrupt("c-2", "WRONGTYPE", at_ms=2000)
+
+    assert store.active_ids() == []
+    assert store.corrupt_records() == [CorruptRecord("c-2", 2000, "WRONGTYPE"),
+                                       CorruptRecord("c-1", 1000, "unreadable")]
+    assert store.corrupt_records(limit=1) == [CorruptRecord("c-2", 2000, "WRONGTYPE")]
+    assert store.corrupt_records(limit=0) == []
+    store.mark_corrupt("c-1", "still unreadable", at_ms=3000)
+    assert store.corrupt_records()[0] == CorruptRecord("c-1", 3000, "still unreadable")
+    assert store.list_ids() == ["c-2", "c-1"]  # the index keeps them: nothing is deleted
+
+
 def test_list_ids_newest_first(store: SagaStore) -> None:
     """list_ids lists every saga, terminal or not, newest first, up to limit."""
     runs = [make_run(created=seconds) for seconds in (10, 30, 20)]
@@ -561,7 +620,8 @@ def test_an_event_that_is_not_json_is_refused(store: SagaStore) -> None:
 
 def test_exported_members() -> None:
     """The store package exports exactly its public names, sorted."""
-    expected = ["LeaseAction", "LeaseChange", "MemoryStore", "RedisStore", "SagaStore", "Snapshot"]
+    expected = ["CorruptRecord", "LeaseAction", "LeaseChange", "MemoryStore", "RedisStore",
+                "SagaStore", "Snapshot", "active_pages"]
     assert store_package.__all__ == expected
 
 
@@ -579,6 +639,9 @@ def test_resp3_and_decoded_responses_work(redis_backend: Backend) -> None:
         assert types(store, run.id) == ["saga_queued"]
         assert store.read_events(run.id, after="0", block_ms=10) != []
         assert run.id in store.list_ids()
+        assert run.id in store.active_page(None, 1)[0]
+        store.mark_corrupt(run.id, "why", at_ms=7)
+        assert CorruptRecord(run.id, 7, "why") in store.corrupt_records()
         client.close()
 
 
@@ -671,7 +734,7 @@ def test_the_kept_connection_reads_every_reply_it_can_get(protocol: int) -> None
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5.0, protocol=protocol)
     prefix = f"sagatest-{uuid4().hex[:8]}:"
     store = RedisStore(client, prefix=prefix)
-    assert store._wire().direct
+    assert store._wires.get().direct
     big = b"x" * 300_000
     try:
         replies = store._send([
@@ -695,7 +758,7 @@ def test_an_interrupted_exchange_leaves_no_reply_behind(
     its own reply, not the one left unread."""
     store = real_redis_backend.store
     assert isinstance(store, RedisStore)
-    wire = store._wire()
+    wire = store._wires.get()
     read = wire._reply
     calls = [0]
 
@@ -898,9 +961,9 @@ def test_sent_runs_while_the_kept_connection_owes_the_reply(real_redis_backend: 
     store.create(run, [])
     owed: list[bool] = []
     assert store.commit(run, version=1, events=[],
-                        sent=lambda: owed.append(store._wire().waiting)) is True
+                        sent=lambda: owed.append(store._wires.get().waiting)) is True
     assert owed == [True]
-    assert store._wire().waiting is False
+    assert store._wires.get().waiting is False
 
 
 def test_a_sent_that_raises_leaves_no_reply_behind(real_redis_backend: Backend) -> None:

@@ -4,6 +4,7 @@
   moved to database ``TEST_DB`` (``$SAGA_TEST_REDIS_DB``, default 9) and flushed once at
   session start. Unreachable: the test fails when ``$CI`` is set, and is skipped otherwise.
 - ``redis_client``: a redis-py client on ``redis_url``, closed after the test.
+- ``prefix``: a saga key prefix of the test's own, its keys deleted after the test.
 - ``worker_factory``: ``start_worker`` (see ``harness``) whose workers are stopped at
   teardown and whose logs are added to the report of a failed test.
 """
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,16 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     """A redis-py client on the test database, closed after the test."""
     with redis.Redis.from_url(redis_url, decode_responses=True) as client:
         yield client
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis) -> Iterator[str]:
+    """A saga key prefix of this test's own, whose keys are deleted afterwards."""
+    name = f"t-{uuid.uuid4().hex[:8]}:"
+    yield name
+    keys = list(redis_client.scan_iter(match=f"{name}*"))
+    if keys:
+        redis_client.delete(*keys)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -47,16 +46,6 @@ MIB = 1024 * 1024
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def prefix(redis_client: redis.Redis) -> Iterator[str]:
-    """A key prefix of this test's own, whose keys are deleted afterwards."""
-    name = f"badin-{uuid.uuid4().hex[:8]}:"
-    yield name
-    keys = list(redis_client.scan_iter(match=f"{name}*"))
-    if keys:
-        redis_client.delete(*keys)
 
 
 @pytest.fixture

@@ -217,6 +217,32 @@ def test_list_with_no_match_says_so(sagas: SagaApp) -> None:
     assert (result.exit_code, result.stdout) == (0, "no sagas found\n")
 
 
+def test_list_corrupt_shows_the_sagas_the_sweep_moved_aside(sagas: SagaApp) -> None:
+    """``list --corrupt`` prints each saga the recovery sweep could not read, the most
+    recently moved first, with when and why; filters do not apply to it."""
+    sagas.store.mark_corrupt("bad-1", "WRONGTYPE: not a hash", at_ms=1_780_315_200_000)
+    sagas.store.mark_corrupt("bad-2", "not a saga record", at_ms=1_780_315_201_000)
+
+    result = cli("list", "--corrupt")
+
+    assert result.exit_code == 0, result.output
+    assert lines(result) == [
+        "id     moved_at                   why",
+        "bad-2  2026-06-01T12:00:01+00:00  not a saga record",
+        "bad-1  2026-06-01T12:00:00+00:00  WRONGTYPE: not a hash",
+    ]
+    assert lines(cli("list", "--corrupt", "--limit", "1"))[1:] == [
+        "bad-2  2026-06-01T12:00:01+00:00  not a saga record"]
+    assert cli("list", "--corrupt", "--status", "errored").exit_code == 2
+
+
+def test_list_corrupt_with_none_says_so(sagas: SagaApp) -> None:
+    """No saga was moved aside: a message and exit status 0."""
+    result = cli("list", "--corrupt")
+
+    assert (result.exit_code, result.stdout) == (0, "no corrupt sagas\n")
+
+
 @pytest.mark.parametrize("args", [["list", "--status", "done"], ["list", "--limit", "0"],
                                   ["status"], ["nosuchcommand"], ["recover", "--grace", "soon"]])
 def test_usage_errors_exit_2(sagas: SagaApp, args: list[str]) -> None:
