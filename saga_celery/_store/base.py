@@ -8,7 +8,7 @@ fakeredis in fast tests) and ``MemoryStore`` (the in-memory twin).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
@@ -73,7 +73,6 @@ class SagaStore(Protocol):
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,
-        sent: Callable[[], None] | None = None,
     ) -> bool:
         """Write ``run`` as version+1 if the stored version is still ``version``.
 
@@ -85,11 +84,6 @@ class SagaStore(Protocol):
         leaves the saga running, is the transition as a journal line: the store may append
         it to the stored run's journal instead of writing the whole run
         (``_core/journal.py``).
-
-        ``sent``, given, is called once the commit is on its way to the store and before
-        its answer is read (a store that cannot tell the two apart calls it once the answer
-        is known): the caller publishes meanwhile.  It is called exactly once when
-        ``commit`` returns, and must not raise.
         """
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:

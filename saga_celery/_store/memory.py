@@ -96,12 +96,8 @@ class MemoryStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,  # always written in full here
-        sent: Callable[[], None] | None = None,  # called once the answer is known
     ) -> bool:
-        committed = self._commit(run, version, events, lease, terminal)
-        if sent is not None:
-            sent()
-        return committed
+        return self._commit(run, version, events, lease, terminal)
 
     def _commit(self, run: SagaRun, version: int, events: Sequence[EventDict],
                 lease: LeaseChange | None, terminal: bool) -> bool:

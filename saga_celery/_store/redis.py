@@ -48,7 +48,7 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
-from saga_celery._store.wire import ThreadWires, Wire, pack, pack_args
+from saga_celery._store.wire import ThreadWires, pack, pack_args
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 """How long a terminal saga's state and events are kept: a week."""
@@ -161,7 +161,6 @@ class RedisStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,
-        sent: Callable[[], None] | None = None,
     ) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
@@ -188,7 +187,7 @@ class RedisStore:
         if not terminal:
             # One command: the saga is already in the active index, unless this commit
             # revived it (the script says so), which is rare enough for a second trip.
-            reply = int(self._script(run.id, self._commit, keys, args, sent))
+            reply = int(self._script(run.id, self._commit, keys, args))
             if reply == 2:
                 self._restore_active(run.id, {run.id: index_score(run)})
             return reply != 0
@@ -203,8 +202,6 @@ class RedisStore:
         except SagaStoreError:
             self._restore_active(run.id, score)
             raise
-        if sent is not None:
-            sent()
         if not committed:
             self._restore_active(run.id, score)
         return committed
@@ -334,8 +331,8 @@ class RedisStore:
     # -- helpers -----------------------------------------------------------------------
 
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
-                args: Sequence[str | bytes], sent: Callable[[], None] | None = None) -> Any:
-        """EVALSHA ``script`` as one command (see ``_loading``); ``sent`` as in ``commit``."""
+                args: Sequence[str | bytes]) -> Any:
+        """EVALSHA ``script`` as one command (see ``_loading``)."""
         command = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
         if self._raw:
             head = self._heads.get((script.sha, len(keys)))
@@ -343,16 +340,8 @@ class RedisStore:
                 head = self._heads[script.sha, len(keys)] = pack_args(*command[:3])
             payload = b"".join([b"*%d\r\n" % len(command), head, pack_args(*command[3:])])
 
-        hooks = [sent] if sent is not None else []
-
         def send() -> Any:
-            hook = hooks.pop() if hooks else None  # once, not again after NOSCRIPT
-            if self._raw:
-                reply = self._exchange(payload, 1, hook)[0]
-            else:
-                reply = self._reply_of(command)
-                if hook is not None:
-                    hook()
+            reply = self._exchange(payload, 1)[0] if self._raw else self._reply_of(command)
             if isinstance(reply, redis.ResponseError):
                 raise reply
             return reply
@@ -386,50 +375,13 @@ class RedisStore:
         return self._exchange(b"".join([pack(*command) for command in commands]),
                               len(commands))
 
-    def _exchange(self, payload: bytes, count: int, sent: Callable[[], None] | None = None
-                  ) -> list[Any]:
+    def _exchange(self, payload: bytes, count: int) -> list[Any]:
         """Write ``count`` packed commands in one write on this thread's kept connection and
-        read their replies, errors as values; retried as redis-py's policy says.
-
-        ``sent`` is called once, between the first write that went out and reading: what
-        the caller does there overlaps the round trip.
-        """
+        read their replies, errors as values; retried as redis-py's policy says."""
         wire = self._wires.get()
-        if wire.waiting:  # ``sent`` (a publish signal handler?) came back to the store
-            return self._exchange_aside(payload, count)
-        if sent is None:
-            replies: list[Any] = wire.conn.retry.call_with_retry(
-                lambda: wire.exchange(payload, count), _ignore)
-            return replies
-        pending = [sent]
-
-        def exchange() -> list[Any]:
-            wire.send(payload)
-            if pending:
-                wire.waiting = True
-                try:
-                    pending.pop()()
-                except BaseException:
-                    wire.conn.disconnect()  # the reply owed is never read: start afresh
-                    raise
-                finally:
-                    wire.waiting = False
-            return wire.read(count)
-
-        replies = wire.conn.retry.call_with_retry(exchange, _ignore)
+        replies: list[Any] = wire.conn.retry.call_with_retry(
+            lambda: wire.exchange(payload, count), _ignore)
         return replies
-
-    def _exchange_aside(self, payload: bytes, count: int) -> list[Any]:
-        """``_exchange`` on a connection of the pool's, while the kept one awaits a reply."""
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
-        try:
-            aside = Wire(conn)
-            replies: list[Any] = conn.retry.call_with_retry(
-                lambda: aside.exchange(payload, count), _ignore)
-            return replies
-        finally:
-            pool.release(conn)
 
     def _reply_of(self, command: tuple[str | bytes, ...]) -> Any:
         try:

@@ -46,8 +46,6 @@ class Wire:
     def __init__(self, conn: Any) -> None:
         self.conn = conn
         self.direct = self.fits(conn)
-        self.waiting = False
-        """Set while a reply is owed on ``conn``: nothing else may be sent on it then."""
         self._buf = bytearray()
         self._pos = 0
 

@@ -918,64 +918,16 @@ def test_a_loading_redis_is_an_error_to_retry_not_a_reply() -> None:
         server.close()
 
 
-# -- sent: publishing while a commit's answer is on its way --------------------------------------
+# -- a Redis that forgot the scripts -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lands", [True, False], ids=["committed", "refused"])
-def test_sent_is_called_once_with_the_commit_on_its_way(store: SagaStore, lands: bool) -> None:
-    """``sent`` runs exactly once, once the commit is on its way and before ``commit``
-    returns, whether or not it lands; the same thread may use the store meanwhile (whether
-    that sees the commit yet is the store's business: fakeredis runs it at the read)."""
-    run = make_run()
-    store.create(run, [])
-    if not lands:
-        store.commit(run, version=1, events=[])
-    seen: list[int] = []
-
-    def sent() -> None:
-        seen.append(version_of(store, run.id))
-
-    assert store.commit(run, version=1, events=[make_event(run, "saga_started")],
-                        sent=sent) is lands
-    assert len(seen) == 1 and seen[0] in (1, 2)
-    assert version_of(store, run.id) == 2
-    assert store.commit(run, version=2, events=[], sent=None) is True  # connection still sane
-
-
-def test_sent_is_called_once_when_the_script_must_be_loaded_again(
+def test_a_commit_lands_once_when_the_script_must_be_loaded_again(
         redis_backend: Backend) -> None:
+    """NOSCRIPT (a restarted or failed-over Redis): the script is loaded and the commit sent
+    again, landing once."""
     client, store, run = redis_backend.client, redis_backend.store, make_run()
     assert client is not None
     store.create(run, [])
     client.script_flush()
-    calls: list[int] = []
-    assert store.commit(run, version=1, events=[], sent=lambda: calls.append(1)) is True
-    assert calls == [1]
-
-
-def test_sent_runs_while_the_kept_connection_owes_the_reply(real_redis_backend: Backend) -> None:
-    """The round trips overlap: the commit's reply is read only after ``sent`` returns."""
-    store = real_redis_backend.store
-    assert isinstance(store, RedisStore)
-    run = make_run()
-    store.create(run, [])
-    owed: list[bool] = []
-    assert store.commit(run, version=1, events=[],
-                        sent=lambda: owed.append(store._wires.get().waiting)) is True
-    assert owed == [True]
-    assert store._wires.get().waiting is False
-
-
-def test_a_sent_that_raises_leaves_no_reply_behind(real_redis_backend: Backend) -> None:
-    store = real_redis_backend.store
-    assert isinstance(store, RedisStore)
-    run = make_run()
-    store.create(run, [])
-
-    def sent() -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        store.commit(run, version=1, events=[], sent=sent)
-    assert store._send([("ECHO", "next")]) == [b"next"]
-    assert version_of(store, run.id) == 2  # the commit itself had gone out
+    assert store.commit(run, version=1, events=[make_event(run, "saga_started")]) is True
+    assert version_of(store, run.id) == 2
