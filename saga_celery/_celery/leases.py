@@ -52,9 +52,14 @@ class LeaseKeeper:
                 self._renew(saga_id, lease)
 
     def _renew(self, saga_id: str, lease: Lease) -> None:
+        """Renew one lease; whatever goes wrong is logged and the thread goes on, since
+        every lease this process holds lapses if it stops."""
         try:
             if not self.engine.renew(saga_id, lease):
                 log.warning("saga.lease_lost", saga_id=saga_id, lease=lease.name)
         except SagaStoreError as exc:
             log.warning("saga.lease_renew_failed", saga_id=saga_id, lease=lease.name,
                         error=str(exc))
+        except Exception as exc:
+            log.error("saga.lease_renew_failed", saga_id=saga_id, lease=lease.name,
+                      error=repr(exc), exc_info=True)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, group
 from celery.signals import before_task_publish
 
 from saga_celery import RetryLater, SagaApp, SagaState
@@ -20,7 +20,7 @@ from saga_celery._celery import timeouts
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._celery.dispatch import build_message
 from saga_celery._celery.runtime import BEHIND_MAX_COUNTDOWN_S, LEASE_MARGIN_S
-from saga_celery._core.events import AttemptStarted
+from saga_celery._core.events import AttemptStarted, AttemptSucceeded
 from saga_celery._core.model import Kind
 from saga_celery._engine import Lease, lease_name
 
@@ -244,3 +244,63 @@ def test_a_handler_gets_what_it_needs_to_undo_a_step_that_never_returned(
     assert (ctx.args, ctx.kwargs) == ([{"hold": "sku-9"}], {"amount": 12})
     assert ctx.step_idempotency_key == keys[0] != ctx.idempotency_key
     assert ctx.step_error == {"type": "NonRetryableError", "message": "card declined"}
+
+
+# --- the ack waits for the end commit ----------------------------------------------------------
+
+
+def test_nothing_is_published_or_acked_before_the_end_commit_lands(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step's end commit refused (a sibling's commit came first) is applied again; only
+    once one lands do its messages and its ack go out.  Before, they went out with the
+    refused commit: a process dying then left its message acked and the end unrecorded,
+    for the recovery sweep alone to find."""
+    from saga_celery._engine import Engine
+
+    other = Engine(sagas.store)  # another worker, finishing the sibling meanwhile
+    trace: list[str] = []
+    commit, send, ack = sagas.store.commit, sagas.dispatcher.send, sagas.dispatcher.ack
+
+    def traced_commit(run: Any, **kwargs: Any) -> bool:
+        landed = commit(run, **kwargs)
+        trace.append(f"commit:{'landed' if landed else 'refused'}")
+        return landed
+
+    def traced_send(run: Any, dispatches: Any, **kwargs: Any) -> None:
+        trace.append(f"send:{len(dispatches)}")
+        send(run, dispatches, **kwargs)
+
+    def traced_ack(pending: Any) -> None:
+        trace.append("ack")
+        ack(pending)
+
+    monkeypatch.setattr(sagas.store, "commit", traced_commit)
+    monkeypatch.setattr(sagas.dispatcher, "send", traced_send)
+    monkeypatch.setattr(sagas.dispatcher, "ack", traced_ack)
+
+    @sagas.step(name="t.left", retries=QUICK)
+    def left() -> str:
+        for event in (AttemptStarted(kind=Kind.STEP, key="t.right#1", attempt=1),
+                      AttemptSucceeded(kind=Kind.STEP, key="t.right#1", attempt=1,
+                                       output="R")):
+            other.handle("ack-1", event)
+        trace.append("body")
+        return "L"
+
+    @sagas.step(name="t.right", retries=QUICK)
+    def right() -> str:
+        return "R"
+
+    @sagas.step(name="t.next", retries=QUICK)
+    def after(outputs: Any) -> Any:
+        return outputs
+
+    sagas.saga("ack", [group(left.s(), right.s()), after.s()]).apply_async(saga_id="ack-1")
+    run = sagas.store.load("ack-1").run  # type: ignore[union-attr]
+    message = build_message(run, run.outbox["step:t.left#1:1"], sagas.dispatcher.clock())
+    trace.clear()
+    app.tasks["t.left"].apply(args=message.args, kwargs=message.kwargs,
+                              task_id=message.task_id)
+    ended = trace[trace.index("body") + 1:]
+    assert ended[:2] == ["commit:refused", "commit:landed"], trace
+    assert ended[2:] == ["send:1", "ack"], trace  # the next stage, then the step's own ack
