@@ -15,10 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import redis
 import structlog
 from celery import Task
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 
 from saga_celery._celery.acks import LateAck
 from saga_celery._celery.control import CONTROL_KEY, Control
@@ -47,6 +50,7 @@ from saga_celery._errors import (
     OutputNotSerializableError,
     OutputTooLargeError,
     RetryLater,
+    SagaStoreUnavailableError,
     StepOutputError,
 )
 
@@ -54,12 +58,20 @@ if TYPE_CHECKING:
     from pydantic import JsonValue
 
 log = structlog.get_logger("saga_celery")
+_T = TypeVar("_T")
 
 LEASE_MARGIN_S = 0.25
 """How long after a lease could have lapsed a waiting delivery looks at it again."""
 
 BEHIND_MAX_COUNTDOWN_S = 2.0
 """The longest a message waits, each time, for the commit that sent it to show."""
+
+UNREACHABLE: tuple[type[Exception], ...] = (
+    SagaStoreUnavailableError, OperationalError, redis.ConnectionError, redis.TimeoutError)
+"""The saga store or the broker cannot be reached (a Redis restart, a network cut)."""
+
+UNREACHABLE_PAUSE_S = 1.0
+"""How long a task waits before handing back a message it could not record or send."""
 
 BEHIND_LIMIT = 150
 """Times a message comes back for its commit (about five minutes) before it goes on with
@@ -98,7 +110,7 @@ class Runtime:
     def run_step(self, task: Task, control: Control, args: tuple[Any, ...],
                  kwargs: dict[str, Any], config: StepConfig) -> None:
         ack = self.dispatcher.late_ack(task.request)
-        started = self._start(task, control, ack)
+        started = self._bookkeeping(control, lambda: self._start(task, control, ack))
         if started is None:
             return
         run, lease = started
@@ -118,7 +130,7 @@ class Runtime:
 
     def run_rollback(self, task: Task, control: Control, config: StepConfig) -> None:
         ack = self.dispatcher.late_ack(task.request)
-        started = self._start(task, control, ack)
+        started = self._bookkeeping(control, lambda: self._start(task, control, ack))
         if started is None:
             return
         run, lease = started
@@ -167,16 +179,35 @@ class Runtime:
                 raise AttemptTimeout  # the body swallowed its timeout and returned late
             output = self._checked_output(output) if control.kind == Kind.STEP else None
         except Exception as exc:
-            self._failed(task, control, lease, exc, error_info(exc, timeout_s=timeout_s),
-                         retryable=not isinstance(exc, StepOutputError))
+            failure, error = exc, error_info(exc, timeout_s=timeout_s)
+            retryable = not isinstance(exc, StepOutputError)
+            self._bookkeeping(control, lambda: self._failed(task, control, lease, failure,
+                                                            error, retryable=retryable))
             raise
+        self._bookkeeping(control, lambda: self._succeeded(control, lease, output, ack))
+
+    def _succeeded(self, control: Control, lease: Lease, output: JsonValue,
+                   ack: LateAck | None) -> None:
+        """Record the end, then send what it decided and acknowledge: only once the end is
+        recorded, so a process that dies before leaves its message to come again."""
         ended = AttemptSucceeded(kind=control.kind, key=control.key, attempt=control.attempt,
                                  output=output)
-        # Acknowledged only once the end is recorded: a process that dies before that
-        # leaves its message to be delivered again (acks.py).
         transition = self.engine.handle(control.saga_id, ended, lease=lease)
         self.dispatcher.send(transition.run, transition.dispatches, ack=ack)
         self.dispatcher.ack(ack)  # alone, if no message took it along
+
+    def _bookkeeping(self, control: Control, step: Callable[[], _T]) -> _T:
+        """Run one of the task's own steps (recording with the store, sending with the
+        broker).  If either cannot be reached the message is handed back, after a pause,
+        for another delivery (``Reject(requeue=True)``) rather than acknowledged with what
+        it carries neither recorded nor sent: only the recovery sweep would find it then."""
+        try:
+            return step()
+        except UNREACHABLE as exc:
+            log.warning("saga.message_handed_back", saga_id=control.saga_id,
+                        step=control.step, attempt=control.attempt, error=str(exc))
+            time.sleep(UNREACHABLE_PAUSE_S)
+            raise Reject(str(exc), requeue=True) from exc
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:

@@ -304,3 +304,44 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
     ended = trace[trace.index("body") + 1:]
     assert ended[:2] == ["commit:refused", "commit:landed"], trace
     assert ended[2:] == ["send:1", "ack"], trace  # the next stage, then the step's own ack
+
+
+# --- an unreachable store or broker -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fails", ["start", "end"])
+def test_a_message_whose_bookkeeping_cannot_reach_the_store_is_handed_back(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    """Redis restarting under a task: its message is rejected with requeue (delivered
+    again) rather than failed, which Celery acknowledges, leaving the saga to the sweep."""
+    from celery.exceptions import Reject
+
+    from saga_celery import SagaStoreUnavailableError
+    from saga_celery._celery import runtime
+
+    monkeypatch.setattr(runtime, "UNREACHABLE_PAUSE_S", 0.0)
+    commits = [0]
+    commit = sagas.store.commit
+
+    def flaky(run: Any, **kwargs: Any) -> bool:
+        commits[0] += 1
+        if commits[0] == (1 if fails == "start" else 2):
+            raise SagaStoreUnavailableError("Redis at 127.0.0.1:6379 cannot be reached")
+        return commit(run, **kwargs)
+
+    monkeypatch.setattr(sagas.store, "commit", flaky)
+
+    @sagas.step(name="t.work", retries=QUICK)
+    def work() -> str:
+        return "done"
+
+    sagas.saga("work", [work.s()]).apply_async(saga_id="gone-1")
+    run = sagas.store.load("gone-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+    result = app.tasks["t.work"].apply(args=message.args, kwargs=message.kwargs,
+                                       task_id=message.task_id)
+    assert isinstance(result.result, Reject) and result.result.requeue
+    again = app.tasks["t.work"].apply(args=message.args, kwargs=message.kwargs,
+                                      task_id=message.task_id)  # the redelivery
+    assert again.successful()
+    assert state(sagas, "gone-1").status == "complete"
