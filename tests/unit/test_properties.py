@@ -232,12 +232,17 @@ class World:
             output = f"{key}@{attempt}" if kind == Kind.STEP else None
             event = AttemptSucceeded(kind=kind, key=key, attempt=attempt, output=output)
         else:
+            asked = self.draw(st.one_of(st.none(), st.floats(0, 86_400_000)))  # RetryLater
             event = AttemptFailed(kind=kind, key=key, attempt=attempt, retryable=roll < 9,
                                   error=ErrorInfo(type="Boom", message=f"{key} {attempt}"),
-                                  draw=self.draw(st.floats(0, 1)))
+                                  draw=self.draw(st.floats(0, 1)), delay_ms=asked)
         t = self.feed(event)
         assert t.changed, f"ending running attempt {msg} changed nothing"
         self.ends.append(event)
+        if isinstance(event, AttemptFailed) and event.delay_ms is not None:
+            for retry in (d for d in t.dispatches if (d.kind, d.key) == (kind, key)):
+                assert retry.due_at == self.sim.now + timedelta(milliseconds=event.delay_ms), (
+                    "a retry did not wait the delay its attempt asked for")
 
     def may_time_out(self) -> list[Msg]:
         """Running attempts whose kind this world lets fail (a timeout is a failure)."""
