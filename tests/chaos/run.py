@@ -51,15 +51,13 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -69,27 +67,14 @@ from kombu.exceptions import OperationalError
 
 from saga_celery import SagaError
 from tests.chaos.chaos import Chaos
-from tests.chaos.check import (
-    ChaosEvent,
-    Ledger,
-    Planned,
-    Verdict,
-    check_saga,
-    parse_ledger,
-    recovery_by_kind,
-    recovery_stalls,
-)
+from tests.chaos.check import Planned
 from tests.chaos.procs import Fleet, RedisServer, log
+from tests.chaos.report import evaluate
 from tests.integration.harness import WorkerStartError
 
 TRANSIENT = (SagaError, redis.RedisError, OperationalError, OSError)
 """What a call may raise while Redis restarts: try again later."""
 POLL_S = 0.3
-MAX_SAMPLES = 20
-RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
-"""The recovery sweep's log line: it re-sent a message of this saga."""
-FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
-"""Celery's log line when a worker's main loop crashes; the exception's class name."""
 
 
 # --- what to run ---------------------------------------------------------------------------
@@ -178,97 +163,6 @@ class Driver:
             self._last_report = time.monotonic()
             log(f"{self.submitted}/{self.total} submitted, {self.finished} ended, "
                 f"{len(self.inflight)} in flight")
-
-
-# --- the verdict ---------------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """What checking the sagas one by one adds up to."""
-
-    totals: Counter[str] = field(default_factory=Counter)
-    violations: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    stalls: list[tuple[float, ChaosEvent]] = field(default_factory=list)
-    worst: tuple[float, str, ChaosEvent] | None = None
-    gap: float = 0.0
-
-    def add(self, planned: Planned, state: Any, ledger: Ledger, verdict: Verdict,
-            stalls: list[tuple[float, ChaosEvent]], gap: float) -> None:
-        if state is not None and state.status in ("complete", "errored"):
-            self.totals[str(state.status)] += 1
-        self.totals["violations"] += len(verdict.violations)
-        self.totals["duplicate_effects"] += verdict.duplicate_effects
-        self.totals["lost_sagas"] += int(verdict.lost)
-        self.violations += [f"{planned.saga_id} ({planned.shape} {planned.params}): {v}"
-                            for v in verdict.violations]
-        if verdict.unexpected:
-            self.totals["unexpected_outcomes"] += 1
-            self.unexpected.append(f"{planned.saga_id}: {verdict.unexpected}")
-        self.totals["bodies_run"] += sum(ledger.runs.values())
-        self.totals["bodies_run_twice"] += sum(1 for n in ledger.runs.values() if n > 1)
-        self.totals["effects_applied"] += len(ledger.effects)
-        self.totals["effects_deduplicated"] += sum(n - 1 for n in ledger.applies.values())
-        self.stalls += stalls
-        for seconds, event in stalls:
-            if self.worst is None or seconds > self.worst[0]:
-                self.worst = (seconds, planned.saga_id, event)
-        self.gap = max(self.gap, gap)
-
-
-def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
-             started: float) -> dict[str, Any]:
-    """Check every saga; the run's summary (``started``: the run's wall-clock start)."""
-    tally = Tally()
-    chaos_events = sorted(chaos.events, key=lambda e: e.t)
-    for p in planned:
-        state, ledger, events = _read(chaos_app, p.saga_id)
-        verdict = check_saga(p, state, ledger, chaos_app.SAGAS[p.shape].plan)
-        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
-    recovery = recovery_by_kind(tally.stalls)
-    where = None
-    if tally.worst is not None:
-        _, saga_id, event = tally.worst
-        where = {"saga_id": saga_id, "after": event.detail,
-                 "at_s": round(event.t - started, 1)}
-    totals = tally.totals
-    return {
-        "sagas": len(planned), "complete": totals["complete"], "errored": totals["errored"],
-        "kills": chaos.kills, **chaos.counts, "worker_crashes": len(fleet.revived),
-        "redis_down_s": round(chaos.redis_unavailable_s, 2),
-        "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
-        **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas",
-                                  "unexpected_outcomes")},
-        "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
-        "max_recovery_at": where, "recovery_by_event": recovery,
-        "max_gap_s": round(tally.gap, 2),
-        **{k: totals[k] for k in ("bodies_run", "bodies_run_twice", "effects_applied",
-                                  "effects_deduplicated")},
-        "recovery_resends": sum(text.count("saga.recovered") for text in _logs(fleet)),
-        "sagas_recovered": len({m for text in _logs(fleet) for m in RECOVERED_RE.findall(text)}),
-        "worker_crash_causes": sorted({m for text in _logs(fleet)
-                                       for m in FATAL_RE.findall(text)}),
-        "violation_samples": tally.violations[:MAX_SAMPLES],
-        "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
-    }
-
-
-def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[str, Any]]]:
-    ledger = chaos_app.ledger
-    pipe = ledger.pipeline(transaction=False)
-    for what in ("effects", "applies", "runs"):
-        pipe.hgetall(chaos_app.ledger_key(saga_id, what))
-    effects, applies, runs = pipe.execute()
-    try:
-        handle = chaos_app.sagas.run(saga_id)
-    except SagaError:
-        return None, parse_ledger(effects, applies, runs), []
-    return handle.status(), parse_ledger(effects, applies, runs), handle.events()
-
-
-def _logs(fleet: Fleet) -> list[str]:
-    return [path.read_text(errors="replace") for path in fleet.logs()]
 
 
 # --- the run -------------------------------------------------------------------------------
