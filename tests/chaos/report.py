@@ -32,6 +32,8 @@ RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
 """The recovery sweep's log line: it re-sent a message of this saga."""
 FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
 """Celery's log line when a worker's main loop crashes; the exception's class name."""
+SWEEP_RECEIVED = "Task saga_celery.recover["
+"""Celery's log line when a worker receives the recovery sweep task."""
 
 
 @dataclass
@@ -100,6 +102,7 @@ def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet:
         "sagas_recovered": len({m for text in _logs(fleet) for m in RECOVERED_RE.findall(text)}),
         "worker_crash_causes": sorted({m for text in _logs(fleet)
                                        for m in FATAL_RE.findall(text)}),
+        "sweeps_run": sum(text.count(SWEEP_RECEIVED) for text in _logs(fleet)),
         "violation_samples": tally.violations[:MAX_SAMPLES],
         "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
     }

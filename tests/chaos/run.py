@@ -3,7 +3,10 @@
 It starts a private ``redis-server`` (AOF, ``appendfsync always``: a restart loses nothing)
 on a free port in 6700-6799 in a temporary directory, ``--workers`` prefork workers of
 ``tests.chaos.app`` and ``celery beat``, which sends the recovery sweep
-(``saga_celery.recover``) every 2 seconds, as a production deployment would.  Then it
+(``saga_celery.recover``) every 2 seconds, as a production deployment would.  With
+``--no-beat`` there is no beat and so no sweep at all (no worker runs ``-B``, and only beat
+sends the sweep ``SagaApp`` schedules): every saga must then end by redeliveries alone, as
+SPEC section 1 requires ("liveness does not depend on beat").  Then it
 submits ``--sagas`` sagas of mixed shapes (succeed; fail at a random step, retried or
 not; a parallel stage; steps that fail once; rollbacks that fail once), keeping at most
 ``--window`` in flight, while a chaos thread (``tests.chaos.chaos``):
@@ -20,12 +23,16 @@ not; a parallel stage; steps that fail once; rollbacks that fail once), keeping 
 
 ``--short`` (``make test``): 100 sagas and 2 kills, at planned points, besides the SIGSTOP
 and the Redis restart.  Once every saga is submitted, chaos stops and the run waits for every
-saga to end (at most ``--drain-timeout`` seconds), stops the workers, and checks every saga
-against its state and the ledger (``tests.chaos.check``).  It prints one JSON summary on
-stdout (progress goes to stderr) and exits 1 on any violation, duplicate effect or lost saga.
+saga to end (at most ``--drain-timeout`` seconds: 180 by default, 60 with ``--no-beat``),
+stops the workers, and checks every saga against its state and the ledger
+(``tests.chaos.check``).  It prints one JSON summary on stdout (progress goes to stderr) and
+exits 1 on any violation, duplicate effect or lost saga, or (``--no-beat``) a sweep that ran
+after all.
 
 Summary figures:
 
+- ``beat``: whether beat ran; ``sweeps_run``: recovery sweeps the workers received (0
+  without beat, or the run fails).
 - ``max_recovery_s``: for every chaos event (the moment a kill, the SIGSTOP or the Redis
   shutdown began) and every saga in flight then, the time from the event to the saga's next
   progress (a lifecycle event in its Redis stream, not counting attempts recorded as failed
@@ -75,6 +82,11 @@ from tests.integration.harness import WorkerStartError
 TRANSIENT = (SagaError, redis.RedisError, OperationalError, OSError)
 """What a call may raise while Redis restarts: try again later."""
 POLL_S = 0.3
+DRAIN_TIMEOUT_S = 180.0
+NO_BEAT_DRAIN_TIMEOUT_S = 60.0
+"""Without the sweep, once chaos stops nothing should wait longer than one redelivery of a
+dead worker's message (the app's visibility timeout plus kombu's restore interval) and a
+lapsed lease after it: a saga still running this long after has stalled, not lagged."""
 
 
 # --- what to run ---------------------------------------------------------------------------
@@ -181,7 +193,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-down-s", type=float, default=5.0,
                         help="how long Redis stays down when it restarts")
     parser.add_argument("--window", type=int, default=24, help="sagas in flight at most")
-    parser.add_argument("--drain-timeout", type=float, default=180.0)
+    parser.add_argument("--drain-timeout", type=float, default=None,
+                        help=f"seconds the sagas in flight get to end once chaos stops; "
+                             f"default {DRAIN_TIMEOUT_S:g} ({NO_BEAT_DRAIN_TIMEOUT_S:g} with "
+                             "--no-beat)")
+    parser.add_argument("--no-beat", dest="beat", action="store_false",
+                        help="start no celery beat, so the recovery sweep never runs: every "
+                             "saga must end by redeliveries alone")
     parser.add_argument("--short", action="store_true",
                         help="about 100 sagas and 2 kills, plus the SIGSTOP and Redis restart")
     parser.add_argument("--seed", type=int, default=None)
@@ -192,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_kills = 2
     if args.seed is None:
         args.seed = random.randrange(1_000_000)
+    if args.drain_timeout is None:
+        args.drain_timeout = DRAIN_TIMEOUT_S if args.beat else NO_BEAT_DRAIN_TIMEOUT_S
     return args
 
 
@@ -245,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(args.seed)
         fleet = Fleet(server.url, work, workers=args.workers, concurrency=args.concurrency)
         fleet.start_all()
-        fleet.start_beat()
+        if args.beat:
+            fleet.start_beat()
         planned = plan_sagas(chaos_app.SAGAS, args.sagas, rng, str(args.seed))
         driver = Driver(chaos_app, planned, args.window)
         chaos = Chaos(fleet, server, chaos_app.ledger, driver.progress, rng,
@@ -256,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = {**evaluate(chaos_app, planned[:driver.submitted], chaos, fleet, wall_start),
                    "not_submitted": args.sagas - driver.submitted,
                    "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
+                   "beat": args.beat, "drain_timeout_s": args.drain_timeout,
                    "workers": args.workers, "concurrency": args.concurrency}
         print(json.dumps(summary, indent=2), flush=True)
         (work / "chaos.json").write_text(json.dumps(
             {"summary": summary, "events": [vars(e) for e in chaos.events]}, indent=2))
         passed = not (summary["violations"] or summary["duplicate_effects"]
-                      or summary["lost_sagas"] or summary["not_submitted"])
+                      or summary["lost_sagas"] or summary["not_submitted"]
+                      or (not args.beat and summary["sweeps_run"]))
         return 0 if passed else 1
     except WorkerStartError as exc:
         log(f"a worker did not start: {exc}")
