@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.chaos.check import (
     recovery_stalls,
 )
 from tests.chaos.procs import Fleet
+from tests.chaos.stalled import WorkerLogs, describe
 
 MAX_SAMPLES = 20
 RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
@@ -34,12 +36,14 @@ FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
 """Celery's log line when a worker's main loop crashes; the exception's class name."""
 SWEEP_RECEIVED = "Task saga_celery.recover["
 """Celery's log line when a worker receives the recovery sweep task."""
+MAX_STALLED_SAMPLES = 10
 
 
 @dataclass
 class Tally:
     """What checking the sagas one by one adds up to."""
 
+    sagas: int = 0
     totals: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -49,6 +53,7 @@ class Tally:
 
     def add(self, planned: Planned, state: Any, ledger: Ledger, verdict: Verdict,
             stalls: list[tuple[float, ChaosEvent]], gap: float) -> None:
+        self.sagas += 1
         if state is not None and state.status in ("complete", "errored"):
             self.totals[str(state.status)] += 1
         self.totals["violations"] += len(verdict.violations)
@@ -71,14 +76,24 @@ class Tally:
 
 
 def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
-             started: float) -> dict[str, Any]:
-    """Check every saga; the run's summary (``started``: the run's wall-clock start)."""
+             started: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check every saga: the run's summary (``started``: the run's wall-clock start), and
+    what each stalled saga was waiting for (``tests.chaos.stalled``)."""
     tally = Tally()
     chaos_events = sorted(chaos.events, key=lambda e: e.t)
+    logs = WorkerLogs(fleet.logs())
+    stalled = []
     for p in planned:
         state, ledger, events = _read(chaos_app, p.saga_id)
         verdict = check_saga(p, state, ledger, chaos_app.SAGAS[p.shape].plan)
         tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
+        if state is not None and not state.is_terminal:
+            stalled.append(_describe(chaos_app, p, events, ledger, logs))
+    return _summary(tally, stalled, chaos, fleet, started, logs.texts), stalled
+
+
+def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: Fleet,
+             started: float, logs: list[str]) -> dict[str, Any]:
     recovery = recovery_by_kind(tally.stalls)
     where = None
     if tally.worst is not None:
@@ -87,24 +102,24 @@ def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet:
                  "at_s": round(event.t - started, 1)}
     totals = tally.totals
     return {
-        "sagas": len(planned), "complete": totals["complete"], "errored": totals["errored"],
+        "sagas": tally.sagas, "complete": totals["complete"], "errored": totals["errored"],
         "kills": chaos.kills, **chaos.counts, "worker_crashes": len(fleet.revived),
         "redis_down_s": round(chaos.redis_unavailable_s, 2),
         "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
-        **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas",
-                                  "unexpected_outcomes")},
+        **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas")},
+        "stalled": len(stalled), "unexpected_outcomes": totals["unexpected_outcomes"],
         "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
         "max_recovery_at": where, "recovery_by_event": recovery,
         "max_gap_s": round(tally.gap, 2),
         **{k: totals[k] for k in ("bodies_run", "bodies_run_twice", "effects_applied",
                                   "effects_deduplicated")},
-        "recovery_resends": sum(text.count("saga.recovered") for text in _logs(fleet)),
-        "sagas_recovered": len({m for text in _logs(fleet) for m in RECOVERED_RE.findall(text)}),
-        "worker_crash_causes": sorted({m for text in _logs(fleet)
-                                       for m in FATAL_RE.findall(text)}),
-        "sweeps_run": sum(text.count(SWEEP_RECEIVED) for text in _logs(fleet)),
+        "recovery_resends": sum(text.count("saga.recovered") for text in logs),
+        "sagas_recovered": len({m for text in logs for m in RECOVERED_RE.findall(text)}),
+        "worker_crash_causes": sorted({m for text in logs for m in FATAL_RE.findall(text)}),
+        "sweeps_run": sum(text.count(SWEEP_RECEIVED) for text in logs),
         "violation_samples": tally.violations[:MAX_SAMPLES],
         "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
+        "stalled_samples": stalled[:MAX_STALLED_SAMPLES],
     }
 
 
@@ -121,5 +136,8 @@ def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[s
     return handle.status(), parse_ledger(effects, applies, runs), handle.events()
 
 
-def _logs(fleet: Fleet) -> list[str]:
-    return [path.read_text(errors="replace") for path in fleet.logs()]
+def _describe(chaos_app: ModuleType, planned: Planned, events: list[dict[str, Any]],
+              ledger: Ledger, logs: WorkerLogs) -> dict[str, Any]:
+    snapshot = chaos_app.sagas.store.load(planned.saga_id)
+    return describe(planned, snapshot.run, snapshot.version, events, ledger, chaos_app.ledger,
+                    logs, datetime.now(UTC))

@@ -26,13 +26,18 @@ and the Redis restart.  Once every saga is submitted, chaos stops and the run wa
 saga to end (at most ``--drain-timeout`` seconds: 180 by default, 60 with ``--no-beat``),
 stops the workers, and checks every saga against its state and the ledger
 (``tests.chaos.check``).  It prints one JSON summary on stdout (progress goes to stderr) and
-exits 1 on any violation, duplicate effect or lost saga, or (``--no-beat``) a sweep that ran
-after all.
+exits 1 on any violation, duplicate effect, lost or stalled saga, or (``--no-beat``) a sweep
+that ran after all.
 
 Summary figures:
 
 - ``beat``: whether beat ran; ``sweeps_run``: recovery sweeps the workers received (0
   without beat, or the run fails).
+- ``lost_sagas``: sagas not terminal when the drain ended, or with no state at all (each is
+  also a ``lost: ...`` violation, as before); ``stalled``: those of them that have a state
+  and are not terminal, and ``stalled_samples`` what each was waiting for
+  (``tests.chaos.stalled``: outbox entries, open attempts, leases, last events, its worker
+  log lines).  ``chaos.json`` in the logs directory has every stalled saga.
 - ``max_recovery_s``: for every chaos event (the moment a kill, the SIGSTOP or the Redis
   shutdown began) and every saga in flight then, the time from the event to the saga's next
   progress (a lifecycle event in its Redis stream, not counting attempts recorded as failed
@@ -274,16 +279,18 @@ def main(argv: list[str] | None = None) -> int:
                       redis_down_s=args.redis_down_s)
         _submit_all(driver, chaos, args)
         _drain(driver, fleet, args.drain_timeout)
-        summary = {**evaluate(chaos_app, planned[:driver.submitted], chaos, fleet, wall_start),
-                   "not_submitted": args.sagas - driver.submitted,
-                   "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
-                   "beat": args.beat, "drain_timeout_s": args.drain_timeout,
-                   "workers": args.workers, "concurrency": args.concurrency}
+        summary, stalled = evaluate(chaos_app, planned[:driver.submitted], chaos, fleet,
+                                    wall_start)
+        summary |= {"not_submitted": args.sagas - driver.submitted,
+                    "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
+                    "beat": args.beat, "drain_timeout_s": args.drain_timeout,
+                    "workers": args.workers, "concurrency": args.concurrency}
         print(json.dumps(summary, indent=2), flush=True)
         (work / "chaos.json").write_text(json.dumps(
-            {"summary": summary, "events": [vars(e) for e in chaos.events]}, indent=2))
+            {"summary": summary, "stalled": stalled, "events": [vars(e) for e in chaos.events]},
+            indent=2))
         passed = not (summary["violations"] or summary["duplicate_effects"]
-                      or summary["lost_sagas"] or summary["not_submitted"]
+                      or summary["lost_sagas"] or summary["stalled"] or summary["not_submitted"]
                       or (not args.beat and summary["sweeps_run"]))
         return 0 if passed else 1
     except WorkerStartError as exc:
