@@ -11,10 +11,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from saga_celery import SagaError
+from tests.chaos.broker import broker_histories
 from tests.chaos.chaos import Chaos
 from tests.chaos.check import (
     ChaosEvent,
@@ -76,9 +78,10 @@ class Tally:
 
 
 def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
-             started: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             started: float, redis_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Check every saga: the run's summary (``started``: the run's wall-clock start), and
-    what each stalled saga was waiting for (``tests.chaos.stalled``)."""
+    what each stalled saga was waiting for (``tests.chaos.stalled``), with its messages'
+    broker history from the AOF in ``redis_dir`` (``tests.chaos.broker``)."""
     tally = Tally()
     chaos_events = sorted(chaos.events, key=lambda e: e.t)
     logs = WorkerLogs(fleet.logs())
@@ -89,6 +92,9 @@ def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet:
         tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
         if state is not None and not state.is_terminal:
             stalled.append(_describe(chaos_app, p, events, ledger, logs))
+    histories = broker_histories(redis_dir, {s["saga_id"] for s in stalled})
+    for description in stalled:
+        description["broker"] = histories[description["saga_id"]]
     return _summary(tally, stalled, chaos, fleet, started, logs.texts), stalled
 
 

@@ -37,7 +37,9 @@ Summary figures:
   also a ``lost: ...`` violation, as before); ``stalled``: those of them that have a state
   and are not terminal, and ``stalled_samples`` what each was waiting for
   (``tests.chaos.stalled``: outbox entries, open attempts, leases, last events, its worker
-  log lines).  ``chaos.json`` in the logs directory has every stalled saga.
+  log lines; ``tests.chaos.broker``: each of its messages' life in the broker, replayed
+  from Redis's append-only file).  ``chaos.json`` in the logs directory has every stalled
+  saga.
 - ``max_recovery_s``: for every chaos event (the moment a kill, the SIGSTOP or the Redis
   shutdown began) and every saga in flight then, the time from the event to the saga's next
   progress (a lifecycle event in its Redis stream, not counting attempts recorded as failed
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         _submit_all(driver, chaos, args)
         _drain(driver, fleet, args.drain_timeout)
         summary, stalled = evaluate(chaos_app, planned[:driver.submitted], chaos, fleet,
-                                    wall_start)
+                                    wall_start, server.data_dir)
         summary |= {"not_submitted": args.sagas - driver.submitted,
                     "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
                     "beat": args.beat, "drain_timeout_s": args.drain_timeout,
