@@ -12,7 +12,7 @@ not; a parallel stage; steps that fail once; rollbacks that fail once), keeping 
 ``--window`` in flight, while a chaos thread (``tests.chaos.chaos``):
 
 - SIGKILLs a random worker every ``--kill-every`` seconds (on average) and restarts it;
-  every third kill takes one pool process instead of the whole worker;
+  one kill in three (the 2nd, 5th, ...) takes one pool process instead of the whole worker;
 - SIGSTOPs a worker that is running a step body, once, for ``--stop-s`` seconds (longer
   than the 4-second step timeout plus Celery's 2-second hard-limit grace), then SIGCONTs it;
 - restarts Redis once: SIGTERM, ``--redis-down-s`` seconds down, then the same port and
@@ -21,13 +21,13 @@ not; a parallel stage; steps that fail once; rollbacks that fail once), keeping 
   ``Unrecoverable error``, is restarted (``worker_crashes``; Celery's own crashes when its
   broker goes away, not chaos kills).
 
-``--short`` (``make test``): 100 sagas and 2 kills, at planned points, besides the SIGSTOP
-and the Redis restart.  Once every saga is submitted, chaos stops and the run waits for every
-saga to end (at most ``--drain-timeout`` seconds: 180 by default, 60 with ``--no-beat``),
-stops the workers, and checks every saga against its state and the ledger
-(``tests.chaos.check``).  It prints one JSON summary on stdout (progress goes to stderr) and
-exits 1 on any violation, duplicate effect, lost or stalled saga, or (``--no-beat``) a sweep
-that ran after all.
+``--short`` (``make test``): 100 sagas and 2 kills (a whole worker, then a pool process), at
+planned points, besides the SIGSTOP and the Redis restart.  Once every saga is submitted,
+chaos stops and the run waits for every saga to end (at most ``--drain-timeout`` seconds:
+180 by default, 60 with ``--no-beat``), stops the workers, and checks every saga against its
+state and the ledger (``tests.chaos.check``).  It prints one JSON summary on stdout
+(progress goes to stderr) and exits 1 on any violation, duplicate effect, lost or stalled
+saga, or (``--no-beat``) a sweep that ran after all.
 
 Summary figures:
 
