@@ -179,7 +179,7 @@ class Replay:
                 end = " => still queued"
             lines.append(f"{message.task}[{message.task_id[:8]}] attempt {message.attempt} "
                          f"tag {tag[:8]}: {', '.join(message.steps)}{end}")
-        return lines
+        return lines or ["no message of this saga ever reached a queue"]
 
 
 def broker_histories(data_dir: Path, saga_ids: set[str]) -> dict[str, list[str]]:

@@ -74,3 +74,10 @@ def test_a_message_never_taken_is_still_queued_and_other_sagas_are_left_out(
     [line] = broker_histories(directory, {SAGA})[SAGA]
     assert "attempt 2" in line
     assert line.endswith("still queued")
+
+
+def test_a_saga_whose_messages_never_reached_a_queue_says_so(tmp_path: Path) -> None:
+    """A saga with no message in the AOF (its first send failed) gets one line saying so."""
+    directory = _aof(tmp_path, _resp("LPUSH", "saga.steps", _message("t5", "chaos-1-00002")))
+    assert broker_histories(directory, {SAGA})[SAGA] == [
+        "no message of this saga ever reached a queue"]
