@@ -87,18 +87,32 @@ class Chaos(threading.Thread):
         running = self.fleet.running()
         if not running:
             return
-        slot = self.rng.choice(running)
-        if self.kills % 3 == 2:
-            self._note("kill", f"SIGKILL one pool process of worker {slot}")
-            if self.fleet.kill_child(slot) is not None:
-                self.counts["child_kills"] += 1
+        # the 2nd of every 3 kills: a short run's two kills are one of each
+        if self.kills % 3 == 1 and self._kill_child(running):
             return
+        slot = self.rng.choice(running)
         self._note("kill", f"SIGKILL worker {slot} (main process and pool)")
         self.fleet.kill_worker(slot)
         self.counts["worker_kills"] += 1
         started = time.monotonic()
         self.fleet.start(slot)
         log(f"worker {slot} restarted in {time.monotonic() - started:.1f} s")
+
+    def _kill_child(self, running: list[int]) -> bool:
+        """SIGKILL one pool process of a worker that has one (a worker that crashed by itself
+        may have none left); False if none was killed."""
+        slots = [slot for slot in running if self.fleet.child_pids(slot)]
+        if not slots:
+            return False
+        slot = self.rng.choice(slots)
+        at = time.time()
+        if self.fleet.kill_child(slot) is None:
+            return False
+        self.events.append(ChaosEvent(t=at, kind="kill",
+                                      detail=f"SIGKILL one pool process of worker {slot}"))
+        log(f"kill: SIGKILL one pool process of worker {slot}")
+        self.counts["child_kills"] += 1
+        return True
 
     def _busy_slot(self) -> int | None:
         """A running worker whose pool process is inside a step body right now."""

@@ -7,6 +7,7 @@ Every process leads its own process group, so one ``killpg`` reaches a worker an
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,13 +55,26 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return False
 
 
+def _redis_major() -> int:
+    """redis-server's major version (0 if it cannot tell)."""
+    out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True,
+                         check=False).stdout
+    found = re.search(r"v=(\d+)\.", out)
+    return int(found.group(1)) if found else 0
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
 
 class RedisServer:
-    """``redis-server`` with an fsync-always append-only file: a restart loses nothing."""
+    """``redis-server`` with an fsync-always append-only file: a restart loses nothing.
+
+    The file is also the run's broker history (``tests.chaos.broker``): it is never
+    rewritten, so no command of the run is compacted away, and from Redis 7 on it carries a
+    timestamp each second.
+    """
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -84,8 +98,11 @@ class RedisServer:
     def _launch(self) -> bool:
         command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                    "--dir", str(self.data_dir), "--appendonly", "yes",
-                   "--appendfsync", "always", "--save", "", "--daemonize", "no",
+                   "--appendfsync", "always", "--auto-aof-rewrite-percentage", "0",
+                   "--save", "", "--daemonize", "no",
                    "--logfile", str(self.data_dir / "redis.log")]
+        if _redis_major() >= 7:
+            command += ["--aof-timestamp-enabled", "yes"]
         self._popen = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                        process_group=0)

@@ -3,13 +3,16 @@
 It starts a private ``redis-server`` (AOF, ``appendfsync always``: a restart loses nothing)
 on a free port in 6700-6799 in a temporary directory, ``--workers`` prefork workers of
 ``tests.chaos.app`` and ``celery beat``, which sends the recovery sweep
-(``saga_celery.recover``) every 2 seconds, as a production deployment would.  Then it
+(``saga_celery.recover``) every 2 seconds, as a production deployment would.  With
+``--no-beat`` there is no beat and so no sweep at all (no worker runs ``-B``, and only beat
+sends the sweep ``SagaApp`` schedules): every saga must then end by redeliveries alone, as
+SPEC section 1 requires ("liveness does not depend on beat").  Then it
 submits ``--sagas`` sagas of mixed shapes (succeed; fail at a random step, retried or
 not; a parallel stage; steps that fail once; rollbacks that fail once), keeping at most
 ``--window`` in flight, while a chaos thread (``tests.chaos.chaos``):
 
 - SIGKILLs a random worker every ``--kill-every`` seconds (on average) and restarts it;
-  every third kill takes one pool process instead of the whole worker;
+  one kill in three (the 2nd, 5th, ...) takes one pool process instead of the whole worker;
 - SIGSTOPs a worker that is running a step body, once, for ``--stop-s`` seconds (longer
   than the 4-second step timeout plus Celery's 2-second hard-limit grace), then SIGCONTs it;
 - restarts Redis once: SIGTERM, ``--redis-down-s`` seconds down, then the same port and
@@ -18,14 +21,25 @@ not; a parallel stage; steps that fail once; rollbacks that fail once), keeping 
   ``Unrecoverable error``, is restarted (``worker_crashes``; Celery's own crashes when its
   broker goes away, not chaos kills).
 
-``--short`` (``make test``): 100 sagas and 2 kills, at planned points, besides the SIGSTOP
-and the Redis restart.  Once every saga is submitted, chaos stops and the run waits for every
-saga to end (at most ``--drain-timeout`` seconds), stops the workers, and checks every saga
-against its state and the ledger (``tests.chaos.check``).  It prints one JSON summary on
-stdout (progress goes to stderr) and exits 1 on any violation, duplicate effect or lost saga.
+``--short`` (``make test``): 100 sagas and 2 kills (a whole worker, then a pool process), at
+planned points, besides the SIGSTOP and the Redis restart.  Once every saga is submitted,
+chaos stops and the run waits for every saga to end (at most ``--drain-timeout`` seconds:
+180 by default, 60 with ``--no-beat``), stops the workers, and checks every saga against its
+state and the ledger (``tests.chaos.check``).  It prints one JSON summary on stdout
+(progress goes to stderr) and exits 1 on any violation, duplicate effect, lost or stalled
+saga, or (``--no-beat``) a sweep that ran after all.
 
 Summary figures:
 
+- ``beat``: whether beat ran; ``sweeps_run``: recovery sweeps the workers received (0
+  without beat, or the run fails).
+- ``lost_sagas``: sagas not terminal when the drain ended, or with no state at all (each is
+  also a ``lost: ...`` violation, as before); ``stalled``: those of them that have a state
+  and are not terminal, and ``stalled_samples`` what each was waiting for
+  (``tests.chaos.stalled``: outbox entries, open attempts, leases, last events, its worker
+  log lines; ``tests.chaos.broker``: each of its messages' life in the broker, replayed
+  from Redis's append-only file).  ``chaos.json`` in the logs directory has every stalled
+  saga.
 - ``max_recovery_s``: for every chaos event (the moment a kill, the SIGSTOP or the Redis
   shutdown began) and every saga in flight then, the time from the event to the saga's next
   progress (a lifecycle event in its Redis stream, not counting attempts recorded as failed
@@ -51,15 +65,13 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, ModuleType
 from typing import Any
@@ -69,27 +81,19 @@ from kombu.exceptions import OperationalError
 
 from saga_celery import SagaError
 from tests.chaos.chaos import Chaos
-from tests.chaos.check import (
-    ChaosEvent,
-    Ledger,
-    Planned,
-    Verdict,
-    check_saga,
-    parse_ledger,
-    recovery_by_kind,
-    recovery_stalls,
-)
+from tests.chaos.check import Planned
 from tests.chaos.procs import Fleet, RedisServer, log
+from tests.chaos.report import evaluate
 from tests.integration.harness import WorkerStartError
 
 TRANSIENT = (SagaError, redis.RedisError, OperationalError, OSError)
 """What a call may raise while Redis restarts: try again later."""
 POLL_S = 0.3
-MAX_SAMPLES = 20
-RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
-"""The recovery sweep's log line: it re-sent a message of this saga."""
-FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
-"""Celery's log line when a worker's main loop crashes; the exception's class name."""
+DRAIN_TIMEOUT_S = 180.0
+NO_BEAT_DRAIN_TIMEOUT_S = 60.0
+"""Without the sweep, once chaos stops nothing should wait longer than one redelivery of a
+dead worker's message (the app's visibility timeout plus kombu's restore interval) and a
+lapsed lease after it: a saga still running this long after has stalled, not lagged."""
 
 
 # --- what to run ---------------------------------------------------------------------------
@@ -180,97 +184,6 @@ class Driver:
                 f"{len(self.inflight)} in flight")
 
 
-# --- the verdict ---------------------------------------------------------------------------
-
-
-@dataclass
-class Tally:
-    """What checking the sagas one by one adds up to."""
-
-    totals: Counter[str] = field(default_factory=Counter)
-    violations: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    stalls: list[tuple[float, ChaosEvent]] = field(default_factory=list)
-    worst: tuple[float, str, ChaosEvent] | None = None
-    gap: float = 0.0
-
-    def add(self, planned: Planned, state: Any, ledger: Ledger, verdict: Verdict,
-            stalls: list[tuple[float, ChaosEvent]], gap: float) -> None:
-        if state is not None and state.status in ("complete", "errored"):
-            self.totals[str(state.status)] += 1
-        self.totals["violations"] += len(verdict.violations)
-        self.totals["duplicate_effects"] += verdict.duplicate_effects
-        self.totals["lost_sagas"] += int(verdict.lost)
-        self.violations += [f"{planned.saga_id} ({planned.shape} {planned.params}): {v}"
-                            for v in verdict.violations]
-        if verdict.unexpected:
-            self.totals["unexpected_outcomes"] += 1
-            self.unexpected.append(f"{planned.saga_id}: {verdict.unexpected}")
-        self.totals["bodies_run"] += sum(ledger.runs.values())
-        self.totals["bodies_run_twice"] += sum(1 for n in ledger.runs.values() if n > 1)
-        self.totals["effects_applied"] += len(ledger.effects)
-        self.totals["effects_deduplicated"] += sum(n - 1 for n in ledger.applies.values())
-        self.stalls += stalls
-        for seconds, event in stalls:
-            if self.worst is None or seconds > self.worst[0]:
-                self.worst = (seconds, planned.saga_id, event)
-        self.gap = max(self.gap, gap)
-
-
-def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
-             started: float) -> dict[str, Any]:
-    """Check every saga; the run's summary (``started``: the run's wall-clock start)."""
-    tally = Tally()
-    chaos_events = sorted(chaos.events, key=lambda e: e.t)
-    for p in planned:
-        state, ledger, events = _read(chaos_app, p.saga_id)
-        verdict = check_saga(p, state, ledger, chaos_app.SAGAS[p.shape].plan)
-        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
-    recovery = recovery_by_kind(tally.stalls)
-    where = None
-    if tally.worst is not None:
-        _, saga_id, event = tally.worst
-        where = {"saga_id": saga_id, "after": event.detail,
-                 "at_s": round(event.t - started, 1)}
-    totals = tally.totals
-    return {
-        "sagas": len(planned), "complete": totals["complete"], "errored": totals["errored"],
-        "kills": chaos.kills, **chaos.counts, "worker_crashes": len(fleet.revived),
-        "redis_down_s": round(chaos.redis_unavailable_s, 2),
-        "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
-        **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas",
-                                  "unexpected_outcomes")},
-        "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
-        "max_recovery_at": where, "recovery_by_event": recovery,
-        "max_gap_s": round(tally.gap, 2),
-        **{k: totals[k] for k in ("bodies_run", "bodies_run_twice", "effects_applied",
-                                  "effects_deduplicated")},
-        "recovery_resends": sum(text.count("saga.recovered") for text in _logs(fleet)),
-        "sagas_recovered": len({m for text in _logs(fleet) for m in RECOVERED_RE.findall(text)}),
-        "worker_crash_causes": sorted({m for text in _logs(fleet)
-                                       for m in FATAL_RE.findall(text)}),
-        "violation_samples": tally.violations[:MAX_SAMPLES],
-        "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
-    }
-
-
-def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[str, Any]]]:
-    ledger = chaos_app.ledger
-    pipe = ledger.pipeline(transaction=False)
-    for what in ("effects", "applies", "runs"):
-        pipe.hgetall(chaos_app.ledger_key(saga_id, what))
-    effects, applies, runs = pipe.execute()
-    try:
-        handle = chaos_app.sagas.run(saga_id)
-    except SagaError:
-        return None, parse_ledger(effects, applies, runs), []
-    return handle.status(), parse_ledger(effects, applies, runs), handle.events()
-
-
-def _logs(fleet: Fleet) -> list[str]:
-    return [path.read_text(errors="replace") for path in fleet.logs()]
-
-
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -287,7 +200,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-down-s", type=float, default=5.0,
                         help="how long Redis stays down when it restarts")
     parser.add_argument("--window", type=int, default=24, help="sagas in flight at most")
-    parser.add_argument("--drain-timeout", type=float, default=180.0)
+    parser.add_argument("--drain-timeout", type=float, default=None,
+                        help=f"seconds the sagas in flight get to end once chaos stops; "
+                             f"default {DRAIN_TIMEOUT_S:g} ({NO_BEAT_DRAIN_TIMEOUT_S:g} with "
+                             "--no-beat)")
+    parser.add_argument("--no-beat", dest="beat", action="store_false",
+                        help="start no celery beat, so the recovery sweep never runs: every "
+                             "saga must end by redeliveries alone")
     parser.add_argument("--short", action="store_true",
                         help="about 100 sagas and 2 kills, plus the SIGSTOP and Redis restart")
     parser.add_argument("--seed", type=int, default=None)
@@ -298,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.max_kills = 2
     if args.seed is None:
         args.seed = random.randrange(1_000_000)
+    if args.drain_timeout is None:
+        args.drain_timeout = DRAIN_TIMEOUT_S if args.beat else NO_BEAT_DRAIN_TIMEOUT_S
     return args
 
 
@@ -351,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(args.seed)
         fleet = Fleet(server.url, work, workers=args.workers, concurrency=args.concurrency)
         fleet.start_all()
-        fleet.start_beat()
+        if args.beat:
+            fleet.start_beat()
         planned = plan_sagas(chaos_app.SAGAS, args.sagas, rng, str(args.seed))
         driver = Driver(chaos_app, planned, args.window)
         chaos = Chaos(fleet, server, chaos_app.ledger, driver.progress, rng,
@@ -359,15 +281,19 @@ def main(argv: list[str] | None = None) -> int:
                       redis_down_s=args.redis_down_s)
         _submit_all(driver, chaos, args)
         _drain(driver, fleet, args.drain_timeout)
-        summary = {**evaluate(chaos_app, planned[:driver.submitted], chaos, fleet, wall_start),
-                   "not_submitted": args.sagas - driver.submitted,
-                   "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
-                   "workers": args.workers, "concurrency": args.concurrency}
+        summary, stalled = evaluate(chaos_app, planned[:driver.submitted], chaos, fleet,
+                                    wall_start, server.data_dir)
+        summary |= {"not_submitted": args.sagas - driver.submitted,
+                    "duration_s": round(time.monotonic() - started, 1), "seed": args.seed,
+                    "beat": args.beat, "drain_timeout_s": args.drain_timeout,
+                    "workers": args.workers, "concurrency": args.concurrency}
         print(json.dumps(summary, indent=2), flush=True)
         (work / "chaos.json").write_text(json.dumps(
-            {"summary": summary, "events": [vars(e) for e in chaos.events]}, indent=2))
+            {"summary": summary, "stalled": stalled, "events": [vars(e) for e in chaos.events]},
+            indent=2))
         passed = not (summary["violations"] or summary["duplicate_effects"]
-                      or summary["lost_sagas"] or summary["not_submitted"])
+                      or summary["lost_sagas"] or summary["stalled"] or summary["not_submitted"]
+                      or (not args.beat and summary["sweeps_run"]))
         return 0 if passed else 1
     except WorkerStartError as exc:
         log(f"a worker did not start: {exc}")

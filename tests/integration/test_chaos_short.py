@@ -1,4 +1,5 @@
-"""The short chaos run: about 100 sagas through killed workers, a SIGSTOP and a Redis restart."""
+"""The short chaos run: about 100 sagas through killed workers, a SIGSTOP and a Redis restart,
+with beat sending the recovery sweep and without it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -15,10 +17,35 @@ from tests.integration.harness import REPO_ROOT, worker_env
 pytestmark = pytest.mark.integration
 
 RUN_TIMEOUT_S = 420
+NO_BEAT_TIMEOUT_S = 300
+"""Submitting takes about a minute and the drain at most 60 s without beat (then it fails)."""
 
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _run_short(*flags: str, timeout: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+    """``python -m tests.chaos.run --short`` with ``flags``; its summary, once it passed."""
+    if shutil.which("redis-server") is None:
+        message = "the chaos run starts its own redis-server, and none is installed"
+        if _in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    done = subprocess.run([sys.executable, "-m", "tests.chaos.run", "--short", *flags],
+                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-6000:]}"
+    summary: dict[str, Any] = json.loads(done.stdout)
+    assert summary["violations"] == 0, summary
+    assert summary["duplicate_effects"] == 0, summary
+    assert summary["lost_sagas"] == 0, summary
+    assert summary["stalled"] == 0, summary
+    assert summary["sagas"] == 100, summary
+    assert summary["kills"] == 2, summary
+    assert summary["redis_restarts"] == 1, summary
+    assert summary["sigstops"] == 1, summary
+    return summary
 
 
 @pytest.mark.slow
@@ -26,20 +53,15 @@ def _in_ci() -> bool:
 def test_short_chaos_run_loses_and_doubles_nothing() -> None:
     """Every saga of the short chaos run ends with its effects once and its compensations in
     reverse start order, through worker kills, a SIGSTOP and a Redis restart."""
-    if shutil.which("redis-server") is None:
-        message = "the chaos run starts its own redis-server, and none is installed"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    done = subprocess.run([sys.executable, "-m", "tests.chaos.run", "--short"],
-                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, check=False)
-    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-6000:]}"
-    summary = json.loads(done.stdout)
-    assert summary["violations"] == 0, summary
-    assert summary["duplicate_effects"] == 0, summary
-    assert summary["lost_sagas"] == 0, summary
-    assert summary["sagas"] == 100, summary
-    assert summary["kills"] == 2, summary
-    assert summary["redis_restarts"] == 1, summary
-    assert summary["sigstops"] == 1, summary
+    summary = _run_short()
+    assert summary["beat"] is True, summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(NO_BEAT_TIMEOUT_S + 30)
+def test_short_chaos_run_without_beat_ends_every_saga() -> None:
+    """With no beat, so no recovery sweep, every saga of the short chaos run still ends, and
+    correctly: liveness rests on redeliveries alone (SPEC section 1)."""
+    summary = _run_short("--no-beat", timeout=NO_BEAT_TIMEOUT_S)
+    assert summary["beat"] is False, summary
+    assert summary["sweeps_run"] == 0, summary
