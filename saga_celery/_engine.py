@@ -20,7 +20,7 @@ from saga_celery._core.attempts import find_attempt
 from saga_celery._core.events import AttemptStarted, Decision, Event, Transition
 from saga_celery._core.journal import MAX_ENTRIES, encode_entry
 from saga_celery._core.machine import apply_owned, start_saga
-from saga_celery._core.model import Kind, Plan, SagaRun, encode_progress
+from saga_celery._core.model import Kind, Plan, SagaRun, SagaStatus, encode_progress
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
 from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
 
@@ -85,7 +85,11 @@ class Engine:
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
                ) -> tuple[Transition, bool]:
-        """Create the saga, or return the existing one if it has the same name and params."""
+        """Create the saga, or return the existing one if it has the same name and params.
+
+        The existing one comes with its first messages to send again if none has started
+        yet: the call that created it may have failed before sending them (the broker went
+        away), and calling again is how the caller retries.  Receivers drop duplicates."""
         transition = start_saga(saga_id=saga_id, name=name, plan=plan, params=params,
                                 now=self.clock())
         events = _with_ids(transition.events, saga_id, 1)
@@ -99,7 +103,8 @@ class Engine:
                 f"params {existing.params!r}; got {name!r} with params {params!r}. "
                 "Use a new saga_id, or the same params to get the existing run.",
                 saga_id=saga_id)
-        return Transition(run=existing), False
+        unstarted = list(existing.outbox.values()) if existing.status == SagaStatus.QUEUED else []
+        return Transition(run=existing, dispatches=unstarted), False
 
     def load(self, saga_id: str) -> Snapshot:
         snapshot = self.store.load(saga_id)

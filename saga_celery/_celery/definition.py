@@ -42,10 +42,9 @@ class SagaDefinition:
         text = _json_text(params if params is not None else {}, f"params of saga {saga_id!r}")
         _check_size(text, self.sagas.runtime.settings.max_output_bytes, saga_id)
         params = json.loads(text)
-        transition, created = self.sagas.engine.submit(
+        transition, _ = self.sagas.engine.submit(
             saga_id=saga_id, name=self.name, plan=self.plan, params=params)
-        if created:
-            self.sagas.dispatcher.send(transition.run, transition.dispatches)
+        self.sagas.dispatcher.send(transition.run, transition.dispatches)
         return SagaHandle(self.sagas, saga_id)
 
     def __repr__(self) -> str:

@@ -231,9 +231,16 @@ class Runtime:
         policy = run.plan.spec(retry.key)
         limit = (policy.policy if retry.kind == Kind.STEP else policy.rollback_policy or
                  policy.policy).limit
-        raise task.retry(args=message.args, kwargs=message.kwargs,
-                         countdown=message.countdown, max_retries=limit, exc=exc,
-                         kwargsrepr=message.control.kwargs_repr(), argsrepr=ARGS_REPR)
+        try:
+            raise task.retry(args=message.args, kwargs=message.kwargs,
+                             countdown=message.countdown, max_retries=limit, exc=exc,
+                             kwargsrepr=message.control.kwargs_repr(), argsrepr=ARGS_REPR)
+        except Reject as rejected:
+            # Celery rejects without requeue when the retry cannot be published: that
+            # would drop the message, and with it the retry the saga is waiting for.
+            log.warning("saga.retry_not_sent", saga_id=run.id, step=message.control.step,
+                        attempt=retry.attempt, error=str(rejected.reason))
+            raise Reject(rejected.reason, requeue=True) from rejected
 
     def _requeue(self, task: Task, control: Control, decision: Decision) -> None:
         """Send this message again for later (not a retry: no attempt is used).
