@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml | $(PY)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# mypy --strict as a user's project would run it: on workers/ and the README's example too.
 lint: install
 	$(PY) -m ruff check saga_celery workers tests
-	$(PY) -m mypy --strict saga_celery
+	$(PY) -m mypy --strict saga_celery workers
+	$(PY) -m tests.typing_readme
 
 demo: install
 	$(PY) -m workers.demo

@@ -1,5 +1,3 @@
-# @sagas.step returns a Celery task, which mypy sees as Any (celery ships no types).
-# mypy: disable-error-code="untyped-decorator"
 """The example saga: place an order (reserve stock, charge the card, open a fulfilment ticket).
 
 Each step's effect, and each rollback's undoing of it, is simulated by an entry in a

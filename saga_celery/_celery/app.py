@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, overload
 
 from celery import Celery, bootsteps
 from kombu import Queue
@@ -30,6 +30,15 @@ from saga_celery._celery.tasks import (
     refuse_celery_retries,
     time_limits,
     unwrap,
+)
+from saga_celery._celery.typed import (
+    Duration,
+    P,
+    R,
+    Retries,
+    RollbackHandler,
+    SagaStep,
+    StepDecorator,
 )
 from saga_celery._core.config import StepConfig, parse_duration, resolve_config
 from saga_celery._engine import Engine, utcnow
@@ -108,11 +117,24 @@ class SagaApp:
 
     # --- declaring steps --------------------------------------------------------------
 
+    @overload
+    def step(self, fn: Callable[P, R], /) -> SagaStep[P, R]: ...
+
+    @overload
+    def step(self, *, retries: Retries | None = None, timeout: Duration | None = None,
+             rollback: RollbackHandler | None = None,
+             rollback_config: Mapping[str, Any] | None = None, name: str | None = None,
+             **task_options: Any) -> StepDecorator: ...
+
     def step(self, fn: Any = None, *, retries: Any = None, timeout: Any = None,
              rollback: Callable[..., Any] | None = None,
-             rollback_config: dict[str, Any] | None = None, name: str | None = None,
+             rollback_config: Mapping[str, Any] | None = None, name: str | None = None,
              **task_options: Any) -> Any:
-        """Make a function (or an existing Celery task) a saga step; see the README."""
+        """Make a function (or an existing Celery task) a saga step; see the README.
+
+        Typed for the caller's checker by the overloads (``SagaStep[P, R]``); at run time the
+        step is the Celery task itself.  A Celery task is ``Any`` to mypy, so one wrapped
+        here is a ``SagaStep[..., Any]``."""
 
         def decorate(target: Any) -> SagaStepTask:
             parts = unwrap(target)
@@ -131,7 +153,7 @@ class SagaApp:
         return decorate if fn is None else decorate(fn)
 
     def _check_rollback(self, step: str, rollback: Callable[..., Any] | None,
-                        rollback_config: dict[str, Any] | None) -> dict[str, Any]:
+                        rollback_config: Mapping[str, Any] | None) -> dict[str, Any]:
         """The Cloudflare-shaped ``rollback=`` and ``rollback_config``, validated before the
         step is registered; returns the handler's options."""
         if rollback is None:
