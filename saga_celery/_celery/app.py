@@ -41,6 +41,7 @@ from saga_celery._celery.typed import (
     StepDecorator,
 )
 from saga_celery._core.config import StepConfig, parse_duration, resolve_config
+from saga_celery._core.model import FORMAT, FORMATS
 from saga_celery._engine import Engine, utcnow
 from saga_celery._errors import SagaConfigError, SagaDefinitionError
 from saga_celery._store import RedisStore, SagaStore
@@ -59,6 +60,8 @@ class SagaApp:
     can run again).  ``retention`` is how long a finished saga's state is kept.
     ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
     and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
+    ``write_format`` is the format new sagas are created in (README "Upgrading"): the newest by
+    default; 1 while processes of 0.1.0 may still run, so they can read every saga.
     """
 
     def __init__(
@@ -75,8 +78,14 @@ class SagaApp:
         recovery_interval: object = "30 seconds",
         recovery_grace: object = "60 seconds",
         store: SagaStore | None = None,
+        write_format: int = FORMAT,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
+        if write_format not in FORMATS:
+            raise SagaConfigError(
+                f"SagaApp(write_format={write_format!r}): this release writes formats "
+                f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
+        self.write_format = write_format
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)

@@ -170,7 +170,7 @@ def test_a_duplicate_of_a_running_attempt_comes_back_when_the_lease_can_have_lap
     sagas.saga("slow", [slow.s()]).apply_async(saga_id="dup-1")
     run = sagas.store.load("dup-1").run  # type: ignore[union-attr]
     message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
-    holder = Lease(lease_name("t.slow#1"), "another-worker", 60_000)
+    holder = Lease(lease_name("step", "t.slow#1"), "another-worker", 60_000)
     sagas.engine.handle("dup-1", AttemptStarted(kind=Kind.STEP, key="t.slow#1", attempt=1),
                         lease=holder)
     sent.clear()
