@@ -27,7 +27,8 @@ from kombu.exceptions import OperationalError
 from saga_celery import NonRetryableError, RollbackContext, SagaApp, SagaState, current_step
 from saga_celery._celery.dispatch import build_message
 from saga_celery._store.memory import MemoryStore
-from saga_celery.cli import Target, _sigterm_interrupts, main, redact
+from saga_celery.cli import Target, main, redact
+from saga_celery.cli.serving import _sigterm_interrupts
 from saga_celery.metrics import MetricsServer
 
 SAGAS: SagaApp | None = None

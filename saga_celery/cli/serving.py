@@ -1,0 +1,93 @@
+"""The serving commands: ``metrics`` (a Prometheus endpoint) and ``demo``.
+
+Both run until they are done or stopped; SIGTERM stops ``metrics`` as Ctrl-C does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+from prometheus_client import CollectorRegistry
+
+from saga_celery._celery.app import SagaApp
+from saga_celery._engine import utcnow
+from saga_celery.cli.target import with_sagas
+from saga_celery.metrics import MetricsExporter, MetricsServer, SagaMetrics
+
+__all__ = ["DEFAULT_METRICS_PORT", "demo", "metrics"]
+
+DEFAULT_METRICS_PORT = 9808
+
+
+@click.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Run the demo saga on a real worker.
+
+    The repository's python -m workers.demo: run it from the repository root.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module("workers.demo")
+    except ImportError as exc:
+        raise click.ClickException(f"the demo is the repository's workers/demo.py: run "
+                                   f"saga-celery demo from the repository root ({exc})") from exc
+    ctx.exit(int(module.main()))
+
+
+@click.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_METRICS_PORT,
+              show_default=True, help="HTTP port of /metrics (0: any free one).")
+@click.option("--addr", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+              help="Seconds between reads of the saga store.")
+@with_sagas
+def metrics(sagas: SagaApp, port: int, addr: str, interval: float) -> None:
+    """Serve saga metrics in Prometheus format.
+
+    Serves /metrics until interrupted, reading new events from the store every interval.
+    """
+    sagas.store.ping()
+    registry = CollectorRegistry()
+    exporter = MetricsExporter(sagas.store, SagaMetrics(registry, since=utcnow()))
+    server = MetricsServer(exporter, registry,
+                           on_error=lambda m: click.echo(f"saga-celery metrics: {m}", err=True))
+    try:
+        bound = server.start(port, addr)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+    click.echo(f"serving saga metrics on http://{addr}:{bound}/metrics "
+               f"(reading the store every {interval:g} s)")
+    try:
+        with _sigterm_interrupts():
+            server.run(interval, threading.Event())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a container stopping) ends the command as Ctrl-C does: cleanly, status 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
