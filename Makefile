@@ -27,7 +27,7 @@ lint: install
 	$(PY) -m mypy --strict saga_celery
 
 demo: install
-	$(PY) -m workers.demo
+	$(PY) -m saga_celery.demo
 
 # The fleet topology as local processes: private redis-server, two worker pools, beat, Flower.
 fleet: install

@@ -5,10 +5,7 @@ Both run until they are done or stopped; SIGTERM stops ``metrics`` as Ctrl-C doe
 
 from __future__ import annotations
 
-import importlib
-import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,16 +28,12 @@ DEFAULT_METRICS_PORT = 9808
 def demo(ctx: click.Context) -> None:
     """Run the demo saga on a real worker.
 
-    The repository's python -m workers.demo: run it from the repository root.
+    Starts celery -A saga_celery.demo.app worker and places two orders, one rolled back: on
+    $SAGA_REDIS_URL when set, else on an embedded Redis-protocol server.
     """
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module("workers.demo")
-    except ImportError as exc:
-        raise click.ClickException(f"the demo is the repository's workers/demo.py: run "
-                                   f"saga-celery demo from the repository root ({exc})") from exc
-    ctx.exit(int(module.main()))
+    from saga_celery.demo.runner import main as run_demo
+
+    ctx.exit(run_demo())
 
 
 @click.command()
