@@ -6,8 +6,9 @@ your task routes.  Without it, a bare ``SagaApp`` is built on ``--redis-url``
 (``$SAGA_REDIS_URL``) with ``--prefix`` (``$SAGA_PREFIX``) and the broker ``--broker-url``
 (``$SAGA_BROKER_URL``, default the Redis URL); its messages go to the saga queues by kind.
 
-Exit status: 0 done, 1 the saga is unknown, the operation was refused or Redis cannot be
-reached (one line on stderr, never a traceback), 2 a usage error.  Log lines go to stderr,
+Exit status: 0 done, 1 the saga is unknown, the operation was refused, Redis cannot be
+reached or an extra the command needs is not installed (one line on stderr, never a
+traceback), 2 a usage error.  Log lines go to stderr,
 warnings only, so that standard output stays the command's own.
 
 The commands live by what they do: ``reading`` (status, list, events), ``acting``
@@ -23,6 +24,7 @@ import click
 from kombu.exceptions import OperationalError
 
 from saga_celery._errors import SagaError
+from saga_celery._extras import MissingExtraError
 from saga_celery.cli import acting, reading, serving
 from saga_celery.cli.target import DEFAULT_REDIS_URL, Target, redact
 
@@ -35,7 +37,7 @@ class SagaGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except SagaError as exc:
+        except (SagaError, MissingExtraError) as exc:
             raise click.ClickException(str(exc)) from exc
         except OperationalError as exc:
             broker = redact(_broker(ctx))

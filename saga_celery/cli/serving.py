@@ -1,6 +1,8 @@
 """The serving commands: ``metrics`` (a Prometheus endpoint) and ``demo``.
 
-Both run until they are done or stopped; SIGTERM stops ``metrics`` as Ctrl-C does.
+Both run until they are done or stopped; SIGTERM stops ``metrics`` as Ctrl-C does.  Each
+imports what it needs when it runs: ``metrics`` needs the ``saga-celery[metrics]`` extra, the
+demo's embedded Redis the ``saga-celery[demo]`` extra.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
-from prometheus_client import CollectorRegistry
 
 from saga_celery._celery.app import SagaApp
 from saga_celery._engine import utcnow
+from saga_celery._store.base import SagaStore
 from saga_celery.cli.target import with_sagas
-from saga_celery.metrics import MetricsExporter, MetricsServer, SagaMetrics
+
+if TYPE_CHECKING:  # imported when the command runs: prometheus-client is an extra
+    from saga_celery.metrics import MetricsServer
 
 __all__ = ["DEFAULT_METRICS_PORT", "demo", "metrics"]
 
@@ -48,11 +53,8 @@ def metrics(sagas: SagaApp, port: int, addr: str, interval: float) -> None:
 
     Serves /metrics until interrupted, reading new events from the store every interval.
     """
+    server = _metrics_server(sagas.store)
     sagas.store.ping()
-    registry = CollectorRegistry()
-    exporter = MetricsExporter(sagas.store, SagaMetrics(registry, since=utcnow()))
-    server = MetricsServer(exporter, registry,
-                           on_error=lambda m: click.echo(f"saga-celery metrics: {m}", err=True))
     try:
         bound = server.start(port, addr)
     except OSError as exc:
@@ -66,6 +68,15 @@ def metrics(sagas: SagaApp, port: int, addr: str, interval: float) -> None:
         pass
     finally:
         server.close()
+
+
+def _metrics_server(store: SagaStore) -> MetricsServer:
+    """A server of the store's metrics; ``MissingExtraError`` without prometheus-client."""
+    from saga_celery.metrics import MetricsServer
+
+    return MetricsServer.for_store(
+        store, since=utcnow(),
+        on_error=lambda m: click.echo(f"saga-celery metrics: {m}", err=True))
 
 
 @contextmanager

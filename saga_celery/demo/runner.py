@@ -30,6 +30,7 @@ import redis
 import structlog
 
 from saga_celery import SagaState
+from saga_celery._extras import MissingExtraError
 from saga_celery._table import status_lines
 
 APP_MODULE = "saga_celery.demo.app"
@@ -215,9 +216,13 @@ def _on_redis(url: str) -> int:
 
 
 def _on_embedded() -> int:
-    from saga_celery.demo.embedded import start_embedded_redis
+    try:
+        from saga_celery.demo.embedded import start_embedded_redis
 
-    with start_embedded_redis() as server:
+        server = start_embedded_redis()
+    except MissingExtraError as exc:
+        raise CannotStart(f"{exc} (or set SAGA_REDIS_URL to a Redis of your own)") from exc
+    with server:
         print(f"SAGA_REDIS_URL is not set: using an embedded Redis server at {server.url}",
               flush=True)
         return demo(server.url, embedded=True)
