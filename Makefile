@@ -29,7 +29,7 @@ lint: install
 	$(PY) -m tests.typing_readme
 
 demo: install
-	$(PY) -m workers.demo
+	$(PY) -m saga_celery.demo
 
 # The fleet topology as local processes: private redis-server, two worker pools, beat, Flower.
 fleet: install

@@ -127,7 +127,10 @@ class SagaApp:
     # --- declaring steps --------------------------------------------------------------
 
     @overload
-    def step(self, fn: Callable[P, R], /) -> SagaStep[P, R]: ...
+    def step(self, fn: Callable[P, R], *, retries: Retries | None = None,
+             timeout: Duration | None = None, rollback: RollbackHandler | None = None,
+             rollback_config: Mapping[str, Any] | None = None, name: str | None = None,
+             **task_options: Any) -> SagaStep[P, R]: ...
 
     @overload
     def step(self, *, retries: Retries | None = None, timeout: Duration | None = None,

@@ -80,7 +80,9 @@ class SagaStep(_CeleryTask, Protocol[P, R_co]):
         ...
 
     @overload
-    def rollback(self, fn: Callable[[RollbackContext], R], /) -> SagaRollback[R]: ...
+    def rollback(self, fn: Callable[[RollbackContext], R], /, *, retries: Retries | None = None,
+                 timeout: Duration | None = None, name: str | None = None,
+                 **task_options: Any) -> SagaRollback[R]: ...
 
     @overload
     def rollback(self, *, retries: Retries | None = None, timeout: Duration | None = None,
