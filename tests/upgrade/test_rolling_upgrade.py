@@ -205,7 +205,7 @@ def _format(app: Any, saga_id: str) -> int:
 
 def _check(fleet: Fleet, app: Any, saga_id: str) -> list[str]:
     state = app.sagas.run(saga_id).status()
-    shape = saga_id.split("-")[0]
+    shape = saga_id.split("-", maxsplit=1)[0]
     applied = [tuple(json.loads(e)) for e in app.ledger.lrange(app.applied_key(saga_id), 0, -1)]
     slots = Counter(slot for slot, _ in applied)
     problems = [f"{saga_id}: {slot} applied {n} times" for slot, n in slots.items() if n > 1]
