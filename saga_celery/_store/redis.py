@@ -20,8 +20,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis.client import Pipeline
 from redis.commands.core import Script
 
-from saga_celery._core.journal import count_entries, replay
-from saga_celery._core.model import Plan, SagaProgress, SagaRun, encode_progress, with_plan
+from saga_celery._core.model import Plan, SagaProgress, SagaRun
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -37,6 +36,8 @@ from saga_celery._store.base import (
     LeaseChange,
     Snapshot,
 )
+from saga_celery._store.encoding import encode_progress, with_plan
+from saga_celery._store.journal import count_entries, replay
 from saga_celery._store.keys import (
     DATA_FIELD,
     DEFAULT_PREFIX,

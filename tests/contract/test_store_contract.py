@@ -15,7 +15,7 @@ import redis
 from redis import crc
 
 import saga_celery._store as store_package
-from saga_celery._core.model import SagaStatus, encode_progress
+from saga_celery._core.model import SagaStatus
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -32,6 +32,7 @@ from saga_celery._store import (
     Snapshot,
     active_pages,
 )
+from saga_celery._store.encoding import encode_progress
 from tests.contract.conftest import REDIS_URL, Backend, make_event, make_run
 
 pytestmark = pytest.mark.timeout(30)
@@ -780,9 +781,9 @@ def test_a_journaled_start_is_replayed_on_load(redis_backend: Backend) -> None:
     from datetime import timedelta
 
     from saga_celery._core.events import AttemptStarted, AttemptSucceeded
-    from saga_celery._core.journal import encode_entry
     from saga_celery._core.machine import apply, start_saga
-    from saga_celery._core.model import Kind, encode_progress
+    from saga_celery._core.model import Kind
+    from saga_celery._store.journal import encode_entry
 
     client, store = redis_backend.client, redis_backend.store
     assert client is not None
@@ -828,9 +829,9 @@ def test_the_engine_journals_starts_and_a_cold_engine_loads_the_same_run(
     a row, then in full) and an end in full; an engine without the state cache, as in
     another pool process, loads exactly the run the committing engine holds."""
     from saga_celery._core.events import AttemptStarted, AttemptSucceeded
-    from saga_celery._core.journal import MAX_ENTRIES
     from saga_celery._core.model import Kind
     from saga_celery._engine import Engine, Lease
+    from saga_celery._store.journal import MAX_ENTRIES
     from tests.unit.sim import plan
 
     client, store = redis_backend.client, redis_backend.store
