@@ -8,7 +8,6 @@ hold their defaults: validation restores them, and they would be most of the byt
 from __future__ import annotations
 
 from saga_celery._core.model import Plan, SagaProgress, SagaRun
-from saga_celery._internals import pydantic as pydantic_fence
 
 _PLAN: set[str] = {"plan"}
 
@@ -24,6 +23,5 @@ def decode_run(progress: str | bytes, plan: Plan) -> SagaRun:
 
 
 def with_plan(progress: SagaProgress, plan: Plan) -> SagaRun:
-    """A new run made of validated parts (``progress`` is not validated or copied again):
-    what ``SagaRun.model_construct(plan=plan, **progress.__dict__)`` builds."""
-    return pydantic_fence.build(SagaRun, {**progress.__dict__, "plan": plan})
+    """A new run made of validated parts: ``progress``'s values are not validated again."""
+    return SagaRun.model_construct(plan=plan, **progress.__dict__)

@@ -16,7 +16,6 @@ import redis
 
 from saga_celery._core.model import Backoff, Plan, Policy, SagaRun, StepRun, StepSpec
 from saga_celery._store import MemoryStore, RedisStore, SagaStore
-from tests.fast_paths import fast_paths_off
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 EPOCH = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -80,33 +79,19 @@ def _redis_backend() -> Iterator[Backend]:
     client.close()
 
 
-def _public(backend: Callable[[], Iterator[Backend]]) -> Callable[[], Iterator[Backend]]:
-    """``backend`` with every fast path off (``SAGA_CELERY_FAST_PATHS=off``): the public
-    paths must keep the same contract."""
-
-    def public() -> Iterator[Backend]:
-        with fast_paths_off():
-            yield from backend()
-
-    return public
-
-
 _BACKENDS: dict[str, Callable[[], Iterator[Backend]]] = {
     "memory": _memory_backend,
     "fakeredis": _fakeredis_backend,
     "redis": _redis_backend,
-    "fakeredis-public": _public(_fakeredis_backend),
-    "redis-public": _public(_redis_backend),
 }
-_REDIS_KINDS = ["fakeredis", "redis", "fakeredis-public", "redis-public"]
 
 
-@pytest.fixture(params=["memory", *_REDIS_KINDS])
+@pytest.fixture(params=["memory", "fakeredis", "redis"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     yield from _BACKENDS[request.param]()
 
 
-@pytest.fixture(params=_REDIS_KINDS)
+@pytest.fixture(params=["fakeredis", "redis"])
 def redis_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """Only the Redis-backed stores: for what lives in Redis keys (TTLs, types, hash tags)."""
     yield from _BACKENDS[request.param]()
