@@ -41,7 +41,8 @@ from saga_celery._celery.typed import (
     SagaStep,
     StepDecorator,
 )
-from saga_celery._core.config import StepConfig, parse_duration, resolve_config
+from saga_celery._core.config import StepConfig, resolve_config
+from saga_celery._core.durations import parse_duration
 from saga_celery._core.model import FORMAT, FORMATS
 from saga_celery._engine import Engine, utcnow
 from saga_celery._errors import SagaConfigError, SagaDefinitionError
