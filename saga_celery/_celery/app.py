@@ -83,15 +83,9 @@ class SagaApp:
         write_format: int | None = None,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
-        write_format = FORMAT if write_format is None else write_format
-        if write_format not in FORMATS:
-            raise SagaConfigError(
-                f"SagaApp(write_format={write_format!r}): this release writes formats "
-                f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)
-        lease_ms = _positive_ms("lease_ttl", lease_ttl)
         retention_ms = _positive_ms("retention", retention)
         if store is None:
             store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
@@ -99,11 +93,10 @@ class SagaApp:
         self._store = store
         self._engine = Engine(store, clock=utcnow)
         self._dispatcher = Dispatcher(app, utcnow)
-        self._runtime = Runtime(self._engine, self._dispatcher,
-                                RuntimeSettings(lease_ttl_ms=lease_ms,
-                                                max_output_bytes=max_output_bytes))
+        self._runtime = Runtime(self._engine, self._dispatcher, RuntimeSettings(
+            lease_ttl_ms=_positive_ms("lease_ttl", lease_ttl), max_output_bytes=max_output_bytes))
         self._coordinator = Coordinator(self._engine, self._dispatcher,
-                                        write_format=write_format,
+                                        write_format=_write_format(write_format),
                                         max_params_bytes=max_output_bytes)
         self.reader = SagaReader(store)
         """Reads sagas (state, events, the newest, the unreadable): the CLI's and the
@@ -282,6 +275,16 @@ def _worker_check(check: Callable[[], None]) -> type[bootsteps.Step]:
             check()
 
     return SagaWorkerCheck
+
+
+def _write_format(write_format: int | None) -> int:
+    """The format new sagas are created in: the newest unless one this release writes is set."""
+    chosen = FORMAT if write_format is None else write_format
+    if chosen not in FORMATS:
+        raise SagaConfigError(
+            f"SagaApp(write_format={write_format!r}): this release writes formats "
+            f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
+    return chosen
 
 
 def _positive_ms(field: str, value: object) -> int:
