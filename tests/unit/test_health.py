@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-import structlog
 from celery import Celery
 from click.testing import CliRunner, Result
 
@@ -22,6 +20,8 @@ from saga_celery._store.base import SweepRecord
 from saga_celery._store.memory import MemoryStore
 from saga_celery.cli import main
 from saga_celery.cli.health import Limits, judge
+
+pytestmark = pytest.mark.usefixtures("keep_structlog_config")
 
 SAGAS: SagaApp | None = None
 """The app ``--app tests.unit.test_health:SAGAS`` loads (set per test)."""
@@ -112,14 +112,6 @@ def test_a_stale_sweep_is_reported_before_what_it_saw() -> None:
 
 
 # --- the command ----------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _keep_structlog_config() -> Iterator[None]:
-    """The CLI points structlog at stderr: give later tests the configuration back."""
-    before = structlog.get_config()
-    yield
-    structlog.configure(**before)
 
 
 @pytest.fixture
