@@ -40,7 +40,7 @@ START_LINES = {
 }
 LONGEST_DEFAULT_TIMEOUT_S = StepConfig.model_fields["timeout"].default.total_seconds()
 
-_APP_OPTION = re.compile(r"""-A["',\s]+([\w.]+)""")
+_APP_OPTION = re.compile(r"""(?:-A|--app)["',\s]+([\w.]+)""")
 _QUEUE_OPTION = re.compile(r"""-Q["',\s]+([\w.,-]+)""")
 _SETTING = re.compile(r"\b" + ENV_PREFIX + r"[A-Z0-9_]*[A-Z0-9](?![\w*])")
 
@@ -112,7 +112,8 @@ def _container(deployment: dict[str, Any]) -> dict[str, Any]:
 def _units() -> dict[str, dict[str, list[str]]]:
     """Every systemd unit file: section -> key -> values (a key may repeat)."""
     units = {}
-    for path in sorted([*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.target")]):
+    for path in sorted([*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.target"),
+                        *SYSTEMD.glob("*.timer")]):
         sections: dict[str, dict[str, list[str]]] = {}
         current: dict[str, list[str]] = {}
         for raw in path.read_text().splitlines():
@@ -126,6 +127,12 @@ def _units() -> dict[str, dict[str, list[str]]]:
     return units
 
 
+def _timed(units: dict[str, dict[str, list[str]]]) -> set[str]:
+    """The services a timer starts (a timer starts its namesake unless it names another)."""
+    return {unit.get("Timer", {}).get("Unit", [name.replace(".timer", ".service")])[0]
+            for name, unit in units.items() if name.endswith(".timer")}
+
+
 def _deploy_start_lines() -> Iterator[tuple[str, list[str]]]:
     """(where, argv) of every saga process in compose, Kubernetes and systemd."""
     for name, service in _compose().items():
@@ -135,6 +142,8 @@ def _deploy_start_lines() -> Iterator[tuple[str, list[str]]]:
         container = _container(deployment)
         yield f"k8s {name}", [*container["command"], *container["args"]]
     for name, unit in _units().items():
+        if unit.get("Service", {}).get("Type") == ["oneshot"]:
+            continue  # a check that runs and exits (the health check), not a process
         for exec_start in unit.get("Service", {}).get("ExecStart", []):
             yield f"systemd {name}", shlex.split(exec_start)
 
@@ -346,7 +355,8 @@ def test_systemd_units_stop_workers_warmly_and_the_target_wants_real_units() -> 
 
     assert set(units) == {"saga-celery.target", "saga-celery-steps@.service",
                           "saga-celery-rollbacks@.service", "saga-celery-beat.service",
-                          "saga-celery-flower.service"}
+                          "saga-celery-flower.service", "saga-celery-health.service",
+                          "saga-celery-health.timer"}
     for name in ("saga-celery-steps@.service", "saga-celery-rollbacks@.service"):
         service = units[name]["Service"]
         assert service["KillMode"] == ["mixed"], name
@@ -356,7 +366,7 @@ def test_systemd_units_stop_workers_warmly_and_the_target_wants_real_units() -> 
     for name, unit in units.items():
         for env_file in unit.get("Service", {}).get("EnvironmentFile", []):
             assert (SYSTEMD / Path(env_file).name).is_file(), (name, env_file)
-        assert unit.get("Install", {}).get("WantedBy"), name
+        assert unit.get("Install", {}).get("WantedBy") or name in _timed(units), name
 
 
 def test_redis_conf_persists_and_never_evicts_and_the_fleet_uses_it() -> None:
@@ -375,3 +385,36 @@ def test_redis_conf_persists_and_never_evicts_and_the_fleet_uses_it() -> None:
 
     assert fleet.REDIS_CONF == DEPLOY / "redis" / "redis.conf"
     assert timedelta(seconds=int(directives["timeout"])) == timedelta(0)
+
+
+# --- the fleet's health check -----------------------------------------------------------------
+
+HEALTH = ["saga-celery", "--app", "workers.app:sagas", "health"]
+
+
+def test_the_fleets_health_is_saga_celery_health_on_beat_and_never_restarts_anything() -> None:
+    """``saga-celery health`` is beat's k8s readiness probe and compose health check, and a
+    systemd timer's oneshot service; no liveness probe runs it (a Redis outage or a stopped
+    sweep must not restart processes in a loop) and no worker pool's probe either (one
+    fleet-wide failure would stall every rollout and node drain)."""
+    deployments = _k8s("Deployment")
+    beat = _container(deployments["saga-beat"])
+    compose = _compose()
+    units = _units()
+    health = units["saga-celery-health.service"]["Service"]
+
+    assert beat["readinessProbe"]["exec"]["command"] == HEALTH
+    assert compose["beat"]["healthcheck"]["test"] == ["CMD", *HEALTH]
+    assert health["Type"] == ["oneshot"]
+    assert shlex.split(health["ExecStart"][0])[1:] == HEALTH[1:]
+    assert Path(shlex.split(health["ExecStart"][0])[0]).name == "saga-celery"
+    assert "saga-celery-health.service" in _timed(units)
+    assert units["saga-celery-health.timer"]["Install"]["WantedBy"] == ["timers.target"]
+    for name, deployment in deployments.items():
+        container = _container(deployment)
+        assert "saga-celery" not in str(container.get("livenessProbe", "")), name
+        if name != "saga-beat":
+            assert "saga-celery" not in str(container.get("readinessProbe", "")), name
+    for name, service in compose.items():
+        if name != "beat":
+            assert "saga-celery" not in str(service.get("healthcheck", "")), name

@@ -102,14 +102,17 @@ class SagaApp:
         """Reads sagas (state, events, the newest, the unreadable): the CLI's and the
         dashboard's way in."""
         self.recovery_grace = parse_duration(recovery_grace)
-        self._register_recovery(_positive_ms("recovery_interval", recovery_interval) / 1000)
+        self.recovery_interval = timedelta(
+            milliseconds=_positive_ms("recovery_interval", recovery_interval))
+        self._register_recovery(self.recovery_interval.total_seconds())
         app.steps["worker"].add(_worker_check(self._check_worker))
 
     def _register_recovery(self, interval_s: float) -> None:
         """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""
 
-        def sweep() -> int:
-            return self.recover()
+        def sweep() -> int:  # beat's sweeps record beat's interval (``saga-celery health``)
+            return recover(self._engine, self._dispatcher, grace=self.recovery_grace,
+                           interval=self.recovery_interval)
 
         self.app.task(sweep, name=RECOVER_TASK, ignore_result=True, lazy=False, shared=False)
         self.router.rollback_tasks.add(RECOVER_TASK)

@@ -19,7 +19,7 @@ from saga_celery._core.model import Plan, SagaRun
 from saga_celery._core.state import SagaState, to_state
 from saga_celery._engine import Engine
 from saga_celery._errors import SagaNotFoundError, SagaStateError
-from saga_celery._store.base import CorruptRecord, SagaStore
+from saga_celery._store.base import CorruptRecord, SagaStore, SweepRecord
 
 LIST_SCAN_FACTOR = 10
 """``recent`` with a filter looks at this many times ``limit`` of the newest sagas."""
@@ -68,6 +68,10 @@ class SagaReader:
     def corrupt(self, limit: int = 100) -> list[CorruptRecord]:
         """The sagas the recovery sweep moved aside as unreadable, most recent first."""
         return self._store.corrupt_records(limit)
+
+    def last_sweep(self) -> SweepRecord | None:
+        """What the last recovery sweep recorded (``saga-celery health``), or None."""
+        return self._store.last_sweep()
 
     def ping(self) -> None:
         """Raise ``SagaStoreUnavailableError`` if the store cannot be reached."""

@@ -19,6 +19,10 @@ One sweep pages through the whole active index, however many sagas it holds.  A 
 record cannot be read (``SagaCorruptStateError``) is logged once and moved out of the active
 index into the corrupt records, where ``saga-celery list --corrupt`` lists it: later sweeps
 no longer trip over it.
+
+As it ends, a sweep records what it saw (``SweepRecord``: when, how many sagas, the overdue
+messages and the oldest of them, ``_celery/health.py``) for ``saga-celery health``; a sweep
+that beat started records beat's interval too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from datetime import timedelta
 import structlog
 
 from saga_celery._celery.dispatch import Dispatcher
+from saga_celery._celery.health import SweepTally
 from saga_celery._core.events import RecoverySwept
 from saga_celery._core.model import Kind, SagaRun
 from saga_celery._core.recovery import overdue, stalled
@@ -44,22 +49,25 @@ PRUNE_PER_SWEEP = 10_000
 
 
 def recover(engine: Engine, dispatcher: Dispatcher, *, grace: timedelta,
-            page_size: int = PAGE_SIZE) -> int:
-    """Sweep every active saga once, ``page_size`` ids a page; how many messages were sent
-    again."""
+            page_size: int = PAGE_SIZE, interval: timedelta | None = None) -> int:
+    """Sweep every active saga once, ``page_size`` ids a page, and record what it saw; how
+    many messages were sent again.  ``interval``: how often beat runs the sweep, when beat
+    started this one (None keeps the recorded interval)."""
     sent = 0
+    tally = SweepTally()
     engine.store.prune_index(PRUNE_PER_SWEEP)  # ids whose retention ran out
     for page in active_pages(engine.store, page_size):
         for saga_id in page:
-            sent += _sweep_safely(engine, dispatcher, saga_id, grace)
+            sent += _sweep_safely(engine, dispatcher, saga_id, grace, tally)
+    engine.store.record_sweep(tally.record(engine.clock(), interval))
     return sent
 
 
 def _sweep_safely(engine: Engine, dispatcher: Dispatcher, saga_id: str,
-                  grace: timedelta) -> int:
+                  grace: timedelta, tally: SweepTally) -> int:
     """``_sweep_one``; a record it cannot read is moved aside, not allowed to stop the sweep."""
     try:
-        return _sweep_one(engine, dispatcher, saga_id, grace)
+        return _sweep_one(engine, dispatcher, saga_id, grace, tally)
     except SagaCorruptStateError as exc:
         log.error("saga.recovery_moved_aside", saga_id=saga_id, error=str(exc))
         at_ms = int(engine.clock().timestamp() * 1000)
@@ -69,12 +77,14 @@ def _sweep_safely(engine: Engine, dispatcher: Dispatcher, saga_id: str,
     return 0
 
 
-def _sweep_one(engine: Engine, dispatcher: Dispatcher, saga_id: str, grace: timedelta) -> int:
+def _sweep_one(engine: Engine, dispatcher: Dispatcher, saga_id: str, grace: timedelta,
+               tally: SweepTally) -> int:
     snapshot = engine.store.load(saga_id)
     if snapshot is None or snapshot.run.is_terminal:
         engine.store.forget_active(saga_id)
         return 0
     now = engine.clock()
+    tally.count(snapshot.run, now, grace)
     lapsed = _lapsed(engine, snapshot.run, stalled(snapshot.run, now, grace))
     if not lapsed and not overdue(snapshot.run, now, grace):
         return 0

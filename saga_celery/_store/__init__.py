@@ -6,6 +6,7 @@ from saga_celery._store.base import (
     LeaseChange,
     SagaStore,
     Snapshot,
+    SweepRecord,
     active_pages,
 )
 from saga_celery._store.memory import MemoryStore
@@ -19,5 +20,6 @@ __all__ = [
     "RedisStore",
     "SagaStore",
     "Snapshot",
+    "SweepRecord",
     "active_pages",
 ]

@@ -52,6 +52,31 @@ class CorruptRecord(NamedTuple):
     """The error that reading it raised."""
 
 
+class SweepRecord(NamedTuple):
+    """What the last recovery sweep saw, written as it ends; ``saga-celery health`` reads it.
+
+    "Overdue" counts the outbox entries (messages recorded as due) whose attempt had not
+    started ``grace`` after they were first due; timers (SPEC section 8) add theirs to the
+    same three ``oldest_*`` fields and count (``_celery/health.py``, ``SweepTally``).
+    """
+
+    swept_at_ms: int
+    """When the sweep ended, in epoch ms."""
+    sagas: int
+    """The unfinished sagas it looked at."""
+    overdue: int = 0
+    """The overdue messages it found (and re-sent, unless backing off)."""
+    oldest_overdue_ms: int | None = None
+    """Since when the oldest of them has been waiting, in epoch ms; None if none."""
+    oldest_overdue_saga: str | None = None
+    """The saga of that oldest overdue message."""
+    oldest_overdue_message: str | None = None
+    """Which message it is (``step:<key>:<attempt>`` or ``rollback:<key>:<attempt>``)."""
+    interval_ms: int | None = None
+    """How often beat runs the sweep (``SagaApp.recovery_interval``), as the last sweep that
+    beat started recorded it; None until one did.  A sweep run by hand keeps it."""
+
+
 class SagaStore(Protocol):
     """Persistence for saga runs.  All methods raise ``SagaStoreError`` subclasses only."""
 
@@ -131,6 +156,14 @@ class SagaStore(Protocol):
 
     def prune_index(self, limit: int = 1000) -> int:
         """Drop the ids among the ``limit`` oldest indexed whose saga expired; how many."""
+
+    def record_sweep(self, record: SweepRecord) -> None:
+        """Replace the record of the last sweep with ``record``, in one write; an
+        ``interval_ms`` of None keeps the one recorded before."""
+
+    def last_sweep(self) -> SweepRecord | None:
+        """The record of the last sweep, None if no sweep ever ran; one read, so a probe
+        may call it every few seconds."""
 
 
 def active_pages(store: SagaStore, count: int = 1000) -> Iterator[list[str]]:

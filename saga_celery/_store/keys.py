@@ -18,6 +18,12 @@ Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster w
     <prefix>corrupt               zset    ids the recovery sweep could not read and moved
                                           out of ``active``, score = when, in epoch ms
     <prefix>corrupt:why           hash    id -> the error that reading it raised
+    <prefix>health                hash    what the last recovery sweep saw (``SweepRecord``),
+                                          replaced by one HSET as each sweep ends:
+                                          swept_at_ms, sagas, overdue (ints),
+                                          oldest_overdue_ms, oldest_overdue_saga,
+                                          oldest_overdue_message ("" when none overdue),
+                                          interval_ms (only a sweep beat started writes it)
 
 An id moves to ``corrupt`` before it leaves ``active`` (a crash between the two leaves it in
 both, and the next sweep moves it again).  ``saga-celery list --corrupt`` lists them; once
@@ -39,6 +45,14 @@ PLAN_FIELD = "p"
 JOURNAL_FIELD = "j"
 TERMINAL_FIELD = "t"
 EVENT_FIELD = "e"
+
+SWEPT_AT_FIELD = "swept_at_ms"
+SAGAS_FIELD = "sagas"
+OVERDUE_FIELD = "overdue"
+OLDEST_OVERDUE_FIELD = "oldest_overdue_ms"
+OLDEST_SAGA_FIELD = "oldest_overdue_saga"
+OLDEST_MESSAGE_FIELD = "oldest_overdue_message"
+INTERVAL_FIELD = "interval_ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +91,10 @@ class KeySpace:
     @property
     def corrupt_why(self) -> str:
         return f"{self.prefix}corrupt:why"
+
+    @property
+    def health(self) -> str:
+        return f"{self.prefix}health"
 
     def _tagged(self, saga_id: str) -> str:
         return f"{self.prefix}{{{saga_id}}}"

@@ -24,6 +24,7 @@ from saga_celery._store.base import (
     LeaseAction,
     LeaseChange,
     Snapshot,
+    SweepRecord,
 )
 from saga_celery._store.encoding import decode_run, encode_progress
 from saga_celery._store.keys import index_score
@@ -63,6 +64,7 @@ class MemoryStore:
         self._active: dict[str, int] = {}
         self._corrupt: dict[str, tuple[int, str]] = {}
         self._last_event = 0
+        self._sweep: SweepRecord | None = None
 
     def ping(self) -> None:
         return None
@@ -254,6 +256,18 @@ class MemoryStore:
         if record is None:
             return []
         return [entry for entry in record.events if entry[0] > start]
+
+    # -- the recovery sweep's health record ------------------------------------------------
+
+    def record_sweep(self, record: SweepRecord) -> None:
+        with self._changed:
+            if record.interval_ms is None and self._sweep is not None:
+                record = record._replace(interval_ms=self._sweep.interval_ms)
+            self._sweep = record
+
+    def last_sweep(self) -> SweepRecord | None:
+        with self._changed:
+            return self._sweep
 
 
 def _check_count(count: int) -> None:

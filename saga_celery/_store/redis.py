@@ -38,9 +38,10 @@ from saga_celery._store.base import (
     LeaseAction,
     LeaseChange,
     Snapshot,
+    SweepRecord,
 )
 from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
-from saga_celery._store.encoding import encode_progress, with_plan
+from saga_celery._store.encoding import decode_sweep, encode_progress, encode_sweep, with_plan
 from saga_celery._store.journal import count_entries, replay
 from saga_celery._store.keys import (
     DATA_FIELD,
@@ -507,6 +508,25 @@ class RedisStore:
         if isinstance(exc, redis.RedisError):
             return SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id)
         return exc
+
+    # -- the recovery sweep's health record (``saga-celery health``) -------------------
+
+    def record_sweep(self, record: SweepRecord) -> None:
+        key = self._keys.health
+        with self._errors(key=key):
+            self._client.hset(key, mapping=encode_sweep(record))  # type: ignore[arg-type]
+
+    def last_sweep(self) -> SweepRecord | None:
+        key = self._keys.health
+        with self._errors(key=key):
+            found = self._client.hgetall(key)
+        if not found:
+            return None
+        try:
+            return decode_sweep({_str(name): _str(value) for name, value in found.items()})
+        except (KeyError, ValueError) as exc:
+            detail = f"{key} does not hold a sweep record ({_first_line(exc)})"
+            raise self._corrupt(None, detail) from exc
 
 
 RECONNECT_TRIES = 3

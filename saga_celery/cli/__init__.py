@@ -6,14 +6,15 @@ your task routes.  Without it, a bare ``SagaApp`` is built on ``--redis-url``
 (``$SAGA_REDIS_URL``) with ``--prefix`` (``$SAGA_PREFIX``) and the broker ``--broker-url``
 (``$SAGA_BROKER_URL``, default the Redis URL); its messages go to the saga queues by kind.
 
-Exit status: 0 done, 1 the saga is unknown, the operation was refused, Redis cannot be
-reached or an extra the command needs is not installed (one line on stderr, never a
-traceback), 2 a usage error.  Log lines go to stderr,
-warnings only, so that standard output stays the command's own.
+Exit status: 0 done (``health``: healthy), 1 the saga is unknown, the operation was refused,
+the sagas are unhealthy (``health``), Redis cannot be reached or an extra the command needs
+is not installed (one line on stderr, never a traceback), 2 a usage error.  Log lines go to
+stderr, warnings only, so that standard output stays the command's own.
 
 The commands live by what they do: ``reading`` (status, list, events), ``acting``
-(terminate, retry-rollback, recover) and ``serving`` (metrics, demo); ``target`` loads the
-app they work on.
+(terminate, retry-rollback, recover), ``serving`` (metrics, demo) and ``health`` (a probe:
+exit 1 with one line saying why the sagas are not looked after); ``target`` loads the app
+they work on.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kombu.exceptions import OperationalError
 
 from saga_celery._errors import SagaError
 from saga_celery._extras import MissingExtraError
-from saga_celery.cli import acting, reading, serving
+from saga_celery.cli import acting, health, reading, serving
 from saga_celery.cli.target import DEFAULT_REDIS_URL, Target, redact
 
 __all__ = ["Target", "main", "redact"]
@@ -72,12 +73,14 @@ def main(ctx: click.Context, app_path: str | None, redis_url: str, broker_url: s
          prefix: str, steps_queue: str, rollbacks_queue: str) -> None:
     """Inspect and operate saga_celery sagas.
 
-    Exit status: 0 done, 1 unknown saga, refused operation or unreachable Redis, 2 usage.
+    Exit status: 0 done, 1 unknown saga, refused operation, unhealthy or unreachable Redis,
+    2 usage.
     """
     ctx.obj = Target(app_path=app_path, redis_url=redis_url, broker_url=broker_url,
                      prefix=prefix, steps_queue=steps_queue, rollbacks_queue=rollbacks_queue)
 
 
 for _command in (reading.status, reading.list_, reading.events, acting.terminate,
-                 acting.retry_rollback, acting.recover, serving.metrics, serving.demo):
+                 acting.retry_rollback, acting.recover, serving.metrics, serving.demo,
+                 health.health):
     main.add_command(_command)

@@ -10,30 +10,9 @@ from datetime import timedelta
 import click
 
 from saga_celery._celery.app import SagaApp
-from saga_celery._core.durations import parse_duration
-from saga_celery.cli.target import with_sagas
+from saga_celery.cli.target import parse_duration_option, with_sagas
 
-__all__ = ["parse_grace", "recover", "retry_rollback", "terminate"]
-
-
-def parse_grace(ctx: click.Context, param: click.Parameter, value: str | None
-                ) -> timedelta | None:
-    """``"30 seconds"``, ``"2 minutes"`` or a number of milliseconds (an option callback)."""
-    if value is None:
-        return None
-    text = value.strip()
-    try:
-        return parse_duration(float(text) if _is_number(text) else text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+__all__ = ["recover", "retry_rollback", "terminate"]
 
 
 @click.command()
@@ -66,7 +45,7 @@ def retry_rollback(sagas: SagaApp, saga_id: str) -> None:
 
 
 @click.command()
-@click.option("--grace", callback=parse_grace, metavar="DURATION",
+@click.option("--grace", callback=parse_duration_option, metavar="DURATION",
               help="How late a message must be to be re-sent (default: the app's).")
 @with_sagas
 def recover(sagas: SagaApp, grace: timedelta | None) -> None:

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import update_wrapper
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -22,8 +23,10 @@ import structlog
 from celery import Celery
 
 from saga_celery._celery.app import SagaApp
+from saga_celery._core.durations import parse_duration
 
-__all__ = ["DEFAULT_REDIS_URL", "Target", "load_app", "quiet_logs", "redact", "with_sagas"]
+__all__ = ["DEFAULT_REDIS_URL", "Target", "load_app", "parse_duration_option", "quiet_logs",
+           "redact", "with_sagas"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -101,3 +104,23 @@ def with_sagas(fn: F) -> F:
         return ctx.invoke(fn, ctx.ensure_object(Target).sagas(), *args, **kwargs)
 
     return update_wrapper(wrapper, fn)  # type: ignore[return-value]
+
+
+def parse_duration_option(ctx: click.Context, param: click.Parameter, value: str | None
+                          ) -> timedelta | None:
+    """``"30 seconds"``, ``"2 minutes"`` or a number of milliseconds (an option callback)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return parse_duration(float(text) if _is_number(text) else text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -32,6 +32,7 @@ from saga_celery._store import (
     RedisStore,
     SagaStore,
     Snapshot,
+    SweepRecord,
     active_pages,
 )
 from saga_celery._store.encoding import encode_progress
@@ -624,7 +625,7 @@ def test_an_event_that_is_not_json_is_refused(store: SagaStore) -> None:
 def test_exported_members() -> None:
     """The store package exports exactly its public names, sorted."""
     expected = ["CorruptRecord", "LeaseAction", "LeaseChange", "MemoryStore", "RedisStore",
-                "SagaStore", "Snapshot", "active_pages"]
+                "SagaStore", "Snapshot", "SweepRecord", "active_pages"]
     assert store_package.__all__ == expected
 
 
@@ -933,3 +934,35 @@ def test_a_commit_lands_once_when_the_script_must_be_loaded_again(
     client.script_flush()
     assert store.commit(run, version=1, events=[make_event(run, "saga_started")]) is True
     assert version_of(store, run.id) == 2
+
+
+# -- the recovery sweep's health record ----------------------------------------------------------
+
+
+def test_each_sweep_record_replaces_the_last_and_keeps_beats_interval(store: SagaStore) -> None:
+    """No record before any sweep; each sweep's record replaces the one before, and one
+    without an interval (a sweep run by hand) keeps the interval a sweep of beat's wrote."""
+    assert store.last_sweep() is None
+    by_beat = SweepRecord(swept_at_ms=1_700_000_000_000, sagas=3, overdue=2,
+                          oldest_overdue_ms=1_699_999_000_000, oldest_overdue_saga="order-1",
+                          oldest_overdue_message="step:reserve#1:1", interval_ms=30_000)
+    store.record_sweep(by_beat)
+    assert store.last_sweep() == by_beat
+    by_hand = SweepRecord(swept_at_ms=1_700_000_005_000, sagas=0)
+    store.record_sweep(by_hand)
+    assert store.last_sweep() == by_hand._replace(interval_ms=30_000)
+
+
+def test_a_health_key_that_holds_no_sweep_record_is_corrupt(redis_backend: Backend) -> None:
+    """A foreign value under ``<prefix>health`` (another type, or fields that are not
+    numbers) reads as a ``SagaCorruptStateError`` naming the key."""
+    client, store = redis_backend.client, redis_backend.store
+    assert client is not None
+    key = f"{redis_backend.prefix}health"
+    client.set(key, "up")
+    with pytest.raises(SagaCorruptStateError, match=key):
+        store.last_sweep()
+    client.delete(key)
+    client.hset(key, mapping={"swept_at_ms": "soon", "sagas": "1"})
+    with pytest.raises(SagaCorruptStateError, match=key):
+        store.last_sweep()

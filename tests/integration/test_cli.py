@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from celery import Celery
 
-from saga_celery import SagaState
+from saga_celery import SagaApp, SagaState
+from saga_celery._engine import utcnow
 from tests.integration.harness import REPO_ROOT, WorkerProcess, wait_until, worker_env
 from tests.integration.shop_fixtures import entries
 
@@ -103,3 +106,43 @@ def test_unreachable_redis_is_one_line_and_exit_status_1() -> None:
     assert done.stderr.startswith("Error: Redis at 127.0.0.1:1/3 cannot be reached")
     assert len(done.stderr.strip().splitlines()) == 1
     assert "hunter2" not in done.stderr
+
+
+def _left_waiting(redis_url: str, prefix: str, saga_id: str, *, ago: timedelta) -> None:
+    """Start a one-step saga ``ago`` in the past whose first message never went out (the
+    broker is in memory, gone with this app)."""
+    celery = Celery("left-waiting", broker="memory://", set_as_current=False)
+    sagas = SagaApp(celery, redis_url=redis_url, prefix=prefix)
+
+    @sagas.step(name="health.reserve")
+    def reserve() -> None:
+        return None
+
+    sagas._engine.clock = lambda: utcnow() - ago
+    sagas.saga("refill", [reserve.s()]).apply_async(saga_id=saga_id)
+    celery.close()
+
+
+def test_health_before_a_sweep_after_one_and_with_a_saga_left_waiting(
+        redis_url: str, prefix: str) -> None:
+    """``health`` exits 1 saying the sweep never ran before any sweep, 0 after ``recover``,
+    and 1 naming the saga once a sweep saw one whose first message never went out 10 minutes
+    ago (over the default 5); each time one line."""
+    bare = ["--redis-url", redis_url, "--prefix", prefix, "--broker-url", "memory://"]
+
+    never = run_cli(*bare, "health")
+    assert run_cli(*bare, "recover").returncode == 0
+    ok = run_cli(*bare, "health")
+    _left_waiting(redis_url, prefix, "left-1", ago=timedelta(minutes=10))
+    assert run_cli(*bare, "recover").stdout == "re-sent 1 message\n"  # lost again: memory://
+    late = run_cli(*bare, "health")
+
+    assert (never.returncode, never.stdout) == (1, "")
+    assert never.stderr.startswith("unhealthy: the recovery sweep has never run")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: the recovery sweep ran ")
+    assert (late.returncode, late.stdout) == (1, "")
+    assert late.stderr.startswith("unhealthy: 1 overdue message, the oldest waiting 10m")
+    assert "of saga left-1;" in late.stderr
+    assert [len(r.stderr.splitlines()) for r in (never, late)] == [1, 1]
+    assert len(ok.stdout.splitlines()) == 1

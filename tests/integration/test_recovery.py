@@ -149,6 +149,8 @@ def test_lost_next_stage_message_is_resent_and_no_step_runs_twice(
         assert "Sending due task saga_celery.recover" in beat_log.read_text()
         recovered = [line for line in worker.log().splitlines() if "saga.recovered" in line]
         assert any(f"saga_id={saga_id}" in line for line in recovered)
+        swept = shop.sagas._store.last_sweep()  # for saga-celery health: beat's interval
+        assert swept is not None and swept.interval_ms == 1000
     assert state.status == "complete"
     assert state.output == {"ticket": "t-1"}
     for step in STEPS:

@@ -1,10 +1,12 @@
-"""Fixtures shared by the unit tests of the Celery adapter: a fresh app and SagaApp per test."""
+"""Fixtures shared by the unit tests of the Celery adapter: a fresh app and SagaApp per test,
+and the structlog configuration kept across tests of the command line."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from celery import Celery
 from celery import _state as celery_state
 
@@ -31,3 +33,11 @@ def app() -> Iterator[Celery]:
 @pytest.fixture
 def sagas(app: Celery) -> SagaApp:
     return SagaApp(app, store=MemoryStore())
+
+
+@pytest.fixture
+def keep_structlog_config() -> Iterator[None]:
+    """The CLI points structlog at stderr: give later tests the configuration back."""
+    before = structlog.get_config()
+    yield
+    structlog.configure(**before)

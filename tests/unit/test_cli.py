@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import structlog
 from celery import Celery
 from click.testing import CliRunner, Result
 from kombu.exceptions import OperationalError
@@ -31,19 +30,13 @@ from saga_celery.cli.serving import _sigterm_interrupts
 from saga_celery.demo import runner
 from saga_celery.metrics import MetricsServer
 
+pytestmark = pytest.mark.usefixtures("keep_structlog_config")
+
 SAGAS: SagaApp | None = None
 """The app ``--app tests.unit.test_cli:SAGAS`` loads (set per test)."""
 APP = ["--app", "tests.unit.test_cli:SAGAS"]
 ONE_ATTEMPT = {"limit": 0}
 UNREACHABLE = "redis://user:s3cret@127.0.0.1:1/0"
-
-
-@pytest.fixture(autouse=True)
-def _keep_structlog_config() -> Iterator[None]:
-    """The CLI points structlog at stderr: give later tests the configuration back."""
-    before = structlog.get_config()
-    yield
-    structlog.configure(**before)
 
 
 @pytest.fixture
@@ -487,7 +480,7 @@ def test_no_command_prints_usage_and_the_commands() -> None:
 
     assert result.exit_code in (0, 2)  # click >= 8.2 treats it as a usage error, 8.1 not
     for command in ("status", "list", "events", "terminate", "retry-rollback", "recover",
-                    "demo", "metrics"):
+                    "demo", "metrics", "health"):
         assert command in result.output
 
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
-import structlog
 from click.testing import CliRunner
 
 from saga_celery._extras import MissingExtraError
 from saga_celery.cli import main
+
+pytestmark = pytest.mark.usefixtures("keep_structlog_config")
 
 OPTIONAL = ("fakeredis", "lupa", "prometheus_client")
 
@@ -25,14 +25,6 @@ import json, sys
 import saga_celery, saga_celery.cli, saga_celery.demo.app, saga_celery.demo.runner
 print(json.dumps(sorted(m for m in {OPTIONAL!r} if m in sys.modules)))
 """
-
-
-@pytest.fixture(autouse=True)
-def _keep_structlog_config() -> Iterator[None]:
-    """The CLI points structlog at stderr: give later tests the configuration back."""
-    before = structlog.get_config()
-    yield
-    structlog.configure(**before)
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, package: str, *importers: str) -> None:
