@@ -210,6 +210,15 @@ class Runtime:
                         step=control.step, attempt=control.attempt, error=str(exc))
             time.sleep(UNREACHABLE_PAUSE_S)
             raise Reject(str(exc), requeue=True) from exc
+        except Exception as exc:
+            if not is_timeout(exc):
+                raise
+            # The time limit fired late (a worker paused past it, then resumed), not in the
+            # body: what the task records and sends is left half done, so it comes again.
+            log.warning("saga.message_handed_back", saga_id=control.saga_id,
+                        step=control.step, attempt=control.attempt,
+                        error="the time limit fired outside the body")
+            raise Reject("time limit outside the body", requeue=True) from exc
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:

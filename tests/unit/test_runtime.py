@@ -401,3 +401,35 @@ def test_a_retry_that_cannot_be_published_hands_its_message_back(
     assert isinstance(result.result, Reject) and result.result.requeue
     retry = sagas._store.load("retry-1").run.outbox  # type: ignore[union-attr]
     assert list(retry) == ["step:t.flaky#1:2"]  # still due: its redelivery sends it
+
+
+@pytest.mark.parametrize("fires", ["start", "end"])
+def test_a_time_limit_that_fires_during_bookkeeping_hands_the_message_back(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch, fires: str) -> None:
+    """A soft time limit that lands after the body, while the task records its end (a worker
+    paused past the limit, then resumed), hands the message back instead of failing it,
+    which Celery acknowledges: a stall the sweep alone would find (seen in the no-beat
+    chaos run)."""
+    from celery.exceptions import Reject, SoftTimeLimitExceeded
+
+    commits = [0]
+    commit = sagas._store.commit
+
+    def interrupted(run: Any, **kwargs: Any) -> bool:
+        commits[0] += 1
+        if commits[0] == (1 if fires == "start" else 2):
+            raise SoftTimeLimitExceeded()
+        return commit(run, **kwargs)
+
+    monkeypatch.setattr(sagas._store, "commit", interrupted)
+
+    @sagas.step(name="t.paused", retries=QUICK)
+    def paused() -> str:
+        return "done"
+
+    sagas.saga("paused", [paused.s()]).apply_async(saga_id="paused-1")
+    run = sagas._store.load("paused-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock())
+    result = app.tasks["t.paused"].apply(args=message.args, kwargs=message.kwargs,
+                                         task_id=message.task_id)
+    assert isinstance(result.result, Reject) and result.result.requeue
