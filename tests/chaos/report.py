@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from saga_celery import SagaError
-from tests.chaos.broker import broker_histories
+from tests.chaos.broker import replay
 from tests.chaos.chaos import Chaos
 from tests.chaos.check import (
     ChaosEvent,
@@ -92,9 +92,10 @@ def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet:
         tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
         if state is not None and not state.is_terminal:
             stalled.append(_describe(chaos_app, p, events, ledger, logs))
-    histories = broker_histories(redis_dir, {s["saga_id"] for s in stalled})
+    broker = replay(redis_dir) if stalled else None
     for description in stalled:
-        description["broker"] = histories[description["saga_id"]]
+        assert broker is not None
+        description["broker"] = broker.history(description["saga_id"])
     return _summary(tally, stalled, chaos, fleet, started, logs.texts), stalled
 
 
