@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from saga_celery import SagaError
-from tests.chaos.broker import replay
+from tests.chaos.broker import Replay, replay
 from tests.chaos.chaos import Chaos
 from tests.chaos.check import (
     ChaosEvent,
@@ -30,6 +30,13 @@ from tests.chaos.check import (
 )
 from tests.chaos.procs import Fleet
 from tests.chaos.stalled import WorkerLogs, describe
+from tests.chaos.window import (
+    ConsumerEnd,
+    awaited_items,
+    classify,
+    consumer_ends,
+    redis_shutdowns,
+)
 
 MAX_SAMPLES = 20
 RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
@@ -39,6 +46,8 @@ FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
 SWEEP_RECEIVED = "Task saga_celery.recover["
 """Celery's log line when a worker receives the recovery sweep task."""
 MAX_STALLED_SAMPLES = 10
+WINDOW_FIELDS = ("saga_id", "shape", "status", "waits_for", "broker_window", "broker")
+"""What the summary shows of a saga stalled in the broker window (``chaos.json`` has all)."""
 
 
 @dataclass
@@ -80,27 +89,54 @@ class Tally:
 def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
              started: float, redis_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Check every saga: the run's summary (``started``: the run's wall-clock start), and
-    what each stalled saga was waiting for (``tests.chaos.stalled``), with its messages'
-    broker history from the AOF in ``redis_dir`` (``tests.chaos.broker``)."""
-    tally = Tally()
+    what each saga not terminal was waiting for (``tests.chaos.stalled``), with its
+    messages' broker history from the AOF in ``redis_dir`` (``tests.chaos.broker``) and
+    whether they were lost in kombu's take-then-record window (``tests.chaos.window``)."""
     chaos_events = sorted(chaos.events, key=lambda e: e.t)
     logs = WorkerLogs(fleet.logs())
-    stalled = []
+    checked, stalled = [], []
     for p in planned:
         state, ledger, events = _read(chaos_app, p.saga_id)
-        verdict = check_saga(p, state, ledger, chaos_app.SAGAS[p.shape].plan)
-        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
+        checked.append((p, state, ledger, check_saga(p, state, ledger,
+                                                     chaos_app.SAGAS[p.shape].plan), events))
         if state is not None and not state.is_terminal:
             stalled.append(_describe(chaos_app, p, events, ledger, logs))
-    broker = replay(redis_dir) if stalled else None
+    broker = replay(redis_dir)
+    in_window = _classify(stalled, broker, consumer_ends(chaos_events, logs.lines,
+                                                         redis_dir / "redis.log"),
+                          redis_shutdowns(redis_dir / "redis.log"))
+    tally = Tally()
+    for p, state, ledger, verdict, events in checked:
+        if p.saga_id in in_window:  # stalled, but by the broker: counted apart
+            verdict.lost = False
+            verdict.violations = [v for v in verdict.violations if not v.startswith("lost:")]
+        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
+    window = [d for d in stalled if d["saga_id"] in in_window]
+    stalled = [d for d in stalled if d["saga_id"] not in in_window]
+    summary = _summary(tally, stalled, window, len(broker.lost()), chaos, fleet, started,
+                       logs.texts)
+    return summary, stalled + window
+
+
+def _classify(stalled: list[dict[str, Any]], broker: Replay, ends: list[ConsumerEnd],
+              shutdowns: list[float]) -> set[str]:
+    """Add each stalled saga's broker history and window verdict to its description; the
+    ids of those stalled in the window."""
+    in_window = set()
     for description in stalled:
-        assert broker is not None
-        description["broker"] = broker.history(description["saga_id"])
-    return _summary(tally, stalled, chaos, fleet, started, logs.texts), stalled
+        run = description.pop("run")
+        description["broker"] = broker.history(run.id)
+        verdict = classify(run.id, awaited_items(run), broker, ends, shutdowns)
+        description["broker_window"] = verdict.evidence if verdict.in_window else (
+            f"no: {verdict.reason}")
+        if verdict.in_window:
+            in_window.add(run.id)
+    return in_window
 
 
-def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: Fleet,
-             started: float, logs: list[str]) -> dict[str, Any]:
+def _summary(tally: Tally, stalled: list[dict[str, Any]], window: list[dict[str, Any]],
+             lost_messages: int, chaos: Chaos, fleet: Fleet, started: float, logs: list[str]
+             ) -> dict[str, Any]:
     recovery = recovery_by_kind(tally.stalls)
     where = None
     if tally.worst is not None:
@@ -114,7 +150,9 @@ def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: F
         "redis_down_s": round(chaos.redis_unavailable_s, 2),
         "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
         **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas")},
-        "stalled": len(stalled), "unexpected_outcomes": totals["unexpected_outcomes"],
+        "stalled": len(stalled), "stalled_in_broker_window": len(window),
+        "messages_lost_in_broker_window": lost_messages,
+        "unexpected_outcomes": totals["unexpected_outcomes"],
         "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
         "max_recovery_at": where, "recovery_by_event": recovery,
         "max_gap_s": round(tally.gap, 2),
@@ -127,6 +165,8 @@ def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: F
         "violation_samples": tally.violations[:MAX_SAMPLES],
         "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
         "stalled_samples": stalled[:MAX_STALLED_SAMPLES],
+        "broker_window_samples": [{k: d[k] for k in WINDOW_FIELDS}
+                                  for d in window[:MAX_STALLED_SAMPLES]],
     }
 
 
@@ -146,5 +186,6 @@ def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[s
 def _describe(chaos_app: ModuleType, planned: Planned, events: list[dict[str, Any]],
               ledger: Ledger, logs: WorkerLogs) -> dict[str, Any]:
     snapshot = chaos_app.sagas.store.load(planned.saga_id)
-    return describe(planned, snapshot.run, snapshot.version, events, ledger, chaos_app.ledger,
-                    logs, datetime.now(UTC))
+    description = describe(planned, snapshot.run, snapshot.version, events, ledger,
+                           chaos_app.ledger, logs, datetime.now(UTC))
+    return description | {"run": snapshot.run}
