@@ -22,12 +22,14 @@ $(STAMP): pyproject.toml | $(PY)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# mypy --strict as a user's project would run it: on workers/ and the README's example too.
 lint: install
 	$(PY) -m ruff check saga_celery workers tests
-	$(PY) -m mypy --strict saga_celery
+	$(PY) -m mypy --strict saga_celery workers
+	$(PY) -m tests.typing_readme
 
 demo: install
-	$(PY) -m workers.demo
+	$(PY) -m saga_celery.demo
 
 # The fleet topology as local processes: private redis-server, two worker pools, beat, Flower.
 fleet: install

@@ -145,18 +145,18 @@ def chain_without_backend(client: Celery, k: int, key: str) -> Any:
 # --- (B) and (C): sagas -----------------------------------------------------------------------
 
 
-@sagas.step(name=STEP)  # type: ignore[untyped-decorator]
+@sagas.step(name=STEP)
 def step(value: Any = None) -> Any:
     """A no-op saga step."""
     return value
 
 
-@step.rollback  # type: ignore[untyped-decorator]
+@step.rollback
 def undo_step(ctx: RollbackContext) -> None:
     """A no-op rollback."""
 
 
-@sagas.step(name=FAIL, retries={"limit": 0})  # type: ignore[untyped-decorator]
+@sagas.step(name=FAIL, retries={"limit": 0})
 def fail(value: Any = None) -> Any:
     """The last step of a failing saga: one attempt, no rollback of its own."""
     trace("raise", current_step().saga_id)

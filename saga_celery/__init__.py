@@ -8,6 +8,7 @@ retries, backoff and timeout, on ordinary Celery workers with state in Redis.
 from saga_celery._celery.app import SagaApp
 from saga_celery._celery.definition import SagaDefinition
 from saga_celery._celery.handle import SagaHandle
+from saga_celery._celery.typed import SagaRollback, SagaStep
 from saga_celery._context import RollbackContext, StepContext, current_step
 from saga_celery._core.config import RetryConfig, StepConfig
 from saga_celery._core.state import SagaState
@@ -44,8 +45,10 @@ __all__ = [
     "SagaError",
     "SagaHandle",
     "SagaNotFoundError",
+    "SagaRollback",
     "SagaState",
     "SagaStateError",
+    "SagaStep",
     "SagaStoreError",
     "SagaStoreUnavailableError",
     "StepConfig",

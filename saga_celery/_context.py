@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -76,21 +76,20 @@ def current_step() -> StepContext:
     return ctx
 
 
-def step_idempotency_key(saga_id: str, step: str, count: int, *,
-                         key_format: Literal[1, 2]) -> str:
-    """The key a step's body sees, in the saga plan's ``key_format``.
+def step_idempotency_key(saga_id: str, step: str, count: int, *, key_format: int) -> str:
+    """The key a step's body sees, in the encoding of the saga's format.
 
     Format 2 escapes ``%`` and ``:`` in each part before joining them with ``:``, so the key
     splits back into its parts: two different (saga id, step, count) never share one.
+    Format 1 (0.1.0's) joins them as they are.
     """
     parts = [saga_id, step, str(count)]
-    if key_format == 2:
+    if key_format >= 2:
         parts = [_escape(part) for part in parts]
     return ":".join(parts)
 
 
-def rollback_idempotency_key(saga_id: str, step: str, count: int, *,
-                             key_format: Literal[1, 2]) -> str:
+def rollback_idempotency_key(saga_id: str, step: str, count: int, *, key_format: int) -> str:
     """The rollback handler's own key: its step's key plus a part no step key ends with."""
     return step_idempotency_key(saga_id, step, count, key_format=key_format) + ":rollback"
 

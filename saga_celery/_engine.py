@@ -17,10 +17,17 @@ import structlog
 from pydantic import JsonValue
 
 from saga_celery._core.attempts import find_attempt
-from saga_celery._core.events import AttemptStarted, Decision, Event, Transition
+from saga_celery._core.events import (
+    AttemptFailed,
+    AttemptStarted,
+    AttemptSucceeded,
+    Decision,
+    Event,
+    Transition,
+)
 from saga_celery._core.journal import MAX_ENTRIES, encode_entry
 from saga_celery._core.machine import apply_owned, start_saga
-from saga_celery._core.model import Kind, Plan, SagaRun, encode_progress
+from saga_celery._core.model import FORMAT, Kind, Plan, SagaRun, SagaStatus, encode_progress
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
 from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
 
@@ -46,11 +53,15 @@ class Lease(NamedTuple):
     ttl_ms: int
 
 
-def lease_name(key: str) -> str:
-    """The lease of step ``key``: held by whichever attempt of the step or of its rollback
-    runs, so no two of them ever run at once (a retry waits for the attempt before it, a
-    handler for the step it undoes, even where a body outlives its recorded timeout)."""
-    return f"step:{key}"
+def lease_name(kind: str, key: str, format: int = FORMAT) -> str:
+    """The lease an attempt of ``kind`` (step or rollback) of step ``key`` takes.
+
+    From format 2, one lease per step, held by whichever attempt of the step or of its
+    rollback runs, so no two of them ever run at once (a retry waits for the attempt before
+    it, a handler for the step it undoes, even where a body outlives its recorded timeout).
+    A format-1 saga keeps 0.1.0's names, one per kind, so old and new workers running it
+    exclude each other."""
+    return f"step:{key}" if format >= 2 else f"{kind}:{key}"
 
 
 class Engine:
@@ -83,11 +94,15 @@ class Engine:
             cache = self._local.cache = OrderedDict()
         return cache
 
-    def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue
-               ) -> tuple[Transition, bool]:
-        """Create the saga, or return the existing one if it has the same name and params."""
+    def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue,
+               format: int = FORMAT) -> tuple[Transition, bool]:
+        """Create the saga, or return the existing one if it has the same name and params.
+
+        The existing one comes with its first messages to send again if none has started
+        yet: the call that created it may have failed before sending them (the broker went
+        away), and calling again is how the caller retries.  Receivers drop duplicates."""
         transition = start_saga(saga_id=saga_id, name=name, plan=plan, params=params,
-                                now=self.clock())
+                                now=self.clock(), format=format)
         events = _with_ids(transition.events, saga_id, 1)
         if self.store.create(transition.run, events):
             _log(events)
@@ -99,7 +114,8 @@ class Engine:
                 f"params {existing.params!r}; got {name!r} with params {params!r}. "
                 "Use a new saga_id, or the same params to get the existing run.",
                 saga_id=saga_id)
-        return Transition(run=existing), False
+        unstarted = list(existing.outbox.values()) if existing.status == SagaStatus.QUEUED else []
+        return Transition(run=existing, dispatches=unstarted), False
 
     def load(self, saga_id: str) -> Snapshot:
         snapshot = self.store.load(saga_id)
@@ -131,6 +147,7 @@ class Engine:
             snapshot, applied = memo or fresh or self._load_for(saga_id, event, lease,
                                                                 not_before)
             from_memo, memo, fresh = memo is not None, None, None
+            lease = _of_format(lease, event, snapshot.run.format)
             if snapshot.version < (not_before or 0):
                 return Transition(run=snapshot.run, decision=Decision.BEHIND)
             was_terminal = snapshot.run.is_terminal
@@ -178,6 +195,11 @@ class Engine:
         started = lease is not None and isinstance(event, AttemptStarted)
         name = lease.name if lease and started else None
         snapshot = self.store.load(saga_id, lease=name)
+        if snapshot is not None and started:
+            proper = _of_format(lease, event, snapshot.run.format)
+            if proper is not None and proper.name != name:  # a format-1 saga's rollback
+                lease, name = proper, proper.name
+                snapshot = self.store.load(saga_id, lease=name)
         pauses = iter(BEHIND_PAUSES_S if not_before is not None else ())
         while snapshot is not None and snapshot.version < (not_before or 0):
             pause = next(pauses, None)
@@ -218,6 +240,14 @@ class Engine:
 
     def renew(self, saga_id: str, lease: Lease) -> bool:
         return self.store.renew_lease(saga_id, lease.name, lease.token, lease.ttl_ms)
+
+
+def _of_format(lease: Lease | None, event: Event, format: int) -> Lease | None:
+    """``lease`` named as the saga's format names the lease of ``event``'s attempt."""
+    if lease is None or not isinstance(event, AttemptStarted | AttemptSucceeded | AttemptFailed):
+        return lease
+    name = lease_name(event.kind, event.key, format)
+    return lease if name == lease.name else lease._replace(name=name)
 
 
 def _lease_change(transition: Transition, event: Event, lease: Lease | None

@@ -1,5 +1,7 @@
 """Saga metrics in Prometheus format, served by ``saga-celery metrics --port P``.
 
+Needs prometheus-client, from the ``saga-celery[metrics]`` extra.
+
 Three parts, from pure to I/O:
 
 - ``SagaMetrics`` turns lifecycle events into counters, histograms and a gauge on a
@@ -35,10 +37,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
 from saga_celery._errors import SagaCorruptStateError, SagaError
+from saga_celery._extras import MissingExtraError
 from saga_celery._store.base import SagaStore
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+except ImportError as exc:
+    raise MissingExtraError("metrics", "prometheus-client",
+                            needed_by="saga_celery.metrics") from exc
 
 __all__ = ["DURATION_BUCKETS", "MetricsExporter", "MetricsServer", "SagaMetrics"]
 
@@ -261,6 +268,15 @@ class MetricsServer:
                         registry=registry)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_store(cls, store: SagaStore, *, since: datetime | None = None,
+                  on_error: Callable[[str], None] | None = None) -> MetricsServer:
+        """A server of ``store``'s metrics on a registry of its own (``since``: as
+        ``SagaMetrics``)."""
+        registry = CollectorRegistry()
+        exporter = MetricsExporter(store, SagaMetrics(registry, since=since))
+        return cls(exporter, registry, on_error=on_error)
 
     def start(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serve ``/metrics`` in a daemon thread; returns the port (``port=0``: a free one)."""

@@ -247,7 +247,9 @@ def test_worker_health_checks_ping_the_node_their_worker_runs_as() -> None:
 
 
 def test_the_image_runs_workers_app_from_what_it_copies() -> None:
-    """The Dockerfile copies files that exist, and its entrypoint is ``celery -A workers.app``."""
+    """The Dockerfile copies files that exist, installs the ``workers`` and ``metrics`` extras
+    (``saga-celery metrics`` runs from the image), and its entrypoint is ``celery -A
+    workers.app``."""
     instructions = _dockerfile()
     command = json.loads(instructions["CMD"][-1])
 
@@ -257,7 +259,10 @@ def test_the_image_runs_workers_app_from_what_it_copies() -> None:
     copied = [shlex.split(c)[0] for c in instructions["COPY"]]
     assert all((REPO_ROOT / source).exists() for source in copied), copied
     assert {"saga_celery", "workers"} <= set(copied)
-    assert any("pip install" in r and "[workers]" in r for r in instructions["RUN"])
+    installs = [r for r in instructions["RUN"] if "pip install" in r]
+    extras = {e for r in installs for found in re.findall(r"\.\[([\w,]+)\]", r)
+              for e in found.split(",")}
+    assert {"workers", "metrics"} <= extras, installs
 
 
 # --- each target's specifics ----------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, overload
 
 from celery import Celery, bootsteps
 from kombu import Queue
@@ -31,7 +31,17 @@ from saga_celery._celery.tasks import (
     time_limits,
     unwrap,
 )
+from saga_celery._celery.typed import (
+    Duration,
+    P,
+    R,
+    Retries,
+    RollbackHandler,
+    SagaStep,
+    StepDecorator,
+)
 from saga_celery._core.config import StepConfig, parse_duration, resolve_config
+from saga_celery._core.model import FORMAT, FORMATS
 from saga_celery._engine import Engine, utcnow
 from saga_celery._errors import SagaConfigError, SagaDefinitionError
 from saga_celery._store import RedisStore, SagaStore
@@ -50,6 +60,8 @@ class SagaApp:
     can run again).  ``retention`` is how long a finished saga's state is kept.
     ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
     and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
+    ``write_format`` is the format new sagas are created in (README "Upgrading"): the newest by
+    default; 1 while processes of 0.1.0 may still run, so they can read every saga.
     """
 
     def __init__(
@@ -66,8 +78,14 @@ class SagaApp:
         recovery_interval: object = "30 seconds",
         recovery_grace: object = "60 seconds",
         store: SagaStore | None = None,
+        write_format: int = FORMAT,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
+        if write_format not in FORMATS:
+            raise SagaConfigError(
+                f"SagaApp(write_format={write_format!r}): this release writes formats "
+                f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
+        self.write_format = write_format
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)
@@ -108,11 +126,27 @@ class SagaApp:
 
     # --- declaring steps --------------------------------------------------------------
 
+    @overload
+    def step(self, fn: Callable[P, R], *, retries: Retries | None = None,
+             timeout: Duration | None = None, rollback: RollbackHandler | None = None,
+             rollback_config: Mapping[str, Any] | None = None, name: str | None = None,
+             **task_options: Any) -> SagaStep[P, R]: ...
+
+    @overload
+    def step(self, *, retries: Retries | None = None, timeout: Duration | None = None,
+             rollback: RollbackHandler | None = None,
+             rollback_config: Mapping[str, Any] | None = None, name: str | None = None,
+             **task_options: Any) -> StepDecorator: ...
+
     def step(self, fn: Any = None, *, retries: Any = None, timeout: Any = None,
              rollback: Callable[..., Any] | None = None,
-             rollback_config: dict[str, Any] | None = None, name: str | None = None,
+             rollback_config: Mapping[str, Any] | None = None, name: str | None = None,
              **task_options: Any) -> Any:
-        """Make a function (or an existing Celery task) a saga step; see the README."""
+        """Make a function (or an existing Celery task) a saga step; see the README.
+
+        Typed for the caller's checker by the overloads (``SagaStep[P, R]``); at run time the
+        step is the Celery task itself.  A Celery task is ``Any`` to mypy, so one wrapped
+        here is a ``SagaStep[..., Any]``."""
 
         def decorate(target: Any) -> SagaStepTask:
             parts = unwrap(target)
@@ -131,7 +165,7 @@ class SagaApp:
         return decorate if fn is None else decorate(fn)
 
     def _check_rollback(self, step: str, rollback: Callable[..., Any] | None,
-                        rollback_config: dict[str, Any] | None) -> dict[str, Any]:
+                        rollback_config: Mapping[str, Any] | None) -> dict[str, Any]:
         """The Cloudflare-shaped ``rollback=`` and ``rollback_config``, validated before the
         step is registered; returns the handler's options."""
         if rollback is None:

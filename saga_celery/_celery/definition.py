@@ -33,8 +33,7 @@ class SagaDefinition:
         self.plan = Plan(stages=_stages(sagas, name, stages),
                          rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
                          on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
-                                                   on_rollback_error),
-                         key_format=2)
+                                                   on_rollback_error))
 
     def apply_async(self, *, saga_id: str | None = None, params: Any = None) -> SagaHandle:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
@@ -42,10 +41,10 @@ class SagaDefinition:
         text = _json_text(params if params is not None else {}, f"params of saga {saga_id!r}")
         _check_size(text, self.sagas.runtime.settings.max_output_bytes, saga_id)
         params = json.loads(text)
-        transition, created = self.sagas.engine.submit(
-            saga_id=saga_id, name=self.name, plan=self.plan, params=params)
-        if created:
-            self.sagas.dispatcher.send(transition.run, transition.dispatches)
+        transition, _ = self.sagas.engine.submit(
+            saga_id=saga_id, name=self.name, plan=self.plan, params=params,
+            format=self.sagas.write_format)
+        self.sagas.dispatcher.send(transition.run, transition.dispatches)
         return SagaHandle(self.sagas, saga_id)
 
     def __repr__(self) -> str:

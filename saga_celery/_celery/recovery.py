@@ -92,7 +92,7 @@ def _lapsed(engine: Engine, run: SagaRun, candidates: list[tuple[Kind, str, int]
     """The candidates whose lease nobody holds any more."""
     found = []
     for kind, key, attempt in candidates:
-        snapshot = engine.store.load(run.id, lease=lease_name(key))
+        snapshot = engine.store.load(run.id, lease=lease_name(kind, key, run.format))
         if snapshot is not None and snapshot.lease_holder is None:
             found.append((kind, key, attempt))
     return found

@@ -120,7 +120,7 @@ class Runtime:
                                attempt=control.attempt, config=config, params=run.params,
                                idempotency_key=step_idempotency_key(
                                    run.id, control.step, control.count,
-                                   key_format=run.plan.key_format))
+                                   key_format=run.format))
 
         token = _current.set(context)
         try:
@@ -144,7 +144,7 @@ class Runtime:
         """Record the attempt's start; None if this delivery is not to run the body (then
         its message is acknowledged here)."""
         req = task.request
-        lease = Lease(name=lease_name(control.key),
+        lease = Lease(name=lease_name(control.kind, control.key),
                       token=lease_token(req.hostname, os.getpid(), req.id, control.attempt)
                       + f":{threading.get_ident()}",
                       ttl_ms=self.settings.lease_ttl_ms)
@@ -159,7 +159,8 @@ class Runtime:
                       attempt=control.attempt, decision=str(transition.decision))
             self.dispatcher.ack(ack)
             return None
-        return transition.run, lease
+        run = transition.run
+        return run, lease._replace(name=lease_name(control.kind, control.key, run.format))
 
     def _execute(self, task: Task, control: Control, lease: Lease, config: StepConfig,
                  body: Callable[[], Any], ack: LateAck | None) -> None:
@@ -231,9 +232,16 @@ class Runtime:
         policy = run.plan.spec(retry.key)
         limit = (policy.policy if retry.kind == Kind.STEP else policy.rollback_policy or
                  policy.policy).limit
-        raise task.retry(args=message.args, kwargs=message.kwargs,
-                         countdown=message.countdown, max_retries=limit, exc=exc,
-                         kwargsrepr=message.control.kwargs_repr(), argsrepr=ARGS_REPR)
+        try:
+            raise task.retry(args=message.args, kwargs=message.kwargs,
+                             countdown=message.countdown, max_retries=limit, exc=exc,
+                             kwargsrepr=message.control.kwargs_repr(), argsrepr=ARGS_REPR)
+        except Reject as rejected:
+            # Celery rejects without requeue when the retry cannot be published: that
+            # would drop the message, and with it the retry the saga is waiting for.
+            log.warning("saga.retry_not_sent", saga_id=run.id, step=message.control.step,
+                        attempt=retry.attempt, error=str(rejected.reason))
+            raise Reject(rejected.reason, requeue=True) from rejected
 
     def _requeue(self, task: Task, control: Control, decision: Decision) -> None:
         """Send this message again for later (not a retry: no attempt is used).
@@ -286,10 +294,8 @@ class Runtime:
                             task_id: str | None, timeout_s: float) -> None:
         """The child was killed at the hard time limit and cannot record its own failure:
         record it, and give back the dead child's lease in the same commit."""
-        holder = self._dead_holder(control, hostname, pid, task_id)
-        lease = None if holder is None else Lease(lease_name(control.key), holder,
-                                                  self.settings.lease_ttl_ms)
-        self.record_timeout(control, timeout_s, lease,
+        self.record_timeout(control, timeout_s, self._dead_holder(control, hostname, pid,
+                                                                  task_id),
                             detail=" (hard time limit: the pool process was killed)")
 
     def record_timeout(self, control: Control, timeout_s: float, lease: Lease | None, *,
@@ -306,19 +312,21 @@ class Runtime:
     def release_lost_lease(self, control: Control, hostname: str | None, pid: int | None,
                            task_id: str | None) -> None:
         """The pool process died: free its lease now so the redelivery need not wait."""
-        holder = self._dead_holder(control, hostname, pid, task_id)
-        if holder is not None:
-            self.engine.release(control.saga_id,
-                                Lease(lease_name(control.key), holder, self.settings.lease_ttl_ms))
+        lease = self._dead_holder(control, hostname, pid, task_id)
+        if lease is not None:
+            self.engine.release(control.saga_id, lease)
 
     def _dead_holder(self, control: Control, hostname: str | None, pid: int | None,
-                     task_id: str | None) -> str | None:
-        """The token of the lease the dead pool process held for this attempt, if it does."""
-        name = lease_name(control.key)
+                     task_id: str | None) -> Lease | None:
+        """The lease the dead pool process held for this attempt, if it still does."""
+        run = self.engine.load(control.saga_id).run
+        name = lease_name(control.kind, control.key, run.format)
         snapshot = self.engine.store.load(control.saga_id, lease=name)
         holder = snapshot.lease_holder if snapshot else None
         prefix = lease_token(hostname, pid, task_id, control.attempt)
-        return holder if holder is not None and holder.startswith(prefix) else None
+        if holder is None or not holder.startswith(prefix):
+            return None
+        return Lease(name, holder, self.settings.lease_ttl_ms)
 
 
 def _rollback_context(run: SagaRun, control: Control, config: StepConfig) -> RollbackContext:
@@ -326,7 +334,7 @@ def _rollback_context(run: SagaRun, control: Control, config: StepConfig) -> Rol
     trigger = run.rollback.trigger_error if run.rollback else run.error
     failed = [a.error for a in step.attempts if a.error is not None]
     args, kwargs = step_call(run, run.plan.spec(control.key))
-    fmt = run.plan.key_format
+    fmt = run.format
     return RollbackContext(
         saga_id=run.id, step=control.step, count=control.count, attempt=control.attempt,
         output=step.output, params=run.params, config=config, error=_pair(trigger),

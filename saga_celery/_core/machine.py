@@ -38,6 +38,7 @@ from saga_celery._core.events import (
     error_fields,
 )
 from saga_celery._core.model import (
+    FORMAT,
     AttemptRecord,
     ErrorInfo,
     Kind,
@@ -63,15 +64,17 @@ WORKER_LOST_LIMIT = 3
 
 
 def start_saga(
-    *, saga_id: str, name: str, plan: Plan, params: JsonValue, now: datetime
+    *, saga_id: str, name: str, plan: Plan, params: JsonValue, now: datetime,
+    format: int = FORMAT,
 ) -> Transition:
-    """A new run, queued, with its first stage's messages in the outbox."""
+    """A new run, queued, with its first stage's messages in the outbox, in ``format``."""
     steps = {
         spec.key: StepRun(key=spec.key, name=spec.name, count=spec.count, stage=spec.stage)
         for stage in plan.stages
         for spec in stage
     }
-    run = SagaRun(id=saga_id, name=name, params=params, created_at=now, plan=plan, steps=steps)
+    run = SagaRun(id=saga_id, name=name, params=params, created_at=now, plan=plan, steps=steps,
+                  format=format)
     ctx = Ctx(run=run, now=now)
     ctx.emit("saga_queued", name=name)
     _send_stage(ctx, 0)

@@ -128,10 +128,6 @@ class Plan(_Frozen):
     stages: list[list[StepSpec]]
     rollback_mode: RollbackMode = RollbackMode.SEQUENTIAL
     on_rollback_error: OnRollbackError = OnRollbackError.HALT
-    key_format: Literal[1, 2] = 1
-    """How the saga's idempotency keys are encoded: 1, ':'-joined as 0.1.0 built them (a plan
-    stored without this field); 2, each part escaped first, so no two keys collide.  Kept
-    with the plan so a saga's keys never change while it runs."""
 
     def spec(self, key: str) -> StepSpec:
         """The step of the plan with this key; ``KeyError`` if there is none."""
@@ -230,6 +226,13 @@ class Termination(_Record):
     error: ErrorInfo
 
 
+FORMAT = 2
+"""The newest saga format this release writes (``SagaProgress.format``)."""
+
+FORMATS: frozenset[int] = frozenset({1, 2})
+"""The saga formats this release reads and runs."""
+
+
 class SagaProgress(_Record):
     """Everything about a saga run that changes as it runs: a ``SagaRun`` without its plan.
 
@@ -251,6 +254,11 @@ class SagaProgress(_Record):
     rollback: RollbackProgress | None = None
     terminate: Termination | None = None
     outbox: dict[str, Dispatch] = Field(default_factory=dict)
+    format: int = 1
+    """The format the saga was created in, kept for its life (CHANGELOG.md): 1 is 0.1.0's
+    (idempotency keys joined with ':', a rollback's lease apart from its step's); 2 escapes
+    ':' and '%' in key parts and has one lease per step.  Format 1 is stored as 0.1.0 stored
+    it (the field left out), so a 0.1.0 process reads it."""
 
     @property
     def is_terminal(self) -> bool:

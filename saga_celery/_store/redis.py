@@ -17,8 +17,10 @@ from typing import Any, NoReturn, TypeVar, cast
 import redis
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_json
+from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.retry import Retry
 
 from saga_celery._core.journal import count_entries, replay
 from saga_celery._core.model import Plan, SagaProgress, SagaRun, encode_progress, with_plan
@@ -103,6 +105,7 @@ class RedisStore:
                 socket_connect_timeout=socket_timeout,
                 socket_timeout=socket_timeout,
                 health_check_interval=30,
+                retry=reconnecting(),
             )
         except ValueError as exc:
             raise SagaConfigError(f"Invalid Redis URL for the saga store: {exc}") from exc
@@ -501,6 +504,22 @@ class RedisStore:
         if isinstance(exc, redis.RedisError):
             return SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id)
         return exc
+
+
+RECONNECT_TRIES = 3
+"""How often a command is sent again over a new connection when its connection broke."""
+
+
+def reconnecting() -> Retry:
+    """redis-py's retry policy for the store's client: a connection that a Redis restart
+    closed is replaced and the command sent again, a few times with a short backoff.
+
+    redis-py's own default sends nothing again, so every kept connection failed its first
+    command after a restart.  Timeouts are not sent again: a slow Redis is not helped by
+    more load.  Sending a commit again is safe: its version check refuses a second landing,
+    and the engine tells a commit that landed from a conflict (``_engine._landed``)."""
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), RECONNECT_TRIES,
+                 supported_errors=(redis.ConnectionError,))
 
 
 def _check_retention(retention_ms: int | None) -> int | None:

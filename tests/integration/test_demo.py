@@ -1,4 +1,5 @@
-"""``workers``: the deployable app's settings, and ``python -m workers.demo`` end to end."""
+"""``workers``: the deployable app's settings; and ``saga-celery demo`` end to end, run from
+outside the repository (the demo ships in the library: ``saga_celery.demo``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -45,9 +47,14 @@ def _env(**overrides: str) -> dict[str, str]:
     return {**env, **overrides}
 
 
-def _run_demo(env: dict[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-m", "workers.demo"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, check=False)
+def _demo_env(**overrides: str) -> dict[str, str]:
+    """The environment without SAGA_* settings, and without the repository on the path."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}, **overrides}
+
+
+def _run_demo(command: list[str], env: dict[str, str], cwd: Path) -> str:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=DEMO_TIMEOUT_S, check=False)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     return done.stdout
@@ -111,18 +118,23 @@ def test_worker_app_reads_its_settings_from_the_environment() -> None:
 
 
 @pytest.mark.integration
-def test_demo_passes_on_the_embedded_server() -> None:
-    """Without SAGA_REDIS_URL the demo serves its own Redis, and shows both sagas and rollbacks."""
-    _assert_both_sagas_shown(_run_demo(_env()))
+def test_demo_passes_on_the_embedded_server(tmp_path: Path) -> None:
+    """Without SAGA_REDIS_URL, ``saga-celery demo`` run outside the repository serves its own
+    Redis, and shows both sagas and rollbacks."""
+    script = Path(sys.executable).parent / "saga-celery"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "saga_celery.cli"]
+
+    _assert_both_sagas_shown(_run_demo([*command, "demo"], _demo_env(), tmp_path))
 
 
 @pytest.mark.integration
 def test_demo_passes_on_a_real_redis(redis_url: str) -> None:
-    """With SAGA_REDIS_URL the demo runs on that Redis, and shows both sagas and rollbacks."""
+    """With SAGA_REDIS_URL, ``python -m saga_celery.demo`` (``make demo``) runs on that Redis,
+    and shows both sagas and rollbacks."""
     # Queues of its own: other tests' leftover messages in saga.steps must not reach it.
-    env = _env(SAGA_REDIS_URL=redis_url, SAGA_STEPS_QUEUE="demo-test.steps",
-               SAGA_ROLLBACKS_QUEUE="demo-test.rollbacks")
-    output = _run_demo(env)
+    env = _demo_env(SAGA_REDIS_URL=redis_url, SAGA_STEPS_QUEUE="demo-test.steps",
+                    SAGA_ROLLBACKS_QUEUE="demo-test.rollbacks")
+    output = _run_demo([sys.executable, "-m", "saga_celery.demo"], env, REPO_ROOT)
 
     assert f"Using Redis at {redis_url}" in output
     _assert_both_sagas_shown(output)

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis
 
-from saga_celery._embedded import start_embedded_redis
+from saga_celery.demo.embedded import start_embedded_redis
 from tests.integration.harness import WorkerFactory, celery_client
 
 _INCR_BY = "return redis.call('INCRBY', KEYS[1], ARGV[1])"

@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,7 +26,9 @@ from kombu.exceptions import OperationalError
 from saga_celery import NonRetryableError, RollbackContext, SagaApp, SagaState, current_step
 from saga_celery._celery.dispatch import build_message
 from saga_celery._store.memory import MemoryStore
-from saga_celery.cli import Target, _sigterm_interrupts, main, redact
+from saga_celery.cli import Target, main, redact
+from saga_celery.cli.serving import _sigterm_interrupts
+from saga_celery.demo import runner
 from saga_celery.metrics import MetricsServer
 
 SAGAS: SagaApp | None = None
@@ -388,12 +389,10 @@ def test_a_broker_that_cannot_be_reached_exits_1(sagas: SagaApp,
 
 
 @pytest.mark.parametrize("status", [0, 1])
-def test_demo_runs_workers_demo_main_and_exits_with_its_status(
+def test_demo_runs_the_librarys_demo_and_exits_with_its_status(
         monkeypatch: pytest.MonkeyPatch, status: int) -> None:
-    """``demo`` runs ``workers.demo.main()`` and exits with what it returns."""
-    fake = ModuleType("workers.demo")
-    fake.main = lambda: status  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "workers.demo", fake)
+    """``demo`` runs ``saga_celery.demo.runner.main()`` and exits with what it returns."""
+    monkeypatch.setattr(runner, "main", lambda: status)
 
     result = CliRunner().invoke(main, ["demo"])
 

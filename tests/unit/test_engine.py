@@ -609,7 +609,7 @@ def test_an_end_that_changes_nothing_still_gives_its_lease_back() -> None:
     (a retry or a handler waits on it)."""
     engine, store = new_engine()
     submit(engine, "s-late-end", plan("a", "b"))
-    lease = Lease(name=lease_name("a#1"), token="worker-1", ttl_ms=60_000)
+    lease = Lease(name=lease_name("step", "a#1"), token="worker-1", ttl_ms=60_000)
     start = AttemptStarted(kind=Kind.STEP, key="a#1", attempt=1)
     assert engine.handle("s-late-end", start, lease=lease).decision == Decision.RUN
     timed_out = AttemptFailed(kind=Kind.STEP, key="a#1", attempt=1, via_retry=False,
@@ -620,3 +620,21 @@ def test_an_end_that_changes_nothing_still_gives_its_lease_back() -> None:
                                                         output="A"), lease=lease)
     assert not late.changed
     assert store.load("s-late-end", lease=lease.name).lease_holder is None  # type: ignore[union-attr]
+
+
+def test_a_format_1_saga_keeps_0_1_0s_lease_names() -> None:
+    """A rollback attempt of a saga created in format 1 takes ``rollback:<key>``, as 0.1.0
+    workers running the same saga do, whatever name the delivery asked for."""
+    engine, store = new_engine()
+    transition, _ = engine.submit(saga_id="s-f1", name="saga", plan=plan("a"), params={},
+                                  format=1)
+    assert transition.run.format == 1
+    engine.handle("s-f1", AttemptStarted(kind=Kind.STEP, key="a#1", attempt=1))
+    engine.handle("s-f1", AttemptFailed(kind=Kind.STEP, key="a#1", attempt=1, retryable=False,
+                                        error=ErrorInfo(type="Boom", message="no")))
+    lease = Lease(name=lease_name("rollback", "a#1"), token="new-worker", ttl_ms=60_000)
+    assert lease.name == "step:a#1"  # what this release names it in format 2
+    start = AttemptStarted(kind=Kind.ROLLBACK, key="a#1", attempt=1)
+    assert engine.handle("s-f1", start, lease=lease).decision == Decision.RUN
+    assert store.load("s-f1", lease="rollback:a#1").lease_holder == "new-worker"  # type: ignore[union-attr]
+    assert store.load("s-f1", lease="step:a#1").lease_holder is None  # type: ignore[union-attr]

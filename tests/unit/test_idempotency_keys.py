@@ -13,7 +13,8 @@ import pytest
 
 from saga_celery import RollbackContext, SagaApp, StepContext, current_step
 from saga_celery._context import rollback_idempotency_key, step_idempotency_key
-from saga_celery._core.model import Plan
+from saga_celery._core.model import SagaProgress
+from saga_celery._store.memory import MemoryStore
 from tests.unit.test_api import run_due
 
 COLLIDING_TODAY = [
@@ -24,14 +25,12 @@ COLLIDING_TODAY = [
 """Pairs of different (saga id, step, count) that the ':'-joined legacy keys confuse, or that a
 ':'-only escape would."""
 
-LEGACY_PLAN_JSON = (
-    '{"stages":[[{"key":"shop.charge#1","name":"shop.charge","count":1,"stage":0,"index":0,'
-    '"task":"shop.charge","args":[],"kwargs":{},"immutable":false,"in_group":false,'
-    '"policy":{"limit":0,"delay_ms":10000.0,"backoff":"exponential","max_delay_ms":null,'
-    '"jitter":false,"timeout_ms":600000.0},"rollback_task":null,"rollback_policy":null}]],'
-    '"rollback_mode":"sequential","on_rollback_error":"halt"}'
+LEGACY_PROGRESS_JSON = (
+    '{"id":"a:b","name":"s","created_at":"2026-11-01T12:00:00Z","steps":{"c#1":'
+    '{"key":"c#1","name":"c","count":1,"stage":0}},'
+    '"outbox":{}}'
 )
-"""A plan as saga_celery 0.1.0 stored it: no ``key_format`` field."""
+"""A saga's progress as saga_celery 0.1.0 stored it: no ``format`` field."""
 
 
 @pytest.mark.parametrize(("first", "second"), COLLIDING_TODAY)
@@ -60,16 +59,16 @@ def test_escaped_components_are_percent_encoded() -> None:
     assert step_idempotency_key("a:b", "c%d", 1, key_format=1) == "a:b:c%d:1"
 
 
-def test_a_plan_stored_by_0_1_0_reads_as_the_legacy_encoding() -> None:
-    """A plan without ``key_format`` (as 0.1.0 stored it) reads as format 1 and gives the old
-    keys, so a saga in flight across an upgrade keeps its keys."""
-    plan = Plan.model_validate_json(LEGACY_PLAN_JSON)
-    assert plan.key_format == 1
-    assert step_idempotency_key("a:b", "c", 1, key_format=plan.key_format) == "a:b:c:1"
+def test_a_saga_stored_by_0_1_0_reads_as_format_1_and_keeps_its_keys() -> None:
+    """A saga stored without ``format`` (as 0.1.0 stored it) reads as format 1 and gives the
+    old keys, so a saga in flight across an upgrade keeps its keys."""
+    progress = SagaProgress.model_validate_json(LEGACY_PROGRESS_JSON)
+    assert progress.format == 1
+    assert step_idempotency_key("a:b", "c", 1, key_format=progress.format) == "a:b:c:1"
 
 
-def run_saga_collecting_keys(sagas: SagaApp, saga_id: str, step: str,
-                             legacy: bool = False) -> tuple[StepContext, RollbackContext]:
+def run_saga_collecting_keys(sagas: SagaApp, saga_id: str, step: str
+                             ) -> tuple[StepContext, RollbackContext]:
     """Run a one-step saga whose step fails, then its rollback; the contexts both saw."""
     seen: list[Any] = []
 
@@ -83,8 +82,6 @@ def run_saga_collecting_keys(sagas: SagaApp, saga_id: str, step: str,
         seen.append(ctx)
 
     saga = sagas.saga("s", [fail.si()])
-    if legacy:  # as if started by 0.1.0, before the upgrade
-        saga.plan = saga.plan.model_copy(update={"key_format": 1})
     saga.apply_async(saga_id=saga_id)
     run_due(sagas, saga_id)  # the step fails
     run_due(sagas, saga_id)  # its rollback runs
@@ -103,18 +100,28 @@ def test_a_saga_id_and_step_name_with_colons_get_distinct_keys(sagas: SagaApp) -
     assert second[1].idempotency_key == "a:b%3Ac:1:rollback"
 
 
-def test_a_saga_started_before_the_upgrade_keeps_its_legacy_keys(sagas: SagaApp) -> None:
-    """A saga whose stored plan has no key format (0.1.0) keeps its ':'-joined keys for its
-    steps and rollbacks."""
-    step_ctx, rollback_ctx = run_saga_collecting_keys(sagas, "a:b", "c", legacy=True)
+def test_a_saga_started_in_format_1_keeps_its_legacy_keys(app: Any) -> None:
+    """A saga created in format 1 (by 0.1.0, or with ``write_format=1`` during an upgrade)
+    keeps its ':'-joined keys for its steps and rollbacks."""
+    sagas = SagaApp(app, store=MemoryStore(), write_format=1)
+    step_ctx, rollback_ctx = run_saga_collecting_keys(sagas, "a:b", "c")
     assert step_ctx.idempotency_key == "a:b:c:1"
     assert rollback_ctx.idempotency_key == "a:b:c:1:rollback"
 
 
-def test_new_sagas_record_the_escaped_encoding(sagas: SagaApp) -> None:
-    """A saga declared now stores key format 2 in its plan."""
+def test_new_sagas_are_created_in_the_newest_format(sagas: SagaApp) -> None:
+    """A saga started now is format 2 (escaped keys), and its stored record says so."""
     @sagas.step(name="k.a")
     def a() -> None:
         return None
 
-    assert sagas.saga("s", [a.s()]).plan.key_format == 2
+    sagas.saga("s", [a.s()]).apply_async(saga_id="fmt-1")
+    assert sagas.store.load("fmt-1").run.format == 2  # type: ignore[union-attr]
+
+
+def test_an_unknown_write_format_is_refused_naming_the_ones_there_are(app: Any) -> None:
+    """``write_format`` must be one this release writes."""
+    from saga_celery import SagaConfigError
+
+    with pytest.raises(SagaConfigError, match=r"write_format=3.*\[1, 2\]"):
+        SagaApp(app, store=MemoryStore(), write_format=3)

@@ -170,7 +170,7 @@ def test_a_duplicate_of_a_running_attempt_comes_back_when_the_lease_can_have_lap
     sagas.saga("slow", [slow.s()]).apply_async(saga_id="dup-1")
     run = sagas.store.load("dup-1").run  # type: ignore[union-attr]
     message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
-    holder = Lease(lease_name("t.slow#1"), "another-worker", 60_000)
+    holder = Lease(lease_name("step", "t.slow#1"), "another-worker", 60_000)
     sagas.engine.handle("dup-1", AttemptStarted(kind=Kind.STEP, key="t.slow#1", attempt=1),
                         lease=holder)
     sent.clear()
@@ -345,3 +345,59 @@ def test_a_message_whose_bookkeeping_cannot_reach_the_store_is_handed_back(
                                       task_id=message.task_id)  # the redelivery
     assert again.successful()
     assert state(sagas, "gone-1").status == "complete"
+
+
+def test_starting_again_after_the_first_send_failed_sends_the_first_stage(
+        app: Celery, sagas: SagaApp, sent: list[dict[str, Any]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The create landed but the broker went away before its first message went out: the
+    caller's retry of ``apply_async`` (same id, same params) sends it, where before it
+    found the saga and sent nothing, leaving it queued for the sweep alone."""
+    from kombu.exceptions import OperationalError
+
+    @sagas.step(name="t.once", retries=QUICK)
+    def once() -> str:
+        return "once"
+
+    definition = sagas.saga("once", [once.s()])
+    send = sagas.dispatcher.send
+
+    def broker_down(*_: Any, **__: Any) -> None:
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(sagas.dispatcher, "send", broker_down)
+    with pytest.raises(OperationalError):
+        definition.apply_async(saga_id="again-1", params={"n": 1})
+    monkeypatch.setattr(sagas.dispatcher, "send", send)
+    sent.clear()
+    definition.apply_async(saga_id="again-1", params={"n": 1})
+    assert [m["headers"]["task"] for m in sent] == ["t.once"]
+    sent.clear()
+    run_due(sagas, "again-1")
+    definition.apply_async(saga_id="again-1", params={"n": 1})  # started: nothing again
+    assert [m["headers"]["task"] for m in sent] == []
+
+
+def test_a_retry_that_cannot_be_published_hands_its_message_back(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Celery's ``Task.retry`` rejects without requeue when its publish fails, which drops
+    the message and the retry with it; the runtime rejects with requeue instead."""
+    from celery.exceptions import Reject
+
+    @sagas.step(name="t.flaky", retries={"limit": 2, "delay": 0})
+    def flaky() -> None:
+        raise RuntimeError("boom")
+
+    sagas.saga("flaky", [flaky.s()]).apply_async(saga_id="retry-1")
+    run = sagas.store.load("retry-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+
+    def unpublishable(self: Any, *_: Any, **__: Any) -> None:
+        raise Reject(ConnectionError("broker gone"), requeue=False)  # what Task.retry raises
+
+    monkeypatch.setattr(type(app.tasks["t.flaky"]), "retry", unpublishable)
+    result = app.tasks["t.flaky"].apply(args=message.args, kwargs=message.kwargs,
+                                        task_id=message.task_id)
+    assert isinstance(result.result, Reject) and result.result.requeue
+    retry = sagas.store.load("retry-1").run.outbox  # type: ignore[union-attr]
+    assert list(retry) == ["step:t.flaky#1:2"]  # still due: its redelivery sends it

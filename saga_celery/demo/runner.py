@@ -1,11 +1,12 @@
-"""``python -m workers.demo`` (``make demo``): two orders on a real worker, one rolled back.
+"""``saga-celery demo`` (``python -m saga_celery.demo``): two orders on a real worker, one
+rolled back.
 
 With ``SAGA_REDIS_URL`` set, the demo uses that Redis; unset, it serves an embedded
-Redis-protocol server in this process.  It starts ``celery -A workers.app worker`` (prefork,
-2 processes) against it, places an order that completes and one whose last step fails so
-the steps that started are rolled back, prints both sagas and their ledger effects, and
-exits 0 only if both ended as they should.  The worker's log goes to a temporary file,
-printed only when something went wrong.
+Redis-protocol server in this process (``saga_celery.demo.embedded``).  It starts
+``celery -A saga_celery.demo.app worker`` (prefork, 2 processes) against it, places an order
+that completes and one whose last step fails so the steps that started are rolled back,
+prints both sagas and their ledger effects, and exits 0 only if both ended as they should.
+The worker's log goes to a temporary file, printed only when something went wrong.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import redis
 import structlog
 
 from saga_celery import SagaState
-from saga_celery._embedded import EmbeddedRedis, start_embedded_redis
+from saga_celery._extras import MissingExtraError
 from saga_celery._table import status_lines
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_MODULE = "saga_celery.demo.app"
+"""What the worker subprocess imports, by name: so it is part of the installed package."""
 READY_TIMEOUT_S = 60.0
 SAGA_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -40,14 +42,14 @@ LOG_TAIL_LINES = 200
 
 
 class Worker:
-    """A ``celery -A workers.app worker`` subprocess, leader of its own process group."""
+    """A ``celery -A saga_celery.demo.app worker`` subprocess, leader of its process group."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.node = f"saga-demo-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
         fd, name = tempfile.mkstemp(prefix="saga-demo-worker-", suffix=".log")
         self.log_path = Path(name)
         command = [
-            sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+            sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
             "-P", "prefork", "-c", "2", "-n", self.node,
             "--without-gossip", "--without-mingle",
             # INFO, not WARNING: the "<node> ready." line is how the demo knows it can start.
@@ -55,7 +57,7 @@ class Worker:
         ]  # fmt: skip
         with os.fdopen(fd, "wb") as log_file:
             self.popen = subprocess.Popen(
-                command, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                 stderr=subprocess.STDOUT, process_group=0,
             )
 
@@ -92,11 +94,6 @@ def worker_env(redis_url: str, *, embedded: bool) -> dict[str, str]:
     env["SAGA_REDIS_URL"] = redis_url
     if embedded:  # the embedded server is the only Redis there is
         env["SAGA_BROKER_URL"] = redis_url
-    # Short, so Redis redelivers quickly what a lost worker held; still above every
-    # retry delay plus timeout of the shop's steps (checked when they are declared).
-    env.setdefault("SAGA_VISIBILITY_TIMEOUT", "60")
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -154,7 +151,7 @@ def problems(ok: SagaState, failed: SagaState) -> list[str]:
 
 def run_orders() -> list[str]:
     """Place the two orders and print them; return what went wrong."""
-    from workers import shop
+    from saga_celery.demo.app import shop
 
     # This process's own saga events would interleave JSON lines with the demo's output.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -175,7 +172,7 @@ def run_orders() -> list[str]:
         except TimeoutError as exc:
             return [str(exc)]
         states.append(state)
-        text = report(state, run.events(), shop.ledger_entries(state.id))
+        text = report(state, run.events(), shop.ledger.entries(state.id))
         print(f"\n== {label}\n{text}", flush=True)
     print()
     return problems(*states)
@@ -184,10 +181,10 @@ def run_orders() -> list[str]:
 def demo(redis_url: str, *, embedded: bool) -> int:
     """Start a worker on ``redis_url``, run the orders, stop the worker; the exit status."""
     env = worker_env(redis_url, embedded=embedded)
-    os.environ.update(env)  # this process imports workers.app with the same settings
+    os.environ.update(env)  # this process imports the demo's app with the same settings
     worker = Worker(env)
-    print(f"Started worker {worker.node} (celery -A workers.app worker, prefork, 2 processes)",
-          flush=True)
+    print(f"Started worker {worker.node} (celery -A {APP_MODULE} worker, prefork, "
+          "2 processes)", flush=True)
     failed: list[str] = []
     try:
         problem = worker.wait_ready(READY_TIMEOUT_S)
@@ -206,29 +203,40 @@ def demo(redis_url: str, *, embedded: bool) -> int:
     return 0
 
 
+class CannotStart(RuntimeError):
+    """The demo has no Redis to run on (the message says why and what to do)."""
+
+
+def _on_redis(url: str) -> int:
+    print(f"Using Redis at {url} (SAGA_REDIS_URL)", flush=True)
+    problem = unreachable(url)
+    if problem is not None:
+        raise CannotStart(problem)
+    return demo(url, embedded=False)
+
+
+def _on_embedded() -> int:
+    try:
+        from saga_celery.demo.embedded import start_embedded_redis
+
+        server = start_embedded_redis()
+    except MissingExtraError as exc:
+        raise CannotStart(f"{exc} (or set SAGA_REDIS_URL to a Redis of your own)") from exc
+    with server:
+        print(f"SAGA_REDIS_URL is not set: using an embedded Redis server at {server.url}",
+              flush=True)
+        return demo(server.url, embedded=True)
+
+
 def main() -> int:
+    """Run the demo on ``$SAGA_REDIS_URL``, or on an embedded server; the exit status."""
     started = time.monotonic()
     url = os.environ.get("SAGA_REDIS_URL") or None
-    server: EmbeddedRedis | None = None
-    if url is None:
-        server = start_embedded_redis()
-        url = server.url
-        print(f"SAGA_REDIS_URL is not set: using an embedded Redis server at {url}", flush=True)
-    else:
-        print(f"Using Redis at {url} (SAGA_REDIS_URL)", flush=True)
-        problem = unreachable(url)
-        if problem is not None:
-            print(f"DEMO FAILED: {problem}", file=sys.stderr)
-            return 1
     try:
-        status = demo(url, embedded=server is not None)
-    finally:
-        if server is not None:
-            server.stop()
+        status = _on_embedded() if url is None else _on_redis(url)
+    except CannotStart as exc:
+        print(f"DEMO FAILED: {exc}", file=sys.stderr)
+        return 1
     verdict = "passed" if status == 0 else "FAILED"
     print(f"demo {verdict} in {time.monotonic() - started:.1f} s")
     return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

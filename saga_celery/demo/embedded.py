@@ -10,7 +10,8 @@ thread::
         app = Celery("demo", broker=server.url, backend=server.url)
         ...  # start `celery -A demo worker` with the URL in its environment
 
-Everything lives in this process's memory: it is gone when the server stops.
+Everything lives in this process's memory: it is gone when the server stops.  It needs
+fakeredis with Lua, from the ``saga-celery[demo]`` extra.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import importlib.util
 import threading
 from types import TracebackType
 
-from fakeredis import TcpFakeServer
+from saga_celery._extras import MissingExtraError
+
+try:
+    from fakeredis import TcpFakeServer
+except ImportError as exc:
+    raise MissingExtraError("demo", "fakeredis", needed_by="the embedded Redis server") from exc
 
 __all__ = ["EmbeddedRedis", "start_embedded_redis"]
 
@@ -68,14 +74,13 @@ class EmbeddedRedis:
 def start_embedded_redis(port: int = 0) -> EmbeddedRedis:
     """Start a Redis-protocol server on 127.0.0.1 (``port=0``: a free port) and return it.
 
-    Raises ``RuntimeError`` when lupa is missing, because the saga store's atomic updates
-    are Lua scripts and fakeredis would reject them only later, at the first ``EVAL``.
+    Raises ``MissingExtraError`` when lupa (fakeredis' Lua) is missing, because the saga
+    store's atomic updates are Lua scripts and fakeredis would reject them only later, at the
+    first ``EVAL``.
     """
     if importlib.util.find_spec("lupa") is None:
-        raise RuntimeError(
-            "the embedded Redis needs Lua scripting: install fakeredis with its extra, "
-            "pip install 'fakeredis[lua]'"
-        )
+        raise MissingExtraError("demo", "lupa (fakeredis' Lua scripting)",
+                                needed_by="the embedded Redis server")
     server = TcpFakeServer((_LOOPBACK, port))
     thread = threading.Thread(
         target=server.serve_forever,

@@ -1,0 +1,156 @@
+"""The reading commands: ``status``, ``list`` and ``events``.  They change nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import click
+
+from saga_celery._celery.app import SagaApp
+from saga_celery._core.model import TERMINAL_STATUSES, SagaRun, SagaStatus
+from saga_celery._core.state import SagaState
+from saga_celery._store.base import SagaStore
+from saga_celery._table import render, status_lines
+from saga_celery.cli.target import with_sagas
+
+__all__ = ["events", "list_", "matching", "status"]
+
+LIST_SCAN_FACTOR = 10
+"""``list`` with filters looks at up to this many times ``--limit`` of the newest sagas."""
+FOLLOW_BLOCK_MS = 1000
+"""Longest single wait for new events with ``events --follow``: the status is re-read after."""
+
+
+@click.command()
+@click.argument("saga_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the SagaState as JSON.")
+@with_sagas
+def status(sagas: SagaApp, saga_id: str, as_json: bool) -> None:
+    """Show a saga's status and its step table.
+
+    One row per step: its start order, forward outcome and attempts, rollback outcome and
+    attempts; then the rollback order and every failed attempt.
+    """
+    run = sagas.run(saga_id)
+    state = run.status()
+    if as_json:
+        click.echo(state.model_dump_json(indent=2))
+        return
+    lines = status_lines(state, run.events())
+    lines.insert(1, f"  {_times(state)}")
+    click.echo("\n".join(lines))
+
+
+def _times(state: SagaState) -> str:
+    def at(value: datetime | None) -> str:
+        return "-" if value is None else value.isoformat(timespec="milliseconds")
+
+    return (f"created {at(state.created_at)}  started {at(state.started_at)}  "
+            f"ended {at(state.ended_at)}")
+
+
+@click.command("list")
+@click.option("--status", "status_", type=click.Choice([s.value for s in SagaStatus]),
+              help="Only sagas with this status.")
+@click.option("--name", help="Only sagas with this name.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help=f"At most this many; filters look at the {LIST_SCAN_FACTOR}x newest.")
+@click.option("--corrupt", is_flag=True,
+              help="Instead: the sagas the recovery sweep could not read and moved aside.")
+@with_sagas
+def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int,
+          corrupt: bool) -> None:
+    """List the newest sagas, optionally filtered.
+
+    Columns: id, name, status, rollback outcome and creation time, newest first.  With
+    --corrupt: id, when the sweep moved it aside and why, the most recently moved first.
+    """
+    if corrupt:
+        _list_corrupt(sagas.store, limit, filtered=status_ is not None or name is not None)
+        return
+    runs = list(matching(sagas.store, status=status_, name=name, limit=limit))
+    if not runs:
+        click.echo("no sagas found")
+        return
+    rows = [["id", "name", "status", "rollback", "created_at"], *map(_list_row, runs)]
+    click.echo("\n".join(render(rows)))
+
+
+def _list_corrupt(store: SagaStore, limit: int, *, filtered: bool) -> None:
+    if filtered:
+        raise click.UsageError("--corrupt lists unreadable records: --status and --name "
+                               "need a readable saga")
+    records = store.corrupt_records(limit)
+    if not records:
+        click.echo("no corrupt sagas")
+        return
+    rows = [[r.saga_id, _epoch_ms(r.at_ms), r.why] for r in records]
+    click.echo("\n".join(render([["id", "moved_at", "why"], *rows])))
+
+
+def _epoch_ms(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat(timespec="seconds")
+
+
+def matching(store: SagaStore, *, status: str | None, name: str | None,
+             limit: int) -> Iterator[SagaRun]:
+    """Up to ``limit`` sagas, newest first, among the ``LIST_SCAN_FACTOR`` x ``limit`` newest."""
+    found = 0
+    for saga_id in store.list_ids(limit * LIST_SCAN_FACTOR):
+        snapshot = store.load(saga_id)
+        if snapshot is None:  # retention expired; the index keeps the id a while longer
+            continue
+        run = snapshot.run
+        if (status is None or run.status == status) and (name is None or run.name == name):
+            yield run
+            found += 1
+            if found == limit:
+                return
+
+
+def _list_row(run: SagaRun) -> list[str]:
+    rollback = "-" if run.rollback is None else str(run.rollback.outcome or "running")
+    created = run.created_at.isoformat(timespec="seconds")
+    return [run.id, run.name, str(run.status), rollback, created]
+
+
+@click.command()
+@click.argument("saga_id")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new events until the saga ends (or Ctrl-C).")
+@with_sagas
+def events(sagas: SagaApp, saga_id: str, follow: bool) -> None:
+    """Print a saga's events as JSON lines.
+
+    Oldest first, one JSON object a line; with --follow, until the saga ends.
+    """
+    sagas.engine.load(saga_id)
+    last = _echo_events(sagas.store, saga_id, "0")
+    if not follow:
+        return
+    try:
+        _follow(sagas, saga_id, last)
+    except KeyboardInterrupt:
+        click.get_current_context().exit(130)
+
+
+def _follow(sagas: SagaApp, saga_id: str, last: str) -> None:
+    while True:
+        # The state and the events of one transition are written atomically: once the state
+        # reads terminal, one more read has every event up to the terminal one.
+        ended = sagas.engine.load(saga_id).run.status in TERMINAL_STATUSES
+        last = _echo_events(sagas.store, saga_id, last,
+                            block_ms=None if ended else FOLLOW_BLOCK_MS)
+        if ended:
+            return
+
+
+def _echo_events(store: SagaStore, saga_id: str, after: str, *,
+                 block_ms: int | None = None) -> str:
+    """Print the events after stream id ``after``; the last id printed."""
+    for stream_id, event in store.read_events(saga_id, after=after, block_ms=block_ms):
+        click.echo(json.dumps(event))
+        after = stream_id
+    return after
