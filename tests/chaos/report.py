@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from saga_celery import SagaError
-from tests.chaos.broker import Replay, replay
+from tests.chaos.broker import Message, Replay, replay
 from tests.chaos.chaos import Chaos
 from tests.chaos.check import (
     ChaosEvent,
@@ -41,6 +41,8 @@ from tests.chaos.window import (
 MAX_SAMPLES = 20
 RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
 """The recovery sweep's log line: it re-sent a message of this saga."""
+RESENT_RE = re.compile(r"saga\.recovered +messages=\[([^\]]*)\].*?saga_id=(\S+)")
+"""The same line: which messages (``"<kind>:<key>:<attempt>"``) it re-sent."""
 FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
 """Celery's log line when a worker's main loop crashes; the exception's class name."""
 SWEEP_RECEIVED = "Task saga_celery.recover["
@@ -113,7 +115,7 @@ def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet:
         tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
     window = [d for d in stalled if d["saga_id"] in in_window]
     stalled = [d for d in stalled if d["saga_id"] not in in_window]
-    summary = _summary(tally, stalled, window, len(broker.lost()), chaos, fleet, started,
+    summary = _summary(tally, stalled, window, broker.lost(), chaos, fleet, started,
                        logs.texts)
     return summary, stalled + window
 
@@ -135,7 +137,8 @@ def _classify(stalled: list[dict[str, Any]], broker: Replay, ends: list[Consumer
 
 
 def _summary(tally: Tally, stalled: list[dict[str, Any]], window: list[dict[str, Any]],
-             lost_messages: int, chaos: Chaos, fleet: Fleet, started: float, logs: list[str]
+             lost_messages: list[Message], chaos: Chaos, fleet: Fleet, started: float,
+             logs: list[str]
              ) -> dict[str, Any]:
     recovery = recovery_by_kind(tally.stalls)
     where = None
@@ -151,7 +154,8 @@ def _summary(tally: Tally, stalled: list[dict[str, Any]], window: list[dict[str,
         "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
         **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas")},
         "stalled": len(stalled), "stalled_in_broker_window": len(window),
-        "messages_lost_in_broker_window": lost_messages,
+        "messages_lost_in_broker_window": len(lost_messages),
+        "messages_lost_in_broker_window_resent_by_sweep": len(_resent(lost_messages, logs)),
         "unexpected_outcomes": totals["unexpected_outcomes"],
         "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
         "max_recovery_at": where, "recovery_by_event": recovery,
@@ -168,6 +172,13 @@ def _summary(tally: Tally, stalled: list[dict[str, Any]], window: list[dict[str,
         "broker_window_samples": [{k: d[k] for k in WINDOW_FIELDS}
                                   for d in window[:MAX_STALLED_SAMPLES]],
     }
+
+
+def _resent(messages: list[Message], logs: list[str]) -> list[Message]:
+    """Those of ``messages`` whose attempt the recovery sweep re-sent (after or not)."""
+    resent = {(saga_id, item.strip(" '")) for text in logs
+              for items, saga_id in RESENT_RE.findall(text) for item in items.split(",")}
+    return [m for m in messages if (m.saga_id, m.item) in resent]
 
 
 def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[str, Any]]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from saga_celery._core.model import Kind
 from tests.chaos.broker import replay
 from tests.chaos.check import ChaosEvent
+from tests.chaos.report import _resent
 from tests.chaos.window import ConsumerEnd, awaited_items, classify, consumer_ends
 from tests.unit.sim import Sim, plan
 from tests.unit.test_chaos_broker import SAGA, _aof, _delivered, _message, _resp
@@ -130,3 +131,13 @@ def test_a_saga_awaits_its_outbox_entries_and_its_open_attempts() -> None:
     sim.start_step("c", kind=Kind.ROLLBACK)
     assert [label for label, _ in awaited_items(sim.run)] == [
         "open rollback:c#1:1 (started, never ended)"]
+
+
+def test_a_lost_message_counts_as_resent_when_the_sweep_logged_its_attempt(
+        tmp_path: Path) -> None:
+    """With beat the sweep's ``saga.recovered`` line names the attempt a lost message carried."""
+    lost = replay(_taken_never_recorded(tmp_path)).lost()
+    line = (f"[warning  ] saga.recovered                 messages=['rollback:x#1:1', '{ITEM}'] "
+            f"saga_id={SAGA}\n")
+    assert _resent(lost, ["nothing\n", line]) == lost
+    assert _resent(lost, [line.replace(SAGA, "chaos-1-00002")]) == []
