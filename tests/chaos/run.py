@@ -56,7 +56,7 @@ Summary figures:
   took it (or the workers it can have been) and what ended it, when.
   ``messages_lost_in_broker_window``: every saga message the AOF shows taken and never
   recorded, needed or not; ``messages_lost_in_broker_window_resent_by_sweep``: those whose
-  attempt the recovery sweep re-sent (``saga.recovered``; with beat, every one a saga needed).
+  attempt the recovery sweep re-sent (``saga.recovered``; with beat, each one a saga needed).
 - ``max_recovery_s``: for every chaos event (the moment a kill, the SIGSTOP or the Redis
   shutdown began) and every saga in flight then, the time from the event to the saga's next
   progress (a lifecycle event in its Redis stream, not counting attempts recorded as failed

@@ -6,7 +6,11 @@ A consumer that dies or loses its connection between the two (its worker SIGKILL
 process crashed, Redis shut down with the reply in flight) loses the message: it is in no
 queue and not in ``unacked``, so no redelivery and no visibility timeout brings it back.
 Only a periodic check that knows the message is due (the recovery sweep, reading the saga's
-outbox and its open attempts' leases) can re-send it; without beat nothing does.
+outbox and its open attempts' leases) can re-send it; without beat nothing does.  No design
+without such a check exists on this transport: the library runs only on the delivery of one
+of the saga's messages, and the one left is gone with no trace in the broker; avoiding the
+loss would need kombu to take and record in one step (say, ``BLMOVE`` into a per-consumer
+list), which its Redis transport does not do.
 
 A stalled saga counts as stalled *in the broker window* only when the AOF proves it, for
 every message the saga waits for (each outbox entry never started, each open attempt's
