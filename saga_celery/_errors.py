@@ -6,6 +6,7 @@
     ├── SagaNotFoundError        (also LookupError) no saga with that id
     ├── SagaConflictError                           a saga id reused with different params
     ├── SagaStateError                              an operation the saga's status forbids
+    ├── SagaFormatError                             written by a newer release: left untouched
     ├── StepOutputError                             a step output that cannot be stored
     │   ├── OutputNotSerializableError
     │   └── OutputTooLargeError
@@ -69,6 +70,11 @@ class SagaStoreError(SagaError):
 
 class SagaStoreUnavailableError(SagaStoreError, ConnectionError):
     """The saga store (Redis) cannot be reached."""
+
+
+class SagaFormatError(SagaError):
+    """A stored saga or a message is in a format newer than this release reads: it was
+    written by a newer saga_celery, and is left untouched for a process that reads it."""
 
 
 class SagaCorruptStateError(SagaStoreError):

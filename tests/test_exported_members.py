@@ -18,6 +18,7 @@ EXPECTED = [
     "SagaDefinition",
     "SagaDefinitionError",
     "SagaError",
+    "SagaFormatError",
     "SagaHandle",
     "SagaNotFoundError",
     "SagaRollback",

@@ -60,7 +60,8 @@ def create_app(settings: WorkerSettings) -> tuple[Celery, SagaApp]:
     saga_app = SagaApp(celery_app, redis_url=settings.state_url, prefix=settings.prefix,
                        steps_queue=settings.steps_queue,
                        rollbacks_queue=settings.rollbacks_queue,
-                       recovery_interval=timedelta(seconds=settings.recovery_interval))
+                       recovery_interval=timedelta(seconds=settings.recovery_interval),
+                       write_format=settings.write_format)
     return celery_app, saga_app
 
 

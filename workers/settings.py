@@ -64,6 +64,9 @@ class WorkerSettings(BaseSettings):
     """Flower's basic-auth user (``SAGA_FLOWER_USER``); set with ``flower_password``."""
     flower_password: SecretStr | None = None
     """Flower's basic-auth password (``SAGA_FLOWER_PASSWORD``)."""
+    write_format: int | None = None
+    """The format new sagas are created in (``SAGA_WRITE_FORMAT``): the newest when unset; 1
+    while processes of 0.1.0 may still run (README, "Upgrading")."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSettings:

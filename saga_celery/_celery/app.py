@@ -60,8 +60,8 @@ class SagaApp:
     can run again).  ``retention`` is how long a finished saga's state is kept.
     ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
     and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
-    ``write_format`` is the format new sagas are created in (README "Upgrading"): the newest by
-    default; 1 while processes of 0.1.0 may still run, so they can read every saga.
+    ``write_format`` is the format new sagas are created in (README "Upgrading"): the newest when
+    None; 1 while processes of 0.1.0 may still run, so they can read every saga.
     """
 
     def __init__(
@@ -78,9 +78,10 @@ class SagaApp:
         recovery_interval: object = "30 seconds",
         recovery_grace: object = "60 seconds",
         store: SagaStore | None = None,
-        write_format: int = FORMAT,
+        write_format: int | None = None,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
+        write_format = FORMAT if write_format is None else write_format
         if write_format not in FORMATS:
             raise SagaConfigError(
                 f"SagaApp(write_format={write_format!r}): this release writes formats "

@@ -6,9 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from saga_celery._core.model import Kind
-from saga_celery._errors import SagaError
+from saga_celery._errors import SagaError, SagaFormatError
 
 CONTROL_KEY = "__saga__"
+
+MESSAGE_FORMAT = 2
+"""The format of the control kwarg this release writes (``v``; absent in 0.1.0's: 1).  A
+message in a newer one is refused (``SagaFormatError``), not misread."""
 
 _TEXT = ("saga_id", "key", "step")
 _NUMBERS = ("count", "attempt")
@@ -43,7 +47,7 @@ class Control:
 
         Keys it does not know are ignored, so an older worker reads a newer message.
         """
-        if type(value) is dict:  # what every message carries: checked in one expression
+        if type(value) is dict and value.get("v", 1) in (1, MESSAGE_FORMAT):  # every message
             saga_id, kind, key = value.get("saga_id"), value.get("kind"), value.get("key")
             step, count, attempt = value.get("step"), value.get("count"), value.get("attempt")
             after, behind = value.get("after"), value.get("behind", 0)
@@ -61,6 +65,7 @@ class Control:
         if not isinstance(value, dict):
             raise SagaError(f"the {CONTROL_KEY!r} kwarg of a saga message must be a dict, "
                             f"got {type(value).__name__}")
+        _check_format(value)
         for name in (*_TEXT, "kind"):
             if not isinstance(value.get(name), str):
                 raise _invalid(value, name, "a string")
@@ -84,9 +89,9 @@ class Control:
 
     def as_kwarg(self) -> dict[str, Any]:
         """What the message carries under ``__saga__``: JSON types only."""
-        out: dict[str, Any] = {"saga_id": self.saga_id, "kind": self.kind.value,
-                               "key": self.key, "step": self.step, "count": self.count,
-                               "attempt": self.attempt}
+        out: dict[str, Any] = {"v": MESSAGE_FORMAT, "saga_id": self.saga_id,
+                               "kind": self.kind.value, "key": self.key, "step": self.step,
+                               "count": self.count, "attempt": self.attempt}
         if self.after is not None:
             out["after"] = self.after
         if self.behind:
@@ -101,6 +106,19 @@ class Control:
         return (f"{{'saga_id': {self.saga_id!r}, 'step': {self.step!r}, "
                 f"'count': {self.count!r}, 'attempt': {self.attempt!r}, "
                 f"'kind': {self.kind.value!r}}}")
+
+
+def _check_format(value: dict[Any, Any]) -> None:
+    """Refuse a message in a format newer than this release reads (or none at all)."""
+    written = value.get("v", 1)
+    if not isinstance(written, int) or isinstance(written, bool) or written < 1:
+        raise _invalid(value, "v", "a positive integer or absent")
+    if written > MESSAGE_FORMAT:
+        saga_id = value.get("saga_id")
+        raise SagaFormatError(
+            f"a saga message in format {written}, sent by a newer saga_celery; this release "
+            f"reads formats up to {MESSAGE_FORMAT}: it is handed back for a worker that "
+            "reads it", saga_id=saga_id if isinstance(saga_id, str) else None)
 
 
 def _invalid(value: dict[Any, Any], name: str, expected: str) -> SagaError:

@@ -32,7 +32,7 @@ from saga_celery._core.events import RecoverySwept
 from saga_celery._core.model import Kind, SagaRun
 from saga_celery._core.recovery import overdue, stalled
 from saga_celery._engine import Engine, lease_name
-from saga_celery._errors import SagaCorruptStateError, SagaNotFoundError
+from saga_celery._errors import SagaCorruptStateError, SagaFormatError, SagaNotFoundError
 from saga_celery._store.base import active_pages
 
 log = structlog.get_logger("saga_celery")
@@ -64,8 +64,8 @@ def _sweep_safely(engine: Engine, dispatcher: Dispatcher, saga_id: str,
         log.error("saga.recovery_moved_aside", saga_id=saga_id, error=str(exc))
         at_ms = int(engine.clock().timestamp() * 1000)
         engine.store.mark_corrupt(saga_id, str(exc), at_ms=at_ms)
-    except SagaNotFoundError as exc:  # vanished mid-sweep: the next one forgets it
-        log.error("saga.recovery_skipped", saga_id=saga_id, error=str(exc))
+    except (SagaNotFoundError, SagaFormatError) as exc:  # vanished mid-sweep, or a newer
+        log.error("saga.recovery_skipped", saga_id=saga_id, error=str(exc))  # release's
     return 0
 
 

@@ -50,6 +50,7 @@ from saga_celery._errors import (
     OutputNotSerializableError,
     OutputTooLargeError,
     RetryLater,
+    SagaError,
     SagaStoreUnavailableError,
     StepOutputError,
 )
@@ -360,6 +361,11 @@ def _own_retry(transition: Transition, control: Control) -> Dispatch | None:
 
 
 def control_of(kwargs: dict[str, Any] | None) -> Control | None:
+    """The control of a message the worker's main process handles; None if it has none, or
+    one it cannot read (the pool process reports that one)."""
     if not kwargs or CONTROL_KEY not in kwargs:
         return None
-    return Control.parse(kwargs[CONTROL_KEY])
+    try:
+        return Control.parse(kwargs[CONTROL_KEY])
+    except SagaError:
+        return None

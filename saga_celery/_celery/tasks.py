@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import structlog
 from celery import Celery, Task
+from celery.exceptions import Reject
 from celery.local import Proxy
 
-from saga_celery._celery.control import split_control
+from saga_celery._celery.control import Control, split_control
 from saga_celery._celery.dispatch import ARGS_REPR
 from saga_celery._celery.security import signing
 from saga_celery._core.config import StepConfig
-from saga_celery._errors import SagaConfigError, SagaDefinitionError
+from saga_celery._errors import SagaConfigError, SagaDefinitionError, SagaFormatError
 
 if TYPE_CHECKING:
     from saga_celery._celery.app import SagaApp
+
+log = structlog.get_logger("saga_celery")
 
 TIME_LIMIT_GRACE_S = 2.0
 """The hard limit falls this long after the soft one, for a body that ignores the soft one."""
@@ -66,7 +71,7 @@ class SagaStepTask(SagaTask):
     saga_rollback: ClassVar[SagaRollbackTask | None] = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        control, rest = split_control(kwargs)
+        control, rest = _received(kwargs)
         if control is None:
             return super().__call__(*args, **kwargs)
         self.saga_app.runtime.run_step(self, control, args, rest, self.saga_config)
@@ -90,11 +95,27 @@ class SagaRollbackTask(SagaTask):
     saga_step_name: ClassVar[str]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        control, _rest = split_control(kwargs)
+        control, _rest = _received(kwargs)
         if control is None:
             return super().__call__(*args, **kwargs)
         self.saga_app.runtime.run_rollback(self, control, self.saga_config)
         return None
+
+
+FORMAT_PAUSE_S = 1.0
+"""How long a worker waits before handing back a message in a format it cannot read."""
+
+
+def _received(kwargs: dict[str, Any]) -> tuple[Control | None, dict[str, Any]]:
+    """The message's control and the user's kwargs.  A message from a newer release that this
+    one cannot read is handed back (rejected with requeue) for a worker that can, rather than
+    failed, which would drop it."""
+    try:
+        return split_control(kwargs)
+    except SagaFormatError as exc:
+        log.warning("saga.message_format_unknown", error=str(exc))
+        time.sleep(FORMAT_PAUSE_S)
+        raise Reject(str(exc), requeue=True) from exc
 
 
 def time_limits(config: StepConfig) -> dict[str, float]:

@@ -23,11 +23,19 @@ from redis.commands.core import Script
 from redis.retry import Retry
 
 from saga_celery._core.journal import count_entries, replay
-from saga_celery._core.model import Plan, SagaProgress, SagaRun, encode_progress, with_plan
+from saga_celery._core.model import (
+    FORMATS,
+    Plan,
+    SagaProgress,
+    SagaRun,
+    encode_progress,
+    with_plan,
+)
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
     SagaError,
+    SagaFormatError,
     SagaStoreError,
     SagaStoreUnavailableError,
 )
@@ -421,6 +429,7 @@ class RedisStore:
                 if journal is not None:
                     replay(run, cast(bytes, journal))
         except (TypeError, ValueError, ValidationError) as exc:
+            _check_format(saga_id, data)
             detail = f"{key} does not hold a readable saga record ({_first_line(exc)})"
             raise self._corrupt(saga_id, detail) from exc
         if progress.id != saga_id:
@@ -526,6 +535,23 @@ def _check_retention(retention_ms: int | None) -> int | None:
     if retention_ms is not None and retention_ms <= 0:
         raise SagaConfigError(f"retention_ms must be positive or None, not {retention_ms}")
     return retention_ms
+
+
+def _check_format(saga_id: str, data: object) -> None:
+    """Raise ``SagaFormatError`` if an unreadable record says it is in a newer format.
+
+    Looked at only once a record failed to read: what a newer release adds to a format
+    is what this release cannot read, so that is where the difference shows."""
+    try:
+        written = json.loads(cast(str, data)).get("format", 1)
+    except (TypeError, ValueError, AttributeError):
+        return
+    if isinstance(written, int) and written not in FORMATS and written > max(FORMATS):
+        raise SagaFormatError(
+            f"saga {saga_id!r} is stored in format {written}, written by a newer "
+            f"saga_celery; this release reads formats {sorted(FORMATS)}. It is left "
+            "untouched: run a release that reads it (README, \"Upgrading\").",
+            saga_id=saga_id)
 
 
 def _check_ttl(ttl_ms: int) -> None:
