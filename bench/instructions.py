@@ -95,7 +95,7 @@ def child(kind: str, m: int, miss: float) -> None:
                 args, kwargs, embed = message.decode()
                 if kind == "saga" and draw() < miss:  # as if the other process ran the last
                     saga_id = kwargs[CONTROL_KEY]["saga_id"]
-                    bench_app.sagas.engine._cache.pop(saga_id, None)
+                    bench_app.sagas._engine._cache.pop(saga_id, None)
                 # ``properties`` as Celery's Request passes them: a saga task finds its
                 # delivery tag there and sends its own late ack (``_celery/acks.py``).
                 request = {**headers, **embed, "delivery_info": message.delivery_info,

@@ -461,7 +461,7 @@ def retention_check(bench: Bench, handles: list[Any], retention_s: float) -> dic
     """Finished sagas' keys carry the retention as a TTL and are gone once it passes."""
     from saga_celery._store.keys import KeySpace
 
-    keys = KeySpace(bench.app.sagas.store.prefix)
+    keys = KeySpace(bench.app.sagas._store.prefix)
     client = redis.Redis.from_url(bench.app.SAGA_URL)
     names = [name for h in handles for name in (keys.state(h.id), keys.events(h.id))]
     ttls = [int(client.pttl(name)) for name in names]
@@ -478,7 +478,7 @@ def key_bytes(bench: Bench, handles: list[Any]) -> dict[str, Any]:
     """``MEMORY USAGE`` of a sample of finished sagas' keys (state hash and event stream)."""
     from saga_celery._store.keys import KeySpace
 
-    keys = KeySpace(bench.app.sagas.store.prefix)
+    keys = KeySpace(bench.app.sagas._store.prefix)
     client = redis.Redis.from_url(bench.app.SAGA_URL)
     sample = handles[:: max(1, len(handles) // 20)][:20]
     sizes = [sum(int(client.memory_usage(name, samples=0) or 0)

@@ -25,11 +25,12 @@ from saga_celery._core.events import (
     Event,
     Transition,
 )
-from saga_celery._core.journal import MAX_ENTRIES, encode_entry
 from saga_celery._core.machine import apply_owned, start_saga
-from saga_celery._core.model import FORMAT, Kind, Plan, SagaRun, SagaStatus, encode_progress
+from saga_celery._core.model import FORMAT, Kind, Plan, SagaRun, SagaStatus
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
 from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
+from saga_celery._store.encoding import encode_progress
+from saga_celery._store.journal import MAX_ENTRIES, encode_entry
 
 log = structlog.get_logger("saga_celery")
 
@@ -133,7 +134,7 @@ class Engine:
         when the answer is RUN; with an end event it is given back with the commit, or on
         its own when the end changes nothing (the attempt was already recorded as ended, a
         body that outlived its timeout).  A start that leaves the saga running is committed
-        as a journal line (``_core/journal.py``) rather than the whole run.
+        as a journal line (``_store/journal.py``) rather than the whole run.
 
         ``not_before``: the version whose commit sent the message being started.  A store
         behind it is read again for a moment, as the commit may still be on its way; then

@@ -95,7 +95,7 @@ class RetryLater(Exception):
     """
 
     def __init__(self, delay: object, message: str = "") -> None:
-        from saga_celery._core.config import parse_duration
+        from saga_celery._core.durations import parse_duration
 
         try:
             self.delay = parse_duration(delay)

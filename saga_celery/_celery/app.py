@@ -9,6 +9,7 @@ from typing import Any, overload
 from celery import Celery, bootsteps
 from kombu import Queue
 
+from saga_celery._celery.coordinator import Coordinator, SagaReader
 from saga_celery._celery.definition import SagaDefinition
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.handle import SagaHandle
@@ -40,7 +41,8 @@ from saga_celery._celery.typed import (
     SagaStep,
     StepDecorator,
 )
-from saga_celery._core.config import StepConfig, parse_duration, resolve_config
+from saga_celery._core.config import StepConfig, resolve_config
+from saga_celery._core.durations import parse_duration
 from saga_celery._core.model import FORMAT, FORMATS
 from saga_celery._engine import Engine, utcnow
 from saga_celery._errors import SagaConfigError, SagaDefinitionError
@@ -81,26 +83,24 @@ class SagaApp:
         write_format: int | None = None,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
-        write_format = FORMAT if write_format is None else write_format
-        if write_format not in FORMATS:
-            raise SagaConfigError(
-                f"SagaApp(write_format={write_format!r}): this release writes formats "
-                f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
-        self.write_format = write_format
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)
-        lease_ms = _positive_ms("lease_ttl", lease_ttl)
         retention_ms = _positive_ms("retention", retention)
         if store is None:
             store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
                                         retention_ms=retention_ms)
-        self.store = store
-        self.engine = Engine(store, clock=utcnow)
-        self.dispatcher = Dispatcher(app, utcnow)
-        self.runtime = Runtime(self.engine, self.dispatcher,
-                               RuntimeSettings(lease_ttl_ms=lease_ms,
-                                               max_output_bytes=max_output_bytes))
+        self._store = store
+        self._engine = Engine(store, clock=utcnow)
+        self._dispatcher = Dispatcher(app, utcnow)
+        self._runtime = Runtime(self._engine, self._dispatcher, RuntimeSettings(
+            lease_ttl_ms=_positive_ms("lease_ttl", lease_ttl), max_output_bytes=max_output_bytes))
+        self._coordinator = Coordinator(self._engine, self._dispatcher,
+                                        write_format=_write_format(write_format),
+                                        max_params_bytes=max_output_bytes)
+        self.reader = SagaReader(store)
+        """Reads sagas (state, events, the newest, the unreadable): the CLI's and the
+        dashboard's way in."""
         self.recovery_grace = parse_duration(recovery_grace)
         self._register_recovery(_positive_ms("recovery_interval", recovery_interval) / 1000)
         app.steps["worker"].add(_worker_check(self._check_worker))
@@ -217,7 +217,7 @@ class SagaApp:
         saga task against the visibility timeout again; ``SagaConfigError`` stops the worker."""
         restore_defaults(self.app)
         for task in list(self.app.tasks.values()):
-            if isinstance(task, SagaTask) and task.saga_app is self:
+            if isinstance(task, SagaTask) and task.saga_runtime is self._runtime:
                 owner = (_rollback_of(task.saga_step_name)
                          if isinstance(task, SagaRollbackTask) else task.name)
                 try:
@@ -232,7 +232,8 @@ class SagaApp:
         queue = options.pop("queue", None)
         if queue is not None:
             self.router.explicit[name] = queue.name if isinstance(queue, Queue) else str(queue)
-        options.update(time_limits(config), saga_app=self, saga_config=config,
+        options.update(time_limits(config), saga_runtime=self._runtime, saga_config=config,
+                       saga_register_rollback=self.register_rollback,
                        max_retries=config.retries.limit)
         return build_task(self.app, target, base=base, name=name, options=options)
 
@@ -241,18 +242,19 @@ class SagaApp:
     def saga(self, name: str, stages: Sequence[Any], *, rollback_mode: str = "sequential",
              on_rollback_error: str = "halt") -> SagaDefinition:
         """Declare a saga: a list of stages, each a step signature or a ``group`` of them."""
-        return SagaDefinition(self, name, stages, rollback_mode=rollback_mode,
-                              on_rollback_error=on_rollback_error)
+        return SagaDefinition(name, stages, tasks=self.app.tasks,
+                              coordinator=self._coordinator, reader=self.reader,
+                              rollback_mode=rollback_mode, on_rollback_error=on_rollback_error)
 
     def run(self, saga_id: str) -> SagaHandle:
         """A handle on an existing saga; ``SagaNotFoundError`` if there is none."""
-        self.engine.load(saga_id)
-        return SagaHandle(self, saga_id)
+        self.reader.run(saga_id)
+        return SagaHandle(self.reader, self._coordinator, saga_id)
 
     def recover(self, *, grace: object = None) -> int:
         """One recovery sweep (see ``saga_celery._celery.recovery``); returns messages re-sent."""
         delay = self.recovery_grace if grace is None else parse_duration(grace)
-        return recover(self.engine, self.dispatcher, grace=delay)
+        return recover(self._engine, self._dispatcher, grace=delay)
 
 
 def _rollback_of(step: str) -> str:
@@ -273,6 +275,16 @@ def _worker_check(check: Callable[[], None]) -> type[bootsteps.Step]:
             check()
 
     return SagaWorkerCheck
+
+
+def _write_format(write_format: int | None) -> int:
+    """The format new sagas are created in: the newest unless one this release writes is set."""
+    chosen = FORMAT if write_format is None else write_format
+    if chosen not in FORMATS:
+        raise SagaConfigError(
+            f"SagaApp(write_format={write_format!r}): this release writes formats "
+            f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
+    return chosen
 
 
 def _positive_ms(field: str, value: object) -> int:

@@ -6,19 +6,17 @@ import json
 import re
 import uuid
 from collections import Counter
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from celery import Task
 from celery.canvas import Signature, _chain, chord, group
 
+from saga_celery._celery.coordinator import Coordinator, SagaReader
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.tasks import SagaStepTask
 from saga_celery._core.model import OnRollbackError, Plan, RollbackMode, StepSpec
 from saga_celery._errors import SagaDefinitionError, SagaError
-
-if TYPE_CHECKING:
-    from saga_celery._celery.app import SagaApp
 
 SAGA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
 
@@ -26,11 +24,13 @@ SAGA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
 class SagaDefinition:
     """``sagas.saga(name, stages)``: start runs of it with ``apply_async``."""
 
-    def __init__(self, sagas: SagaApp, name: str, stages: Sequence[Any], *,
-                 rollback_mode: str, on_rollback_error: str) -> None:
-        self.sagas = sagas
+    def __init__(self, name: str, stages: Sequence[Any], *, tasks: Mapping[str, Any],
+                 coordinator: Coordinator, reader: SagaReader, rollback_mode: str,
+                 on_rollback_error: str) -> None:
+        self._coordinator = coordinator
+        self._reader = reader
         self.name = name
-        self.plan = Plan(stages=_stages(sagas, name, stages),
+        self.plan = Plan(stages=_stages(tasks, name, stages),
                          rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
                          on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
                                                    on_rollback_error))
@@ -39,13 +39,10 @@ class SagaDefinition:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
         saga_id = _checked_id(saga_id)
         text = _json_text(params if params is not None else {}, f"params of saga {saga_id!r}")
-        _check_size(text, self.sagas.runtime.settings.max_output_bytes, saga_id)
-        params = json.loads(text)
-        transition, _ = self.sagas.engine.submit(
-            saga_id=saga_id, name=self.name, plan=self.plan, params=params,
-            format=self.sagas.write_format)
-        self.sagas.dispatcher.send(transition.run, transition.dispatches)
-        return SagaHandle(self.sagas, saga_id)
+        _check_size(text, self._coordinator.max_params_bytes, saga_id)
+        self._coordinator.submit(saga_id=saga_id, name=self.name, plan=self.plan,
+                                 params=json.loads(text))
+        return SagaHandle(self._reader, self._coordinator, saga_id)
 
     def __repr__(self) -> str:
         steps = [[s.name for s in stage] for stage in self.plan.stages]
@@ -96,7 +93,8 @@ def _check_size(params: str, limit: int, saga_id: str) -> None:
             "instead of the data itself", saga_id=saga_id)
 
 
-def _stages(sagas: SagaApp, name: str, stages: Sequence[Any]) -> list[list[StepSpec]]:
+def _stages(tasks: Mapping[str, Any], name: str, stages: Sequence[Any]
+            ) -> list[list[StepSpec]]:
     if isinstance(stages, Signature) or not isinstance(stages, Sequence) or not stages:
         raise SagaDefinitionError(f"saga {name!r} has no steps: pass a non-empty list of step "
                                   "signatures or groups")
@@ -107,19 +105,20 @@ def _stages(sagas: SagaApp, name: str, stages: Sequence[Any]) -> list[list[StepS
         members = list(item.tasks) if in_group else [item]
         if not members:
             raise SagaDefinitionError(f"saga {name!r}: stage {index} is an empty group")
-        plan.append([_spec(sagas, name, member, index, pos, in_group, counts)
+        plan.append([_spec(tasks, name, member, index, pos, in_group, counts)
                      for pos, member in enumerate(members)])
     return plan
 
 
-def _spec(sagas: SagaApp, saga: str, item: Any, stage: int, index: int, in_group: bool,
+def _spec(tasks: Mapping[str, Any], saga: str, item: Any, stage: int, index: int,
+          in_group: bool,
           counts: Counter[str]) -> StepSpec:
     sig = item.s() if isinstance(item, Task) else item
     if isinstance(sig, _chain | chord | group) or not isinstance(sig, Signature):
         raise SagaDefinitionError(
             f"saga {saga!r}, stage {stage}: {item!r} is not a step signature; a stage is "
             "one step signature (step.s(...)) or a group of them")
-    task = sagas.app.tasks.get(sig.task)
+    task = tasks.get(sig.task)
     if not isinstance(task, SagaStepTask):
         raise SagaDefinitionError(f"saga {saga!r}: task {sig.task!r} is not a saga step "
                                   "(decorate it with @sagas.step)", step=sig.task)

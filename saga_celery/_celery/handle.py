@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from saga_celery._core.events import Event, RetryRollbackRequested, TerminateRequested
-from saga_celery._core.state import SagaState, to_state
-from saga_celery._errors import SagaStateError
-
-if TYPE_CHECKING:
-    from saga_celery._celery.app import SagaApp
+from saga_celery._celery.coordinator import Coordinator, SagaReader
+from saga_celery._core.events import RetryRollbackRequested, TerminateRequested
+from saga_celery._core.state import SagaState
 
 WAIT_BLOCK_MS = 1000
 """Longest single block on the event stream while waiting: the state is re-read after it."""
@@ -22,8 +19,9 @@ _ENDINGS = frozenset({"saga_completed", "saga_errored", "saga_terminated"})
 class SagaHandle:
     """One saga run: read its status and events, wait for it, terminate or resume it."""
 
-    def __init__(self, sagas: SagaApp, saga_id: str) -> None:
-        self._sagas = sagas
+    def __init__(self, reader: SagaReader, coordinator: Coordinator, saga_id: str) -> None:
+        self._reader = reader
+        self._coordinator = coordinator
         self.id = saga_id
 
     def __repr__(self) -> str:
@@ -31,12 +29,12 @@ class SagaHandle:
 
     def status(self) -> SagaState:
         """The saga's state now."""
-        return to_state(self._sagas.engine.load(self.id).run)
+        return self._reader.state(self.id)
 
     def events(self) -> list[dict[str, Any]]:
         """Every lifecycle event so far, oldest first."""
-        self._sagas.engine.load(self.id)
-        return [event for _, event in self._sagas.store.read_events(self.id)]
+        self._reader.run(self.id)  # SagaNotFoundError for an unknown id
+        return [event for _, event in self._reader.events(self.id)]
 
     def wait(self, timeout: float | None = None) -> SagaState:
         """Block until the saga is terminal; the builtin ``TimeoutError`` after ``timeout`` s."""
@@ -50,7 +48,7 @@ class SagaHandle:
                                    f"{timeout:g} s")
             block = WAIT_BLOCK_MS if remaining is None else min(WAIT_BLOCK_MS,
                                                                  max(int(remaining * 1000), 1))
-            batch = self._sagas.store.read_events(self.id, after=last, block_ms=block)
+            batch = self._reader.events(self.id, after=last, block_ms=block)
             if batch:
                 last = batch[-1][0]
             # Only an event that ends the saga can make it terminal: load the state then
@@ -62,16 +60,9 @@ class SagaHandle:
     def terminate(self, *, rollback: bool = False,
                   reason: str = "terminated by request") -> SagaState:
         """Stop the saga: no new step starts; with ``rollback=True`` compensate what started."""
-        return self._request(TerminateRequested(rollback=rollback, reason=reason))
+        return self._coordinator.request(self.id, TerminateRequested(rollback=rollback,
+                                                                     reason=reason))
 
     def retry_rollback(self) -> SagaState:
         """Resume a rollback whose outcome is ``failed``, each handler with a fresh budget."""
-        return self._request(RetryRollbackRequested())
-
-    def _request(self, event: Event) -> SagaState:
-        sagas = self._sagas
-        transition = sagas.engine.handle(self.id, event)
-        if transition.refusal is not None:
-            raise SagaStateError(transition.refusal, saga_id=self.id)
-        sagas.dispatcher.send(transition.run, transition.dispatches)
-        return to_state(transition.run)
+        return self._coordinator.request(self.id, RetryRollbackRequested())

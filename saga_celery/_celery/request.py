@@ -63,7 +63,7 @@ class SagaRequest(Request):  # type: ignore[misc]
         message = self._message
         return (CONTROL_KEY in (self.kwargs or {}) and is_tag(message.delivery_tag)
                 and fits_kept_client(message.channel)
-                and self.task.saga_app.dispatcher.acks_in_task())
+                and self.task.saga_runtime.dispatcher.acks_in_task())
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
         super().on_timeout(soft, timeout)
@@ -72,7 +72,7 @@ class SagaRequest(Request):  # type: ignore[misc]
             return
         try:
             configured = self.task.saga_config.timeout.total_seconds()  # not the hard limit
-            self.task.saga_app.runtime.record_hard_timeout(
+            self.task.saga_runtime.record_hard_timeout(
                 control, self.hostname, self.worker_pid, self.id, configured)
         except Exception:
             log.exception("saga.hard_timeout_not_recorded", saga_id=control.saga_id,
@@ -83,7 +83,7 @@ class SagaRequest(Request):  # type: ignore[misc]
         control = control_of(self.kwargs)
         if control is not None and isinstance(exc_info.exception, WorkerLostError):
             try:
-                self.task.saga_app.runtime.release_lost_lease(
+                self.task.saga_runtime.release_lost_lease(
                     control, self.hostname, self.worker_pid, self.id)
             except Exception:
                 log.exception("saga.lease_not_released", saga_id=control.saga_id,

@@ -19,7 +19,7 @@ from saga_celery._core.config import StepConfig
 from saga_celery._errors import SagaConfigError, SagaDefinitionError, SagaFormatError
 
 if TYPE_CHECKING:
-    from saga_celery._celery.app import SagaApp
+    from saga_celery._celery.runtime import Runtime
 
 log = structlog.get_logger("saga_celery")
 
@@ -46,7 +46,8 @@ class SagaTask(Task):  # type: ignore[misc]
     ignore_result = True
     typing = False  # checked in apply_async, minus the saga's control kwarg
     Request = "saga_celery._celery.request:SagaRequest"
-    saga_app: ClassVar[SagaApp]
+    saga_runtime: ClassVar[Runtime]
+    """What runs the task's attempts in a saga (the only part of the app a task needs)."""
     saga_config: ClassVar[StepConfig]
 
     @property
@@ -69,12 +70,14 @@ class SagaStepTask(SagaTask):
     """A saga step.  Outside a saga (plain ``.delay()``) it runs like any Celery task."""
 
     saga_rollback: ClassVar[SagaRollbackTask | None] = None
+    saga_register_rollback: ClassVar[Callable[..., SagaRollbackTask]]
+    """Registers a rollback handler for this step (``SagaApp.register_rollback``)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         control, rest = _received(kwargs)
         if control is None:
             return super().__call__(*args, **kwargs)
-        self.saga_app.runtime.run_step(self, control, args, rest, self.saga_config)
+        self.saga_runtime.run_step(self, control, args, rest, self.saga_config)
         return None
 
     def rollback(self, fn: Callable[..., Any] | None = None, *, retries: Any = None,
@@ -82,9 +85,9 @@ class SagaStepTask(SagaTask):
         """Register this step's rollback handler: ``@step.rollback(retries=..., timeout=...)``."""
 
         def register(handler: Callable[..., Any]) -> SagaRollbackTask:
-            return self.saga_app.register_rollback(self, handler, retries=retries,
-                                                   timeout=timeout, name=name,
-                                                   task_options=task_options)
+            return self.saga_register_rollback(self, handler, retries=retries,
+                                               timeout=timeout, name=name,
+                                               task_options=task_options)
 
         return register if fn is None else register(fn)
 
@@ -98,7 +101,7 @@ class SagaRollbackTask(SagaTask):
         control, _rest = _received(kwargs)
         if control is None:
             return super().__call__(*args, **kwargs)
-        self.saga_app.runtime.run_rollback(self, control, self.saga_config)
+        self.saga_runtime.run_rollback(self, control, self.saga_config)
         return None
 
 

@@ -9,9 +9,9 @@ the next.
 
 from __future__ import annotations
 
-import weakref
 from datetime import datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
@@ -131,17 +131,15 @@ class Plan(_Frozen):
 
     def spec(self, key: str) -> StepSpec:
         """The step of the plan with this key; ``KeyError`` if there is none."""
-        specs = _SPECS.get(id(self))
-        if specs is None:
-            specs = _SPECS[id(self)] = {s.key: s for stage in self.stages for s in stage}
-            weakref.finalize(self, _SPECS.pop, id(self), None)
-        return specs[key]
+        return self.specs_by_key[key]
 
-
-_SPECS: dict[int, dict[str, StepSpec]] = {}
-"""Each live plan's steps by key, built on first lookup (a plan is built once per
-definition and process; a step looks its spec up two or three times).  Not a private
-attribute: pydantic reads those through ``__getattr__``, dearer than the search."""
+    @cached_property
+    def specs_by_key(self) -> dict[str, StepSpec]:
+        """Every step by its key, built on first use and kept with this plan (a plan is
+        built once per definition and process; a step looks its spec up two or three
+        times).  A cached property, not a private attribute: pydantic reads those through
+        ``__getattr__``, dearer than the search."""
+        return {s.key: s for stage in self.stages for s in stage}
 
 
 class AttemptRecord(_Record):
@@ -272,39 +270,6 @@ class SagaProgress(_Record):
 
 class SagaRun(SagaProgress):
     plan: Plan
-
-
-_PLAN: set[str] = {"plan"}
-
-
-def encode_progress(run: SagaRun) -> str:
-    """The JSON a commit stores: the run without its plan, and without the fields that hold
-    their defaults (validation restores them): 40 % fewer bytes mid-saga, half the parsing."""
-    return run.model_dump_json(exclude=_PLAN, exclude_defaults=True)
-
-
-def decode_run(progress: str | bytes, plan: Plan) -> SagaRun:
-    """The run from its stored progress JSON and its plan; ``ValidationError`` if unreadable."""
-    return with_plan(SagaProgress.model_validate_json(progress), plan)
-
-
-_set = object.__setattr__
-
-
-def with_plan(progress: SagaProgress, plan: Plan) -> SagaRun:
-    """The run made of validated parts: nothing is validated or copied again.
-
-    What ``SagaRun.model_construct(plan=plan, **progress.__dict__)`` builds (a unit test
-    holds them equal), without its loop over every field's aliases and defaults, which
-    cost a load a third as much as validating the progress JSON itself.
-    """
-    run = SagaRun.__new__(SagaRun)
-    fields = {**progress.__dict__, "plan": plan}
-    _set(run, "__dict__", fields)
-    _set(run, "__pydantic_fields_set__", set(fields))
-    _set(run, "__pydantic_extra__", None)
-    _set(run, "__pydantic_private__", None)
-    return run
 
 
 EventType = Literal[

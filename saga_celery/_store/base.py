@@ -25,7 +25,7 @@ class Snapshot(NamedTuple):
     lease_holder: str | None = None
     """Token holding the lease asked for in ``load(lease=...)``, or None if free/expired."""
     journal: int = 0
-    """Journaled starts the run was replayed from (``_core/journal.py``), 0 if none."""
+    """Journaled starts the run was replayed from (``_store/journal.py``), 0 if none."""
 
 
 class LeaseAction(StrEnum):
@@ -83,7 +83,7 @@ class SagaStore(Protocol):
         one ``create`` stored (it never changes).  ``journal``, given for a transition that
         leaves the saga running, is the transition as a journal line: the store may append
         it to the stored run's journal instead of writing the whole run
-        (``_core/journal.py``).
+        (``_store/journal.py``).
         """
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:

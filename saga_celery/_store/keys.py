@@ -5,7 +5,7 @@ one Lua script may touch them all::
 
     <prefix>{<id>}:state          hash    v = version (int), d = the run's progress JSON,
                                           j = starts committed since d, one JSON line each
-                                              (absent when none: ``_core/journal.py``),
+                                              (absent when none: ``_store/journal.py``),
                                           p = its plan JSON (written once, at the start),
                                           t = 1 if the saga is terminal, else 0
     <prefix>{<id>}:events         stream  one field, e = the event's JSON

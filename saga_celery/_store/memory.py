@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json
 
-from saga_celery._core.model import Plan, SagaRun, decode_run, encode_progress
+from saga_celery._core.model import Plan, SagaRun
 from saga_celery._errors import SagaConfigError, SagaStoreError
 from saga_celery._store.base import (
     CorruptRecord,
@@ -25,6 +25,7 @@ from saga_celery._store.base import (
     LeaseChange,
     Snapshot,
 )
+from saga_celery._store.encoding import decode_run, encode_progress
 from saga_celery._store.keys import index_score
 
 

@@ -22,15 +22,7 @@ from redis.client import Pipeline
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from saga_celery._core.journal import count_entries, replay
-from saga_celery._core.model import (
-    FORMATS,
-    Plan,
-    SagaProgress,
-    SagaRun,
-    encode_progress,
-    with_plan,
-)
+from saga_celery._core.model import FORMATS, Plan, SagaProgress, SagaRun
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -47,6 +39,9 @@ from saga_celery._store.base import (
     LeaseChange,
     Snapshot,
 )
+from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
+from saga_celery._store.encoding import encode_progress, with_plan
+from saga_celery._store.journal import count_entries, replay
 from saga_celery._store.keys import (
     DATA_FIELD,
     DEFAULT_PREFIX,
@@ -58,7 +53,6 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
-from saga_celery._store.wire import ThreadWires, pack, pack_args
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 """How long a terminal saga's state and events are kept: a week."""
@@ -93,7 +87,7 @@ class RedisStore:
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._release = client.register_script(scripts.RELEASE_LEASE)
         self._plans: dict[bytes | str, Plan] = {}
-        self._wires = ThreadWires(client.connection_pool)
+        self._connections = ThreadConnections(client.connection_pool)
         self._heads: dict[tuple[str, int], bytes] = {}
         self._raw = isinstance(client, redis.Redis)
 
@@ -376,10 +370,10 @@ class RedisStore:
     def _send(self, commands: list[tuple[str | bytes, ...]]) -> list[Any]:
         """Send commands in one write and read their replies, errors as values.
 
-        On this thread's kept connection, spoken to directly (``wire.py``): redis-py
-        connects it and its retry policy sends the commands again over a new connection
-        when one drops.  A client that is not a ``redis.Redis`` (a Redis Cluster client
-        routes each command itself) goes through its own API.
+        On this thread's kept connection (``connections.py``): redis-py connects it, and
+        its retry policy sends the commands again over a new connection when one drops.  A
+        client that is not a ``redis.Redis`` (a Redis Cluster client routes each command
+        itself) goes through its own API.
         """
         if not self._raw:
             return [self._reply_of(command) for command in commands]
@@ -389,9 +383,9 @@ class RedisStore:
     def _exchange(self, payload: bytes, count: int) -> list[Any]:
         """Write ``count`` packed commands in one write on this thread's kept connection and
         read their replies, errors as values; retried as redis-py's policy says."""
-        wire = self._wires.get()
-        replies: list[Any] = wire.conn.retry.call_with_retry(
-            lambda: wire.exchange(payload, count), _ignore)
+        conn = self._connections.get()
+        replies: list[Any] = conn.retry.call_with_retry(
+            lambda: exchange(conn, payload, count), _ignore)
         return replies
 
     def _reply_of(self, command: tuple[str | bytes, ...]) -> Any:
@@ -560,7 +554,7 @@ def _check_ttl(ttl_ms: int) -> None:
 
 
 def _ignore(_: Exception) -> None:
-    """redis-py's retry hook: nothing to do between tries (``Wire`` has disconnected)."""
+    """redis-py's retry hook: nothing to do between tries (``exchange`` has disconnected)."""
 
 
 def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[bytes]:

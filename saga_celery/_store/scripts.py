@@ -37,7 +37,7 @@ COMMIT = """
 --             this transition, else '0' | retention in ms of a terminal saga's state and
 --             events ('' keeps them forever) | 'd' if ARGV[3] is the progress (the journal
 --             is then emptied) or 'j' if it is a journal line to append
---             (``_core/journal.py``: the progress stays as it is)
+--             (``_store/journal.py``: the progress stays as it is)
 -- ARGV[2]   lease token (any text)
 -- ARGV[3]   the progress JSON (no plan), or a journal line
 -- ARGV[4..] event JSONs, oldest first

@@ -10,7 +10,7 @@ from datetime import timedelta
 import click
 
 from saga_celery._celery.app import SagaApp
-from saga_celery._core.config import parse_duration
+from saga_celery._core.durations import parse_duration
 from saga_celery.cli.target import with_sagas
 
 __all__ = ["parse_grace", "recover", "retry_rollback", "terminate"]

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import click
 
 from saga_celery._celery.app import SagaApp
+from saga_celery._celery.coordinator import LIST_SCAN_FACTOR, SagaReader
 from saga_celery._core.model import TERMINAL_STATUSES, SagaRun, SagaStatus
 from saga_celery._core.state import SagaState
-from saga_celery._store.base import SagaStore
 from saga_celery._table import render, status_lines
 from saga_celery.cli.target import with_sagas
 
-__all__ = ["events", "list_", "matching", "status"]
+__all__ = ["events", "list_", "status"]
 
-LIST_SCAN_FACTOR = 10
-"""``list`` with filters looks at up to this many times ``--limit`` of the newest sagas."""
 FOLLOW_BLOCK_MS = 1000
 """Longest single wait for new events with ``events --follow``: the status is re-read after."""
 
@@ -68,9 +65,9 @@ def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int,
     --corrupt: id, when the sweep moved it aside and why, the most recently moved first.
     """
     if corrupt:
-        _list_corrupt(sagas.store, limit, filtered=status_ is not None or name is not None)
+        _list_corrupt(sagas.reader, limit, filtered=status_ is not None or name is not None)
         return
-    runs = list(matching(sagas.store, status=status_, name=name, limit=limit))
+    runs = list(sagas.reader.recent(status=status_, name=name, limit=limit))
     if not runs:
         click.echo("no sagas found")
         return
@@ -78,11 +75,11 @@ def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int,
     click.echo("\n".join(render(rows)))
 
 
-def _list_corrupt(store: SagaStore, limit: int, *, filtered: bool) -> None:
+def _list_corrupt(reader: SagaReader, limit: int, *, filtered: bool) -> None:
     if filtered:
         raise click.UsageError("--corrupt lists unreadable records: --status and --name "
                                "need a readable saga")
-    records = store.corrupt_records(limit)
+    records = reader.corrupt(limit)
     if not records:
         click.echo("no corrupt sagas")
         return
@@ -92,22 +89,6 @@ def _list_corrupt(store: SagaStore, limit: int, *, filtered: bool) -> None:
 
 def _epoch_ms(at_ms: int) -> str:
     return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat(timespec="seconds")
-
-
-def matching(store: SagaStore, *, status: str | None, name: str | None,
-             limit: int) -> Iterator[SagaRun]:
-    """Up to ``limit`` sagas, newest first, among the ``LIST_SCAN_FACTOR`` x ``limit`` newest."""
-    found = 0
-    for saga_id in store.list_ids(limit * LIST_SCAN_FACTOR):
-        snapshot = store.load(saga_id)
-        if snapshot is None:  # retention expired; the index keeps the id a while longer
-            continue
-        run = snapshot.run
-        if (status is None or run.status == status) and (name is None or run.name == name):
-            yield run
-            found += 1
-            if found == limit:
-                return
 
 
 def _list_row(run: SagaRun) -> list[str]:
@@ -126,8 +107,8 @@ def events(sagas: SagaApp, saga_id: str, follow: bool) -> None:
 
     Oldest first, one JSON object a line; with --follow, until the saga ends.
     """
-    sagas.engine.load(saga_id)
-    last = _echo_events(sagas.store, saga_id, "0")
+    sagas.reader.run(saga_id)  # SagaNotFoundError, as one line, for an unknown id
+    last = _echo_events(sagas.reader, saga_id, "0")
     if not follow:
         return
     try:
@@ -140,17 +121,17 @@ def _follow(sagas: SagaApp, saga_id: str, last: str) -> None:
     while True:
         # The state and the events of one transition are written atomically: once the state
         # reads terminal, one more read has every event up to the terminal one.
-        ended = sagas.engine.load(saga_id).run.status in TERMINAL_STATUSES
-        last = _echo_events(sagas.store, saga_id, last,
+        ended = sagas.reader.run(saga_id).status in TERMINAL_STATUSES
+        last = _echo_events(sagas.reader, saga_id, last,
                             block_ms=None if ended else FOLLOW_BLOCK_MS)
         if ended:
             return
 
 
-def _echo_events(store: SagaStore, saga_id: str, after: str, *,
+def _echo_events(reader: SagaReader, saga_id: str, after: str, *,
                  block_ms: int | None = None) -> str:
     """Print the events after stream id ``after``; the last id printed."""
-    for stream_id, event in store.read_events(saga_id, after=after, block_ms=block_ms):
+    for stream_id, event in reader.events(saga_id, after=after, block_ms=block_ms):
         click.echo(json.dumps(event))
         after = stream_id
     return after

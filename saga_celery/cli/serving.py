@@ -53,8 +53,8 @@ def metrics(sagas: SagaApp, port: int, addr: str, interval: float) -> None:
 
     Serves /metrics until interrupted, reading new events from the store every interval.
     """
-    server = _metrics_server(sagas.store)
-    sagas.store.ping()
+    server = _metrics_server(sagas.reader.exporter_source())
+    sagas.reader.ping()
     try:
         bound = server.start(port, addr)
     except OSError as exc:

@@ -196,7 +196,7 @@ def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[s
 
 def _describe(chaos_app: ModuleType, planned: Planned, events: list[dict[str, Any]],
               ledger: Ledger, logs: WorkerLogs) -> dict[str, Any]:
-    snapshot = chaos_app.sagas.store.load(planned.saga_id)
+    snapshot = chaos_app.sagas._store.load(planned.saga_id)
     description = describe(planned, snapshot.run, snapshot.version, events, ledger,
                            chaos_app.ledger, logs, datetime.now(UTC))
     return description | {"run": snapshot.run}

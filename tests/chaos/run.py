@@ -188,7 +188,7 @@ class Driver:
         """Forget the sagas that have ended."""
         for saga_id in list(self.inflight):
             try:
-                snapshot = self.app.sagas.store.load(saga_id)
+                snapshot = self.app.sagas._store.load(saga_id)
             except TRANSIENT:
                 return
             if snapshot is not None and snapshot.run.is_terminal:

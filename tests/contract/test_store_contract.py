@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 from uuid import uuid4
 
@@ -15,7 +17,7 @@ import redis
 from redis import crc
 
 import saga_celery._store as store_package
-from saga_celery._core.model import SagaStatus, encode_progress
+from saga_celery._core.model import SagaStatus
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -32,6 +34,7 @@ from saga_celery._store import (
     Snapshot,
     active_pages,
 )
+from saga_celery._store.encoding import encode_progress
 from tests.contract.conftest import REDIS_URL, Backend, make_event, make_run
 
 pytestmark = pytest.mark.timeout(30)
@@ -728,13 +731,12 @@ def test_a_client_that_is_not_redis_redis_goes_through_its_own_api(
 
 @pytest.mark.parametrize("protocol", [2, 3])
 def test_the_kept_connection_reads_every_reply_it_can_get(protocol: int) -> None:
-    """The store's own reply reader (``wire.py``) gives what redis-py's parser gives, over
-    RESP2 and RESP3: integers, strings, nulls, arrays, errors as values (NOSCRIPT as
+    """The store's exchanges on its kept connection give redis-py's replies, over RESP2 and
+    RESP3: integers, strings, nulls, arrays, errors as values (NOSCRIPT as
     ``NoScriptError``), and replies larger than one socket read."""
     client = redis.Redis.from_url(REDIS_URL, socket_timeout=5.0, protocol=protocol)
     prefix = f"sagatest-{uuid4().hex[:8]}:"
     store = RedisStore(client, prefix=prefix)
-    assert store._wires.get().direct
     big = b"x" * 300_000
     try:
         replies = store._send([
@@ -754,23 +756,23 @@ def test_the_kept_connection_reads_every_reply_it_can_get(protocol: int) -> None
 
 def test_an_interrupted_exchange_leaves_no_reply_behind(
         real_redis_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A time limit that lands mid-read drops the kept connection: the next command reads
-    its own reply, not the one left unread."""
+    """A time limit that lands between two replies drops the kept connection: the next
+    command reads its own reply, not the one left unread."""
     store = real_redis_backend.store
     assert isinstance(store, RedisStore)
-    wire = store._wires.get()
-    read = wire._reply
+    conn = store._connections.get()
+    read = conn.read_response
     calls = [0]
 
     def interrupted() -> Any:
         calls[0] += 1
-        if calls[0] == 1:
-            raise KeyboardInterrupt  # what a soft time limit's exception does mid-read
+        if calls[0] == 2:
+            raise KeyboardInterrupt  # what a soft time limit's exception does mid-exchange
         return read()
 
-    monkeypatch.setattr(wire, "_reply", interrupted)
+    monkeypatch.setattr(conn, "read_response", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        store._send([("ECHO", "first")])
+        store._send([("ECHO", "first"), ("ECHO", "unread")])
     assert store._send([("ECHO", "second")]) == [b"second"]
 
 
@@ -780,9 +782,9 @@ def test_a_journaled_start_is_replayed_on_load(redis_backend: Backend) -> None:
     from datetime import timedelta
 
     from saga_celery._core.events import AttemptStarted, AttemptSucceeded
-    from saga_celery._core.journal import encode_entry
     from saga_celery._core.machine import apply, start_saga
-    from saga_celery._core.model import Kind, encode_progress
+    from saga_celery._core.model import Kind
+    from saga_celery._store.journal import encode_entry
 
     client, store = redis_backend.client, redis_backend.store
     assert client is not None
@@ -828,9 +830,9 @@ def test_the_engine_journals_starts_and_a_cold_engine_loads_the_same_run(
     a row, then in full) and an end in full; an engine without the state cache, as in
     another pool process, loads exactly the run the committing engine holds."""
     from saga_celery._core.events import AttemptStarted, AttemptSucceeded
-    from saga_celery._core.journal import MAX_ENTRIES
     from saga_celery._core.model import Kind
     from saga_celery._engine import Engine, Lease
+    from saga_celery._store.journal import MAX_ENTRIES
     from tests.unit.sim import plan
 
     client, store = redis_backend.client, redis_backend.store
@@ -878,44 +880,44 @@ def test_the_commit_script_refuses_a_malformed_header(redis_backend: Backend) ->
 
 
 def test_a_loading_redis_is_an_error_to_retry_not_a_reply() -> None:
-    """A Redis still loading its data after a restart answers ``-LOADING``: like redis-py's
-    parser, the store's reader raises it (a ``ConnectionError``, so redis-py's retry policy
-    and the store's error translation handle it) instead of returning it as a reply; other
-    errors stay replies.  The chaos run found this one."""
-    import socket as socket_module
+    """A Redis still loading its data after a restart answers ``-LOADING``: an exchange
+    raises it (a ``ConnectionError``, so redis-py's retry policy and the store's error
+    translation handle it) instead of returning it as a reply; other errors stay replies.
+    The chaos run found this one."""
+    from saga_celery._store.connections import exchange
 
-    from redis._parsers import _RESP2Parser
-
-    from saga_celery._store.wire import Wire
-
-    ours, server = socket_module.socketpair()
-
-    class Conn:
-        _sock = ours
-        _parser = _RESP2Parser(socket_read_size=65536)
-        health_check_interval = 0
-
-        def send_packed_command(self, payload: Any) -> None:
-            ours.sendall(b"".join(payload))
-
-        def disconnect(self) -> None:
-            pass
-
-        def _host_error(self) -> str:
-            return "test"
-
-    wire = Wire(Conn())
-    wire.direct = True
-    try:
-        server.sendall(b"-ERR unknown command\r\n:1\r\n")
-        replies = wire.exchange(b"*1\r\n$4\r\nPING\r\n*1\r\n$4\r\nPING\r\n", 2)
+    with scripted_redis([b"-ERR unknown command\r\n:1\r\n",
+                         b"-LOADING Redis is loading the dataset in memory\r\n"]) as port:
+        conn = redis.Connection(port=port, protocol=2, socket_timeout=5.0)
+        ping = b"*1\r\n$4\r\nPING\r\n"
+        replies = exchange(conn, ping * 2, 2)
         assert isinstance(replies[0], redis.ResponseError) and replies[1] == 1
-        server.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
         with pytest.raises(redis.exceptions.BusyLoadingError):
-            wire.exchange(b"*1\r\n$4\r\nPING\r\n", 1)
+            exchange(conn, ping, 1)
+        conn.disconnect()
+
+
+@contextmanager
+def scripted_redis(answers: list[bytes]) -> Iterator[int]:
+    """A server on a free local port (yielded) that answers each read from its one
+    client with the next of ``answers``, once redis-py's ``CLIENT SETINFO`` are answered."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            pending = list(answers)
+            while pending and (data := conn.recv(65536)):
+                setinfo = data.count(b"SETINFO")
+                conn.sendall(b"+OK\r\n" * setinfo if setinfo else pending.pop(0))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield listener.getsockname()[1]
     finally:
-        ours.close()
-        server.close()
+        listener.close()
+        server.join(timeout=5)
 
 
 # -- a Redis that forgot the scripts -------------------------------------------------------------

@@ -137,7 +137,7 @@ def test_a_foreign_state_record_is_corrupt_names_its_key_and_is_left_alone(
     calls = {
         "run": lambda: sagas.run("victim"),
         "apply_async": lambda: saga.apply_async(saga_id="victim"),
-        "engine": lambda: sagas.engine.handle("victim", TerminateRequested(rollback=True)),
+        "engine": lambda: sagas._engine.handle("victim", TerminateRequested(rollback=True)),
     }
     for what, call in calls.items():
         with pytest.raises(SagaCorruptStateError, match=detail) as raised:
@@ -162,7 +162,7 @@ def test_a_foreign_value_at_a_lease_key_is_corrupt_and_left_alone(
     before = keys_under(redis_client, prefix)
 
     with pytest.raises(SagaCorruptStateError, match=lease_key.replace("{", r"\{")):
-        sagas.engine.handle("leased", AttemptStarted(kind=Kind.STEP, key="bad.reserve#1",
+        sagas._engine.handle("leased", AttemptStarted(kind=Kind.STEP, key="bad.reserve#1",
                                                      attempt=1),
                             lease=Lease("step:bad.reserve#1", "token", 5000))
 
@@ -204,7 +204,7 @@ def test_a_terminal_write_that_fails_keeps_the_saga_in_the_active_index(
     with pytest.raises(SagaCorruptStateError):
         run.terminate(rollback=True)  # terminal: nothing started, nothing to roll back
 
-    assert "still-active" in sagas.store.active_ids()
+    assert "still-active" in sagas._store.active_ids()
 
 
 def test_reading_a_foreign_events_key_names_the_key(
@@ -372,13 +372,13 @@ def dropping(redis_url: str, prefix: str, app: Celery) -> Iterator[tuple[SagaApp
 
 
 def _commit_sha(sagas: SagaApp) -> str:
-    store = sagas.store
+    store = sagas._store
     assert isinstance(store, RedisStore)
     return str(store._commit.sha)
 
 
 def _version(sagas: SagaApp, saga_id: str) -> int:
-    snapshot = sagas.store.load(saga_id)
+    snapshot = sagas._store.load(saga_id)
     assert snapshot is not None
     return snapshot.version
 
@@ -395,11 +395,11 @@ def test_a_lost_reply_to_a_step_completion_is_applied_once_and_converges(
     recorded (version +1, its events once) and still hands back the next step to send."""
     sagas, proxy = dropping
     run = shop_saga(sagas).apply_async(saga_id="lost-ok")
-    sagas.engine.handle("lost-ok", STARTED, lease=LEASE)
+    sagas._engine.handle("lost-ok", STARTED, lease=LEASE)
     version, events = _version(sagas, "lost-ok"), len(run.events())
 
     proxy.arm(_commit_sha(sagas))
-    t = sagas.engine.handle("lost-ok", AttemptSucceeded(kind=Kind.STEP, key="bad.reserve#1",
+    t = sagas._engine.handle("lost-ok", AttemptSucceeded(kind=Kind.STEP, key="bad.reserve#1",
                                                         attempt=1, output="r-1"), lease=LEASE)
 
     assert proxy.dropped == 1
@@ -418,11 +418,11 @@ def test_a_lost_reply_to_a_failed_attempt_schedules_one_retry(
     """A failed attempt whose reply is lost is recorded once and its retry is due once."""
     sagas, proxy = dropping
     run = shop_saga(sagas).apply_async(saga_id="lost-fail")
-    sagas.engine.handle("lost-fail", STARTED, lease=LEASE)
+    sagas._engine.handle("lost-fail", STARTED, lease=LEASE)
     version = _version(sagas, "lost-fail")
 
     proxy.arm(_commit_sha(sagas))
-    t = sagas.engine.handle("lost-fail", AttemptFailed(
+    t = sagas._engine.handle("lost-fail", AttemptFailed(
         kind=Kind.STEP, key="bad.reserve#1", attempt=1,
         error=ErrorInfo(type="Boom", message="no")), lease=LEASE)
 
@@ -430,7 +430,7 @@ def test_a_lost_reply_to_a_failed_attempt_schedules_one_retry(
     assert _version(sagas, "lost-fail") == version + 1
     assert [d.id for d in t.dispatches] == ["step:bad.reserve#1:2"]
     assert [e["type"] for e in run.events()].count("attempt_errored") == 1
-    stored = sagas.store.load("lost-fail")
+    stored = sagas._store.load("lost-fail")
     assert stored is not None and list(stored.run.outbox) == ["step:bad.reserve#1:2"]
 
 
@@ -444,11 +444,11 @@ def test_a_lost_reply_to_a_step_start_is_applied_once(
     version = _version(sagas, "lost-start")
 
     proxy.arm(_commit_sha(sagas))
-    t = sagas.engine.handle("lost-start", STARTED, lease=LEASE)
+    t = sagas._engine.handle("lost-start", STARTED, lease=LEASE)
 
     assert proxy.dropped == 1
     assert t.decision == Decision.RUN
-    stored = sagas.store.load("lost-start")
+    stored = sagas._store.load("lost-start")
     assert stored is not None
     assert stored.run.steps["bad.reserve#1"].attempts[0].losses == 0
     assert stored.version == version + 1

@@ -129,7 +129,7 @@ def test_a_message_ahead_of_its_commit_waits_for_it_and_runs_with_no_sweep(
     worker could) comes back until the commit lands, then runs: the saga completes with no
     recovery sweep, each step once."""
     saga_id = f"o-{uuid.uuid4().hex[:12]}"
-    engine = shop.sagas.engine
+    engine = shop.sagas._engine
     engine.submit(saga_id=saga_id, name="order", plan=shop.order.plan, params={})
     reserve = AttemptStarted(kind=Kind.STEP, key="shop.reserve#1", attempt=1)
     started = engine.handle(saga_id, reserve)  # the first step "runs" here: version 2

@@ -46,7 +46,7 @@ def test_one_sweep_pages_through_every_active_saga(sagas: SagaApp) -> None:
     for i in range(25):
         definition.apply_async(saga_id=f"s-{i:02d}")
 
-    assert recover(sagas.engine, sagas.dispatcher, grace=timedelta(0),
+    assert recover(sagas._engine, sagas._dispatcher, grace=timedelta(0),
                    page_size=10) == 25
 
 
@@ -69,7 +69,7 @@ def test_a_foreign_record_is_moved_aside_once_and_listed(
 
     assert [e["saga_id"] for e in first if e["log_level"] == "error"] == ["broken"]
     assert [e for e in second if e["log_level"] == "error"] == []
-    assert "broken" not in sagas.store.active_ids()
+    assert "broken" not in sagas._store.active_ids()
     assert listed.returncode == 0, listed.stderr
     rows = listed.stdout.splitlines()
     assert rows[0].split() == ["id", "moved_at", "why"]

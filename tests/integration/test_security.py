@@ -181,7 +181,7 @@ def kombu_registry() -> Iterator[None]:
 
 def _send_first_step(app: Celery, shop: ModuleType, saga_id: str) -> None:
     """Send the saga's first message through ``app`` (with ``app``'s serializer and keys)."""
-    snapshot = shop.sagas.store.load(saga_id)
+    snapshot = shop.sagas._store.load(saga_id)
     (dispatch,) = snapshot.run.outbox.values()
     message = build_message(snapshot.run, dispatch, datetime.now(UTC))
     app.send_task(message.task, message.args, message.kwargs, **message.options(),
@@ -208,7 +208,7 @@ def test_signed_sagas_run_and_unsigned_or_forged_messages_are_refused(
 
     # The same saga's first step, sent unsigned, then signed with a key the worker does not
     # trust: both are refused; then signed by the fleet: it runs.
-    shop.sagas.engine.submit(saga_id="forged", name="secure-order", plan=shop.order.plan,
+    shop.sagas._engine.submit(saga_id="forged", name="secure-order", plan=shop.order.plan,
                              params={})
     with Celery("plain", broker=fresh_redis.url(), set_as_current=False) as plain:
         _send_first_step(plain, shop, "forged")

@@ -1,6 +1,6 @@
 """``RedisStore`` on real Redis: no connection outlives the thread that used it.
 
-A thread keeps one connection for the store's fast path (``_store/wire.py``); when the
+A thread keeps one connection for the store (``_store/connections.py``); when the
 thread ends, that connection goes back to the client's pool, so a thread-per-request web
 app or the threads pool's deadline timers reuse connections instead of leaving one open per
 thread that ever ran.  Connections are counted the way an operator would, with

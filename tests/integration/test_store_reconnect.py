@@ -14,8 +14,8 @@ def test_a_command_on_a_connection_redis_closed_is_sent_again_on_a_new_one(
     task, failed the task)."""
     store = RedisStore.from_url(redis_url, prefix="reconnect-test:")
     store.ping()
-    wire = store._wires.get()  # the thread's kept connection
-    wire.conn.send_command("CLIENT", "ID")
-    client_id = wire.conn.read_response()
+    conn = store._connections.get()  # the thread's kept connection
+    conn.send_command("CLIENT", "ID")
+    client_id = conn.read_response()
     assert redis_client.client_kill_filter(_id=client_id) == 1
     assert store.load("no-such-saga") is None

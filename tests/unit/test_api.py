@@ -87,10 +87,10 @@ def route(app: Celery, name: str, kwargs: dict[str, Any] | None = None) -> str:
 
 def run_due(sagas: SagaApp, saga_id: str) -> list[Any]:
     """Run every due message of the saga in this process, as a worker would (``Task.apply``)."""
-    run = sagas.store.load(saga_id).run  # type: ignore[union-attr]
+    run = sagas._store.load(saga_id).run  # type: ignore[union-attr]
     results = []
     for dispatch in list(run.outbox.values()):
-        message = build_message(run, dispatch, sagas.dispatcher.clock())
+        message = build_message(run, dispatch, sagas._dispatcher.clock())
         task = sagas.app.tasks[message.task]
         results.append(task.apply(args=message.args, kwargs=message.kwargs,
                                   task_id=message.task_id, retries=message.retries))
@@ -99,8 +99,8 @@ def run_due(sagas: SagaApp, saga_id: str) -> list[Any]:
 
 def finish_step(sagas: SagaApp, saga_id: str, key: str, output: Any) -> Any:
     """Record one step attempt that started and succeeded (what its worker would record)."""
-    sagas.engine.handle(saga_id, AttemptStarted(kind=Kind.STEP, key=key, attempt=1))
-    return sagas.engine.handle(saga_id, AttemptSucceeded(kind=Kind.STEP, key=key, attempt=1,
+    sagas._engine.handle(saga_id, AttemptStarted(kind=Kind.STEP, key=key, attempt=1))
+    return sagas._engine.handle(saga_id, AttemptSucceeded(kind=Kind.STEP, key=key, attempt=1,
                                                          output=output))
 
 
@@ -488,7 +488,7 @@ def test_step_called_outside_a_saga_runs_the_plain_function(sagas: SagaApp) -> N
 
     assert add(1, 2) == 3
     assert add.apply(args=(2, 3)).get() == 5
-    assert sagas.store.list_ids() == []
+    assert sagas._store.list_ids() == []
 
 
 def test_plain_apply_async_keeps_celerys_argument_check(sagas: SagaApp,
@@ -705,7 +705,7 @@ def test_wait_loads_the_state_only_when_the_saga_may_have_ended(sagas: SagaApp) 
 
     run = sagas.saga("s", [a.s(), b.s()]).apply_async(saga_id="w-3")
     loads = 0
-    load = sagas.store.load
+    load = sagas._store.load
 
     def counted(saga_id: str, *, lease: str | None = None) -> Any:
         nonlocal loads
@@ -720,7 +720,7 @@ def test_wait_loads_the_state_only_when_the_saga_may_have_ended(sagas: SagaApp) 
 
     worker = threading.Thread(target=steps)
     worker.start()
-    with mock.patch.object(sagas.store, "load", counted):
+    with mock.patch.object(sagas._store, "load", counted):
         state = run.wait(timeout=5)
     worker.join()
     assert (state.status, state.output) == ("complete", 2)

@@ -65,9 +65,9 @@ def one_step_saga(sagas: SagaApp, name: str = "one", **options: Any) -> Any:
 
 def run_first_attempt(sagas: SagaApp, saga_id: str) -> Any:
     """Run the saga's first due message in this process, as a worker would (eagerly)."""
-    run = sagas.store.load(saga_id).run  # type: ignore[union-attr]
+    run = sagas._store.load(saga_id).run  # type: ignore[union-attr]
     (dispatch,) = run.outbox.values()
-    message = build_message(run, dispatch, sagas.dispatcher.clock())
+    message = build_message(run, dispatch, sagas._dispatcher.clock())
     task = sagas.app.tasks[message.task]
     return task.apply(args=message.args, kwargs=message.kwargs, task_id=message.task_id,
                       retries=message.retries)
@@ -75,9 +75,9 @@ def run_first_attempt(sagas: SagaApp, saga_id: str) -> Any:
 
 def complete_first_step(sagas: SagaApp, saga_id: str) -> None:
     """Drive a one-step saga to ``complete`` through the engine (what its worker would record)."""
-    key = sagas.store.load(saga_id).run.plan.stages[0][0].key  # type: ignore[union-attr]
-    sagas.engine.handle(saga_id, AttemptStarted(kind=Kind.STEP, key=key, attempt=1))
-    sagas.engine.handle(saga_id, AttemptSucceeded(kind=Kind.STEP, key=key, attempt=1, output=1))
+    key = sagas._store.load(saga_id).run.plan.stages[0][0].key  # type: ignore[union-attr]
+    sagas._engine.handle(saga_id, AttemptStarted(kind=Kind.STEP, key=key, attempt=1))
+    sagas._engine.handle(saga_id, AttemptSucceeded(kind=Kind.STEP, key=key, attempt=1, output=1))
 
 
 # --- unknown saga id --------------------------------------------------------------------------
@@ -540,7 +540,7 @@ def test_reused_saga_id_with_other_params_conflicts_and_changes_nothing(sagas: S
     is untouched."""
     saga = one_step_saga(sagas)
     saga.apply_async(saga_id="order-42", params={"customer": "c-7"})
-    before = sagas.store.load("order-42")
+    before = sagas._store.load("order-42")
     events_before = sagas.run("order-42").events()
 
     with pytest.raises(SagaConflictError, match="'order-42'") as info:
@@ -548,7 +548,7 @@ def test_reused_saga_id_with_other_params_conflicts_and_changes_nothing(sagas: S
 
     assert isinstance(info.value, SagaError)
     assert info.value.saga_id == "order-42"
-    assert sagas.store.load("order-42") == before
+    assert sagas._store.load("order-42") == before
     assert sagas.run("order-42").events() == events_before
     assert sagas.run("order-42").status().params == {"customer": "c-7"}
 
@@ -569,23 +569,23 @@ def test_reused_saga_id_with_same_params_returns_the_run_and_changes_nothing(
     while no step has started, its first stage's message goes out again (the first call may
     have failed before sending it; a duplicate is dropped where it arrives)."""
     sent: list[list[Any]] = []
-    real_send = sagas.dispatcher.send
+    real_send = sagas._dispatcher.send
 
     def recording_send(run: Any, dispatches: Any) -> None:
         dispatches = list(dispatches)
         sent.append(dispatches)
         real_send(run, dispatches)
 
-    monkeypatch.setattr(sagas.dispatcher, "send", recording_send)
+    monkeypatch.setattr(sagas._dispatcher, "send", recording_send)
     saga = one_step_saga(sagas)
     first = saga.apply_async(saga_id="order-42", params={"customer": "c-7"})
-    before = sagas.store.load("order-42")
+    before = sagas._store.load("order-42")
 
     again = saga.apply_async(saga_id="order-42", params={"customer": "c-7"})
 
     assert again.id == first.id == "order-42"
     assert [[d.id for d in batch] for batch in sent] == [["step:bad.one.step#1:1"]] * 2
-    assert sagas.store.load("order-42") == before
+    assert sagas._store.load("order-42") == before
 
 
 @pytest.mark.parametrize("saga_id", ["", "a b", "order-{42}", "{tag}", " lead", "-dash-first",
@@ -597,7 +597,7 @@ def test_invalid_saga_id_is_refused_naming_it(sagas: SagaApp, saga_id: str) -> N
     with pytest.raises(SagaError, match="invalid saga_id") as info:
         saga.apply_async(saga_id=saga_id)
     assert repr(saga_id)[:40] in str(info.value)
-    assert sagas.store.list_ids() == []
+    assert sagas._store.list_ids() == []
 
 
 def test_non_string_saga_id_is_refused(sagas: SagaApp) -> None:
@@ -769,8 +769,8 @@ def test_checked_output_refuses_what_the_store_cannot_hold(app: Celery, output: 
     """The runtime's output check refuses oversize and non-JSON outputs and passes others."""
     sagas = SagaApp(app, store=MemoryStore(), max_output_bytes=50)
     with pytest.raises(error):
-        sagas.runtime._checked_output(output)
-    assert sagas.runtime._checked_output({"ok": [1, 2]}) == {"ok": [1, 2]}
+        sagas._runtime._checked_output(output)
+    assert sagas._runtime._checked_output({"ok": [1, 2]}) == {"ok": [1, 2]}
 
 
 # --- operations the saga's status forbids -----------------------------------------------------
@@ -808,11 +808,11 @@ def test_retry_rollback_without_a_failed_rollback_is_refused(sagas: SagaApp,
     if situation == "complete":
         complete_first_step(sagas, "r-1")
     elif situation == "rolled-back":
-        sagas.engine.handle("r-1", AttemptStarted(kind=Kind.STEP, key=key, attempt=1))
-        sagas.engine.handle("r-1", AttemptFailed(kind=Kind.STEP, key=key, attempt=1,
+        sagas._engine.handle("r-1", AttemptStarted(kind=Kind.STEP, key=key, attempt=1))
+        sagas._engine.handle("r-1", AttemptFailed(kind=Kind.STEP, key=key, attempt=1,
                                                  error=ErrorInfo(type="E", message="m")))
-        sagas.engine.handle("r-1", AttemptStarted(kind=Kind.ROLLBACK, key=key, attempt=1))
-        sagas.engine.handle("r-1", AttemptSucceeded(kind=Kind.ROLLBACK, key=key, attempt=1))
+        sagas._engine.handle("r-1", AttemptStarted(kind=Kind.ROLLBACK, key=key, attempt=1))
+        sagas._engine.handle("r-1", AttemptSucceeded(kind=Kind.ROLLBACK, key=key, attempt=1))
         assert run.status().rollback is not None
         assert run.status().rollback.outcome == "complete"  # type: ignore[union-attr]
     before = run.status()
@@ -826,7 +826,7 @@ def test_operations_on_an_unknown_id_raise_not_found(sagas: SagaApp) -> None:
     """A handle on an id that does not exist fails with SagaNotFoundError on its first call."""
     from saga_celery import SagaHandle
 
-    handle = SagaHandle(sagas, "ghost")
+    handle = SagaHandle(sagas.reader, sagas._coordinator, "ghost")
     calls: list[Callable[[], object]] = [handle.status, handle.events, handle.terminate,
                                          handle.retry_rollback, lambda: handle.wait(0.01)]
     for call in calls:

@@ -99,12 +99,12 @@ def _signature(sagas: SagaApp, name: str, index: int) -> Any:
 def drive(sagas: SagaApp, saga_id: str) -> SagaState:
     """Run every due message, as a worker would, until none is left; the final state."""
     for _ in range(20):
-        snapshot = sagas.store.load(saga_id)
+        snapshot = sagas._store.load(saga_id)
         assert snapshot is not None
         if not snapshot.run.outbox:
             break
         for dispatch in list(snapshot.run.outbox.values()):
-            message = build_message(snapshot.run, dispatch, sagas.dispatcher.clock())
+            message = build_message(snapshot.run, dispatch, sagas._dispatcher.clock())
             sagas.app.tasks[message.task].apply(args=message.args, kwargs=message.kwargs,
                                                 task_id=message.task_id,
                                                 retries=message.retries)
@@ -221,8 +221,8 @@ def test_list_with_no_match_says_so(sagas: SagaApp) -> None:
 def test_list_corrupt_shows_the_sagas_the_sweep_moved_aside(sagas: SagaApp) -> None:
     """``list --corrupt`` prints each saga the recovery sweep could not read, the most
     recently moved first, with when and why; filters do not apply to it."""
-    sagas.store.mark_corrupt("bad-1", "WRONGTYPE: not a hash", at_ms=1_780_315_200_000)
-    sagas.store.mark_corrupt("bad-2", "not a saga record", at_ms=1_780_315_201_000)
+    sagas._store.mark_corrupt("bad-1", "WRONGTYPE: not a hash", at_ms=1_780_315_200_000)
+    sagas._store.mark_corrupt("bad-2", "not a saga record", at_ms=1_780_315_201_000)
 
     result = cli("list", "--corrupt")
 
@@ -376,7 +376,7 @@ def test_a_broker_that_cannot_be_reached_exits_1(sagas: SagaApp,
         raise OperationalError("Connection refused")
 
     start(sagas, "b-1")
-    monkeypatch.setattr(sagas.dispatcher, "send", refuse)
+    monkeypatch.setattr(sagas._dispatcher, "send", refuse)
 
     result = cli("terminate", "b-1", "--rollback")
 
@@ -446,7 +446,7 @@ def test_without_app_a_bare_saga_app_is_built_from_the_options() -> None:
 
     built = target.sagas()
 
-    assert built.store.prefix == "orders:"  # type: ignore[attr-defined]
+    assert built._store.prefix == "orders:"  # type: ignore[attr-defined]
     assert built.app.conf.broker_url == "redis://127.0.0.1:6379/5"
     assert (built.router.steps_queue, built.router.rollbacks_queue) == ("o.steps",
                                                                          "o.rollbacks")

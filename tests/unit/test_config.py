@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 
 from saga_celery import SagaConfigError, SagaError
-from saga_celery._core.config import parse_duration, resolve_config
+from saga_celery._core.config import resolve_config
+from saga_celery._core.durations import parse_duration
 from saga_celery._core.model import Backoff
 
 

@@ -116,7 +116,7 @@ def test_new_sagas_are_created_in_the_newest_format(sagas: SagaApp) -> None:
         return None
 
     sagas.saga("s", [a.s()]).apply_async(saga_id="fmt-1")
-    assert sagas.store.load("fmt-1").run.format == 2  # type: ignore[union-attr]
+    assert sagas._store.load("fmt-1").run.format == 2  # type: ignore[union-attr]
 
 
 def test_an_unknown_write_format_is_refused_naming_the_ones_there_are(app: Any) -> None:

@@ -35,7 +35,6 @@ from saga_celery._core.events import (
     TerminateRequested,
     Transition,
 )
-from saga_celery._core.journal import encode_entry, replay
 from saga_celery._core.machine import WORKER_LOST_LIMIT, apply, stage_output
 from saga_celery._core.model import (
     ErrorInfo,
@@ -50,11 +49,11 @@ from saga_celery._core.model import (
     SagaStatus,
     StepRun,
     StepSpec,
-    decode_run,
     dispatch_id,
-    encode_progress,
 )
 from saga_celery._core.state import to_state
+from saga_celery._store.encoding import decode_run, encode_progress
+from saga_celery._store.journal import encode_entry, replay
 from tests.unit.sim import Sim, policy
 
 NAMES = ("a", "b", "c", "d")

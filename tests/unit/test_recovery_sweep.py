@@ -46,10 +46,10 @@ def test_the_sweep_reaches_a_saga_behind_ten_thousand_older_ones(sagas: SagaApp)
     """A saga with a lost message is re-sent even when 10,000 older sagas are still active
     (the sweep once looked at the oldest 10,000 only)."""
     shop(sagas).apply_async(saga_id="newest")
-    snapshot = sagas.store.load("newest")
+    snapshot = sagas._store.load("newest")
     assert snapshot is not None
     for copy in quiet_copies(snapshot.run, 10_000):
-        sagas.store.create(copy, [])
+        sagas._store.create(copy, [])
 
     assert sagas.recover(grace=GRACE) == 1
 
@@ -60,7 +60,7 @@ def test_a_sweep_pages_through_every_active_saga(sagas: SagaApp) -> None:
     for i in range(25):
         definition.apply_async(saga_id=f"s-{i:02d}")
 
-    assert recover(sagas.engine, sagas.dispatcher, grace=GRACE, page_size=10) == 25
+    assert recover(sagas._engine, sagas._dispatcher, grace=GRACE, page_size=10) == 25
 
 
 class CorruptOne(MemoryStore):
@@ -88,6 +88,6 @@ def test_an_unreadable_saga_is_moved_aside_once_and_swept_no_more(app: Celery) -
 
     assert [line["saga_id"] for line in first if line["log_level"] == "error"] == ["broken"]
     assert [line for line in second if line["log_level"] == "error"] == []
-    assert "broken" not in sagas.store.active_ids()
-    assert [(r.saga_id, r.why) for r in sagas.store.corrupt_records()] == [
+    assert "broken" not in sagas._store.active_ids()
+    assert [(r.saga_id, r.why) for r in sagas._store.corrupt_records()] == [
         ("broken", "saga 'broken' is not readable")]

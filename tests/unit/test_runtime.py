@@ -43,11 +43,11 @@ def sent() -> Iterator[list[dict[str, Any]]]:
 def run_due(sagas: SagaApp, saga_id: str, *, after: int | None = None) -> None:
     """Run every due message of the saga here, as a worker would, until none is left."""
     for _ in range(20):
-        run = sagas.store.load(saga_id).run  # type: ignore[union-attr]
+        run = sagas._store.load(saga_id).run  # type: ignore[union-attr]
         if not run.outbox:
             return
         for dispatch in list(run.outbox.values()):
-            message = build_message(run, dispatch, sagas.dispatcher.clock(), after)
+            message = build_message(run, dispatch, sagas._dispatcher.clock(), after)
             sagas.app.tasks[message.task].apply(args=message.args, kwargs=message.kwargs,
                                                 task_id=message.task_id,
                                                 retries=message.retries)
@@ -168,16 +168,16 @@ def test_a_duplicate_of_a_running_attempt_comes_back_when_the_lease_can_have_lap
         return None
 
     sagas.saga("slow", [slow.s()]).apply_async(saga_id="dup-1")
-    run = sagas.store.load("dup-1").run  # type: ignore[union-attr]
-    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+    run = sagas._store.load("dup-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock())
     holder = Lease(lease_name("step", "t.slow#1"), "another-worker", 60_000)
-    sagas.engine.handle("dup-1", AttemptStarted(kind=Kind.STEP, key="t.slow#1", attempt=1),
+    sagas._engine.handle("dup-1", AttemptStarted(kind=Kind.STEP, key="t.slow#1", attempt=1),
                         lease=holder)
     sent.clear()
     app.tasks["t.slow"].apply(args=message.args, kwargs=message.kwargs,
                               task_id=message.task_id)
     (again,) = sent
-    ttl_s = sagas.runtime.settings.lease_ttl_ms / 1000
+    ttl_s = sagas._runtime.settings.lease_ttl_ms / 1000
     assert _countdown(again) == pytest.approx(ttl_s + LEASE_MARGIN_S, abs=0.5)
 
 
@@ -190,9 +190,9 @@ def test_a_message_ahead_of_its_commit_comes_back_without_using_an_attempt(
         return None
 
     sagas.saga("ahead", [first.s()]).apply_async(saga_id="ahead-1")
-    run = sagas.store.load("ahead-1").run  # type: ignore[union-attr]
-    version = sagas.store.load("ahead-1").version  # type: ignore[union-attr]
-    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock(),
+    run = sagas._store.load("ahead-1").run  # type: ignore[union-attr]
+    version = sagas._store.load("ahead-1").version  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock(),
                             after=version + 1)
     sent.clear()
     app.tasks["t.first"].apply(args=message.args, kwargs=message.kwargs,
@@ -257,9 +257,9 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
     for the recovery sweep alone to find."""
     from saga_celery._engine import Engine
 
-    other = Engine(sagas.store)  # another worker, finishing the sibling meanwhile
+    other = Engine(sagas._store)  # another worker, finishing the sibling meanwhile
     trace: list[str] = []
-    commit, send, ack = sagas.store.commit, sagas.dispatcher.send, sagas.dispatcher.ack
+    commit, send, ack = sagas._store.commit, sagas._dispatcher.send, sagas._dispatcher.ack
 
     def traced_commit(run: Any, **kwargs: Any) -> bool:
         landed = commit(run, **kwargs)
@@ -274,9 +274,9 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
         trace.append("ack")
         ack(pending)
 
-    monkeypatch.setattr(sagas.store, "commit", traced_commit)
-    monkeypatch.setattr(sagas.dispatcher, "send", traced_send)
-    monkeypatch.setattr(sagas.dispatcher, "ack", traced_ack)
+    monkeypatch.setattr(sagas._store, "commit", traced_commit)
+    monkeypatch.setattr(sagas._dispatcher, "send", traced_send)
+    monkeypatch.setattr(sagas._dispatcher, "ack", traced_ack)
 
     @sagas.step(name="t.left", retries=QUICK)
     def left() -> str:
@@ -296,8 +296,8 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
         return outputs
 
     sagas.saga("ack", [group(left.s(), right.s()), after.s()]).apply_async(saga_id="ack-1")
-    run = sagas.store.load("ack-1").run  # type: ignore[union-attr]
-    message = build_message(run, run.outbox["step:t.left#1:1"], sagas.dispatcher.clock())
+    run = sagas._store.load("ack-1").run  # type: ignore[union-attr]
+    message = build_message(run, run.outbox["step:t.left#1:1"], sagas._dispatcher.clock())
     trace.clear()
     app.tasks["t.left"].apply(args=message.args, kwargs=message.kwargs,
                               task_id=message.task_id)
@@ -321,7 +321,7 @@ def test_a_message_whose_bookkeeping_cannot_reach_the_store_is_handed_back(
 
     monkeypatch.setattr(runtime, "UNREACHABLE_PAUSE_S", 0.0)
     commits = [0]
-    commit = sagas.store.commit
+    commit = sagas._store.commit
 
     def flaky(run: Any, **kwargs: Any) -> bool:
         commits[0] += 1
@@ -329,15 +329,15 @@ def test_a_message_whose_bookkeeping_cannot_reach_the_store_is_handed_back(
             raise SagaStoreUnavailableError("Redis at 127.0.0.1:6379 cannot be reached")
         return commit(run, **kwargs)
 
-    monkeypatch.setattr(sagas.store, "commit", flaky)
+    monkeypatch.setattr(sagas._store, "commit", flaky)
 
     @sagas.step(name="t.work", retries=QUICK)
     def work() -> str:
         return "done"
 
     sagas.saga("work", [work.s()]).apply_async(saga_id="gone-1")
-    run = sagas.store.load("gone-1").run  # type: ignore[union-attr]
-    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+    run = sagas._store.load("gone-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock())
     result = app.tasks["t.work"].apply(args=message.args, kwargs=message.kwargs,
                                        task_id=message.task_id)
     assert isinstance(result.result, Reject) and result.result.requeue
@@ -360,15 +360,15 @@ def test_starting_again_after_the_first_send_failed_sends_the_first_stage(
         return "once"
 
     definition = sagas.saga("once", [once.s()])
-    send = sagas.dispatcher.send
+    send = sagas._dispatcher.send
 
     def broker_down(*_: Any, **__: Any) -> None:
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
-    monkeypatch.setattr(sagas.dispatcher, "send", broker_down)
+    monkeypatch.setattr(sagas._dispatcher, "send", broker_down)
     with pytest.raises(OperationalError):
         definition.apply_async(saga_id="again-1", params={"n": 1})
-    monkeypatch.setattr(sagas.dispatcher, "send", send)
+    monkeypatch.setattr(sagas._dispatcher, "send", send)
     sent.clear()
     definition.apply_async(saga_id="again-1", params={"n": 1})
     assert [m["headers"]["task"] for m in sent] == ["t.once"]
@@ -389,8 +389,8 @@ def test_a_retry_that_cannot_be_published_hands_its_message_back(
         raise RuntimeError("boom")
 
     sagas.saga("flaky", [flaky.s()]).apply_async(saga_id="retry-1")
-    run = sagas.store.load("retry-1").run  # type: ignore[union-attr]
-    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+    run = sagas._store.load("retry-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock())
 
     def unpublishable(self: Any, *_: Any, **__: Any) -> None:
         raise Reject(ConnectionError("broker gone"), requeue=False)  # what Task.retry raises
@@ -399,5 +399,5 @@ def test_a_retry_that_cannot_be_published_hands_its_message_back(
     result = app.tasks["t.flaky"].apply(args=message.args, kwargs=message.kwargs,
                                         task_id=message.task_id)
     assert isinstance(result.result, Reject) and result.result.requeue
-    retry = sagas.store.load("retry-1").run.outbox  # type: ignore[union-attr]
+    retry = sagas._store.load("retry-1").run.outbox  # type: ignore[union-attr]
     assert list(retry) == ["step:t.flaky#1:2"]  # still due: its redelivery sends it

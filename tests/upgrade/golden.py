@@ -132,7 +132,7 @@ def dump(client: Any, saga_id: str) -> dict[str, Any]:
 
 def run_scenario(sagas: SagaApp, definition: Any, client: Any, name: str) -> dict[str, Any]:
     clock = Clock()
-    engine = Engine(sagas.store, clock=clock)
+    engine = Engine(sagas._store, clock=clock)
     saga_id = f"golden-{name}"
     transition, _ = engine.submit(saga_id=saga_id, name=definition.name, plan=definition.plan,
                                   params={"customer": "c-7"})

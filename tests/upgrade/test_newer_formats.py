@@ -44,7 +44,7 @@ def sagas() -> SagaApp:
 def test_a_saga_in_a_newer_format_is_refused_naming_it_and_left_untouched(
         sagas: SagaApp) -> None:
     """Reading it raises ``SagaFormatError`` naming the format; the record is as it was."""
-    client = sagas.store._client  # type: ignore[attr-defined]
+    client = sagas._store._client  # type: ignore[attr-defined]
     before = newer(client, "saga:{n-1}:state")
     with pytest.raises(SagaFormatError, match=r"format 3.*newer.*formats \[1, 2\]"):
         sagas.run("n-1").status()
@@ -53,11 +53,11 @@ def test_a_saga_in_a_newer_format_is_refused_naming_it_and_left_untouched(
 
 def test_the_sweep_skips_a_newer_saga_and_does_not_move_it_aside(sagas: SagaApp) -> None:
     """A newer release's saga is not unreadable data: it stays where it is, for that release."""
-    client = sagas.store._client  # type: ignore[attr-defined]
+    client = sagas._store._client  # type: ignore[attr-defined]
     newer(client, "saga:{n-1}:state")
-    recover(sagas.engine, sagas.dispatcher, grace=timedelta(0))
-    assert sagas.store.active_ids() == ["n-1"]
-    assert sagas.store.corrupt_records() == []
+    recover(sagas._engine, sagas._dispatcher, grace=timedelta(0))
+    assert sagas._store.active_ids() == ["n-1"]
+    assert sagas._store.corrupt_records() == []
 
 
 def test_a_message_in_a_newer_format_is_handed_back_not_run_or_dropped(
@@ -65,8 +65,8 @@ def test_a_message_in_a_newer_format_is_handed_back_not_run_or_dropped(
     """A task message whose control says format 3 is rejected with requeue, for a worker that
     reads it; its body does not run."""
     monkeypatch.setattr(tasks, "FORMAT_PAUSE_S", 0.0)
-    run = sagas.store.load("n-1").run  # type: ignore[union-attr]
-    message = build_message(run, next(iter(run.outbox.values())), sagas.dispatcher.clock())
+    run = sagas._store.load("n-1").run  # type: ignore[union-attr]
+    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock())
     message.kwargs[CONTROL_KEY]["v"] = 3
     result = sagas.app.tasks["newer.a"].apply(args=message.args, kwargs=message.kwargs)
     assert isinstance(result.result, Reject) and result.result.requeue

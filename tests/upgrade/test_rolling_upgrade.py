@@ -199,7 +199,7 @@ def _terminal(app: Any, saga_id: str) -> bool:
 
 
 def _format(app: Any, saga_id: str) -> int:
-    snapshot = app.sagas.store.load(saga_id)
+    snapshot = app.sagas._store.load(saga_id)
     return int(snapshot.run.format)
 
 

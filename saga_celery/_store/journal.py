@@ -1,7 +1,7 @@
 """A step's start committed as its event, not as the whole run: the saga's journal.
 
 A start changes a few fields of the run, but writing the run means serializing all of it,
-a third of a commit's work.  So a start (any ``AttemptStarted`` that leaves the saga
+much of a commit's work.  So a start (any ``AttemptStarted`` that leaves the saga
 running) can be committed as the event and the time it was applied, appended to the run's
 journal; the next full commit (the step's end, usually) writes the whole run and empties
 the journal.  Whoever loads a run with a journal replays it through the state machine,

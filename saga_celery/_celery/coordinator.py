@@ -1,0 +1,106 @@
+"""The narrow faces of a ``SagaApp``: reading sagas, and asking them to do something.
+
+``SagaApp`` builds one of each and hands every collaborator only the face it needs: a
+``SagaHandle`` reads (``SagaReader``) and sends requests (``Coordinator.request``); a
+``SagaDefinition`` submits (``Coordinator.submit``); the CLI and the dashboard read.  None of
+them holds the app, the engine, the store or the dispatcher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import JsonValue
+
+from saga_celery._celery.dispatch import Dispatcher
+from saga_celery._core.events import Event
+from saga_celery._core.model import Plan, SagaRun
+from saga_celery._core.state import SagaState, to_state
+from saga_celery._engine import Engine
+from saga_celery._errors import SagaNotFoundError, SagaStateError
+from saga_celery._store.base import CorruptRecord, SagaStore
+
+LIST_SCAN_FACTOR = 10
+"""``recent`` with a filter looks at this many times ``limit`` of the newest sagas."""
+
+
+class SagaReader:
+    """Read sagas: their state, their events, the newest of them, the unreadable ones."""
+
+    def __init__(self, store: SagaStore) -> None:
+        self._store = store
+
+    def run(self, saga_id: str) -> SagaRun:
+        """The saga as stored; ``SagaNotFoundError`` if there is none."""
+        snapshot = self._store.load(saga_id)
+        if snapshot is None:
+            raise SagaNotFoundError(
+                f"no saga with id {saga_id!r} (never started, or its retention expired)",
+                saga_id=saga_id)
+        return snapshot.run
+
+    def state(self, saga_id: str) -> SagaState:
+        """The saga's state now; ``SagaNotFoundError`` if there is none."""
+        return to_state(self.run(saga_id))
+
+    def events(self, saga_id: str, *, after: str = "0", count: int | None = None,
+               block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """Events after stream id ``after``, oldest first, waiting up to ``block_ms``."""
+        return self._store.read_events(saga_id, after=after, count=count, block_ms=block_ms)
+
+    def recent(self, *, status: str | None = None, name: str | None = None,
+               limit: int = 100) -> Iterator[SagaRun]:
+        """Up to ``limit`` sagas, newest first, with that status and name, among the
+        ``LIST_SCAN_FACTOR`` x ``limit`` newest."""
+        found = 0
+        for saga_id in self._store.list_ids(limit * LIST_SCAN_FACTOR):
+            snapshot = self._store.load(saga_id)
+            if snapshot is None:  # retention expired; the index keeps the id a while longer
+                continue
+            run = snapshot.run
+            if (status is None or run.status == status) and (name is None or run.name == name):
+                yield run
+                found += 1
+                if found == limit:
+                    return
+
+    def corrupt(self, limit: int = 100) -> list[CorruptRecord]:
+        """The sagas the recovery sweep moved aside as unreadable, most recent first."""
+        return self._store.corrupt_records(limit)
+
+    def ping(self) -> None:
+        """Raise ``SagaStoreUnavailableError`` if the store cannot be reached."""
+        self._store.ping()
+
+    def exporter_source(self) -> SagaStore:
+        """The store, for the metrics exporter, which follows every saga's events."""
+        return self._store
+
+
+class Coordinator:
+    """Start sagas and apply requests to them, sending what each transition decides."""
+
+    def __init__(self, engine: Engine, dispatcher: Dispatcher, *, write_format: int,
+                 max_params_bytes: int) -> None:
+        self._engine = engine
+        self._dispatcher = dispatcher
+        self.write_format = write_format
+        """The format new sagas are created in."""
+        self.max_params_bytes = max_params_bytes
+        """The largest JSON a saga's params may take (they are rewritten by every commit)."""
+
+    def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue) -> None:
+        """Create the saga (or find it, with the same params) and send its first messages."""
+        transition, _ = self._engine.submit(saga_id=saga_id, name=name, plan=plan,
+                                            params=params, format=self.write_format)
+        self._dispatcher.send(transition.run, transition.dispatches)
+
+    def request(self, saga_id: str, event: Event) -> SagaState:
+        """Apply an owner's request (terminate, retry the rollback); ``SagaStateError`` if
+        the saga's status refuses it."""
+        transition = self._engine.handle(saga_id, event)
+        if transition.refusal is not None:
+            raise SagaStateError(transition.refusal, saga_id=saga_id)
+        self._dispatcher.send(transition.run, transition.dispatches)
+        return to_state(transition.run)
