@@ -79,8 +79,8 @@ class Chaos(threading.Thread):
     def _interval(self) -> float:
         return self.kill_every * self.rng.uniform(0.5, 1.5)
 
-    def _note(self, kind: str, detail: str) -> None:
-        self.events.append(ChaosEvent(t=time.time(), kind=kind, detail=detail))
+    def _note(self, kind: str, detail: str, worker: str = "") -> None:
+        self.events.append(ChaosEvent(t=time.time(), kind=kind, detail=detail, worker=worker))
         log(f"{kind}: {detail}")
 
     def _kill(self) -> None:
@@ -91,7 +91,8 @@ class Chaos(threading.Thread):
         if self.kills % 3 == 1 and self._kill_child(running):
             return
         slot = self.rng.choice(running)
-        self._note("kill", f"SIGKILL worker {slot} (main process and pool)")
+        self._note("kill", f"SIGKILL worker {slot} (main process and pool)",
+                   worker=self.fleet.log_name(slot))
         self.fleet.kill_worker(slot)
         self.counts["worker_kills"] += 1
         started = time.monotonic()

@@ -257,6 +257,9 @@ class ChaosEvent:
     """Wall-clock time (epoch seconds) the event began."""
     kind: str
     detail: str = ""
+    worker: str = ""
+    """The worker (its log's name) whose main process, and so its broker consumer, this event
+    killed; empty for events that leave every consumer running."""
 
 
 def progress_times(events: list[dict[str, Any]]) -> list[float]:

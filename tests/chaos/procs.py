@@ -188,6 +188,12 @@ class Fleet:
             return [i for i, w in enumerate(self.slots)
                     if w is not None and w.returncode is None and w.pid not in self.stopped]
 
+    def log_name(self, slot: int) -> str:
+        """The name of the slot's current worker log (``WorkerLogs`` calls workers by it)."""
+        with self.lock:
+            worker = self.slots[slot]
+        return worker.log_path.stem if worker is not None else ""
+
     def kill_worker(self, slot: int) -> None:
         """SIGKILL the whole worker (main process and pool), as a lost machine would."""
         with self.lock:

@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 from saga_celery import SagaError
-from tests.chaos.broker import broker_histories
+from tests.chaos.broker import Message, Replay, replay
 from tests.chaos.chaos import Chaos
 from tests.chaos.check import (
     ChaosEvent,
@@ -30,15 +30,26 @@ from tests.chaos.check import (
 )
 from tests.chaos.procs import Fleet
 from tests.chaos.stalled import WorkerLogs, describe
+from tests.chaos.window import (
+    ConsumerEnd,
+    awaited_items,
+    classify,
+    consumer_ends,
+    redis_shutdowns,
+)
 
 MAX_SAMPLES = 20
 RECOVERED_RE = re.compile(r"saga\.recovered .*?saga_id=(\S+)")
 """The recovery sweep's log line: it re-sent a message of this saga."""
+RESENT_RE = re.compile(r"saga\.recovered +messages=\[([^\]]*)\].*?saga_id=(\S+)")
+"""The same line: which messages (``"<kind>:<key>:<attempt>"``) it re-sent."""
 FATAL_RE = re.compile(r"Unrecoverable error: (\w+)")
 """Celery's log line when a worker's main loop crashes; the exception's class name."""
 SWEEP_RECEIVED = "Task saga_celery.recover["
 """Celery's log line when a worker receives the recovery sweep task."""
 MAX_STALLED_SAMPLES = 10
+WINDOW_FIELDS = ("saga_id", "shape", "status", "waits_for", "broker_window", "broker")
+"""What the summary shows of a saga stalled in the broker window (``chaos.json`` has all)."""
 
 
 @dataclass
@@ -80,26 +91,55 @@ class Tally:
 def evaluate(chaos_app: ModuleType, planned: list[Planned], chaos: Chaos, fleet: Fleet,
              started: float, redis_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Check every saga: the run's summary (``started``: the run's wall-clock start), and
-    what each stalled saga was waiting for (``tests.chaos.stalled``), with its messages'
-    broker history from the AOF in ``redis_dir`` (``tests.chaos.broker``)."""
-    tally = Tally()
+    what each saga not terminal was waiting for (``tests.chaos.stalled``), with its
+    messages' broker history from the AOF in ``redis_dir`` (``tests.chaos.broker``) and
+    whether they were lost in kombu's take-then-record window (``tests.chaos.window``)."""
     chaos_events = sorted(chaos.events, key=lambda e: e.t)
     logs = WorkerLogs(fleet.logs())
-    stalled = []
+    checked, stalled = [], []
     for p in planned:
         state, ledger, events = _read(chaos_app, p.saga_id)
-        verdict = check_saga(p, state, ledger, chaos_app.SAGAS[p.shape].plan)
-        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
+        checked.append((p, state, ledger, check_saga(p, state, ledger,
+                                                     chaos_app.SAGAS[p.shape].plan), events))
         if state is not None and not state.is_terminal:
             stalled.append(_describe(chaos_app, p, events, ledger, logs))
-    histories = broker_histories(redis_dir, {s["saga_id"] for s in stalled})
+    broker = replay(redis_dir)
+    in_window = _classify(stalled, broker, consumer_ends(chaos_events, logs.lines,
+                                                         redis_dir / "redis.log"),
+                          redis_shutdowns(redis_dir / "redis.log"))
+    tally = Tally()
+    for p, state, ledger, verdict, events in checked:
+        if p.saga_id in in_window:  # stalled, but by the broker: counted apart
+            verdict.lost = False
+            verdict.violations = [v for v in verdict.violations if not v.startswith("lost:")]
+        tally.add(p, state, ledger, verdict, *recovery_stalls(events, chaos_events))
+    window = [d for d in stalled if d["saga_id"] in in_window]
+    stalled = [d for d in stalled if d["saga_id"] not in in_window]
+    summary = _summary(tally, stalled, window, broker.lost(), chaos, fleet, started,
+                       logs.texts)
+    return summary, stalled + window
+
+
+def _classify(stalled: list[dict[str, Any]], broker: Replay, ends: list[ConsumerEnd],
+              shutdowns: list[float]) -> set[str]:
+    """Add each stalled saga's broker history and window verdict to its description; the
+    ids of those stalled in the window."""
+    in_window = set()
     for description in stalled:
-        description["broker"] = histories[description["saga_id"]]
-    return _summary(tally, stalled, chaos, fleet, started, logs.texts), stalled
+        run = description.pop("run")
+        description["broker"] = broker.history(run.id)
+        verdict = classify(run.id, awaited_items(run), broker, ends, shutdowns)
+        description["broker_window"] = verdict.evidence if verdict.in_window else (
+            f"no: {verdict.reason}")
+        if verdict.in_window:
+            in_window.add(run.id)
+    return in_window
 
 
-def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: Fleet,
-             started: float, logs: list[str]) -> dict[str, Any]:
+def _summary(tally: Tally, stalled: list[dict[str, Any]], window: list[dict[str, Any]],
+             lost_messages: list[Message], chaos: Chaos, fleet: Fleet, started: float,
+             logs: list[str]
+             ) -> dict[str, Any]:
     recovery = recovery_by_kind(tally.stalls)
     where = None
     if tally.worst is not None:
@@ -113,7 +153,10 @@ def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: F
         "redis_down_s": round(chaos.redis_unavailable_s, 2),
         "sigstop_s": chaos.stop_s, "sigstop_mid_body": chaos.sigstop_mid_body,
         **{k: totals[k] for k in ("violations", "duplicate_effects", "lost_sagas")},
-        "stalled": len(stalled), "unexpected_outcomes": totals["unexpected_outcomes"],
+        "stalled": len(stalled), "stalled_in_broker_window": len(window),
+        "messages_lost_in_broker_window": len(lost_messages),
+        "messages_lost_in_broker_window_resent_by_sweep": len(_resent(lost_messages, logs)),
+        "unexpected_outcomes": totals["unexpected_outcomes"],
         "max_recovery_s": max((r["max"] for r in recovery.values()), default=0.0),
         "max_recovery_at": where, "recovery_by_event": recovery,
         "max_gap_s": round(tally.gap, 2),
@@ -126,7 +169,16 @@ def _summary(tally: Tally, stalled: list[dict[str, Any]], chaos: Chaos, fleet: F
         "violation_samples": tally.violations[:MAX_SAMPLES],
         "unexpected_samples": tally.unexpected[:MAX_SAMPLES],
         "stalled_samples": stalled[:MAX_STALLED_SAMPLES],
+        "broker_window_samples": [{k: d[k] for k in WINDOW_FIELDS}
+                                  for d in window[:MAX_STALLED_SAMPLES]],
     }
+
+
+def _resent(messages: list[Message], logs: list[str]) -> list[Message]:
+    """Those of ``messages`` whose attempt the recovery sweep re-sent (after or not)."""
+    resent = {(saga_id, item.strip(" '")) for text in logs
+              for items, saga_id in RESENT_RE.findall(text) for item in items.split(",")}
+    return [m for m in messages if (m.saga_id, m.item) in resent]
 
 
 def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[str, Any]]]:
@@ -145,5 +197,6 @@ def _read(chaos_app: ModuleType, saga_id: str) -> tuple[Any, Ledger, list[dict[s
 def _describe(chaos_app: ModuleType, planned: Planned, events: list[dict[str, Any]],
               ledger: Ledger, logs: WorkerLogs) -> dict[str, Any]:
     snapshot = chaos_app.sagas._store.load(planned.saga_id)
-    return describe(planned, snapshot.run, snapshot.version, events, ledger, chaos_app.ledger,
-                    logs, datetime.now(UTC))
+    description = describe(planned, snapshot.run, snapshot.version, events, ledger,
+                           chaos_app.ledger, logs, datetime.now(UTC))
+    return description | {"run": snapshot.run}

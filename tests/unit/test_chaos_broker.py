@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.chaos.broker import broker_histories
+from tests.chaos.broker import replay
 
 SAGA = "chaos-1-00001"
 
@@ -20,7 +20,8 @@ def _resp(*args: str | bytes) -> bytes:
 
 def _message(tag: str, saga_id: str = SAGA, attempt: int = 1) -> bytes:
     headers = {"task": "chaos.reserve", "id": f"task-{tag}",
-               "kwargsrepr": f"{{'saga_id': {saga_id!r}, 'attempt': {attempt}}}"}
+               "kwargsrepr": f"{{'saga_id': {saga_id!r}, 'step': 'chaos.reserve', 'count': 1, "
+                             f"'attempt': {attempt}, 'kind': 'step'}}"}
     return json.dumps({"body": "e30=", "headers": headers,
                        "properties": {"delivery_tag": tag}}).encode()
 
@@ -47,7 +48,7 @@ def test_an_acked_message_shows_sent_taken_delivered_acked(tmp_path: Path) -> No
     directory = _aof(tmp_path, b"#TS:1700000000\r\n", _resp("LPUSH", "saga.steps", raw),
                      *_delivered("t1", raw), _resp("ZREM", "unacked_index", "t1"),
                      _resp("HDEL", "unacked", "t1"))
-    [line] = broker_histories(directory, {SAGA})[SAGA]
+    [line] = replay(directory).history(SAGA)
     assert "sent to saga.steps" in line
     assert line.index("taken") < line.index("delivered") < line.index("acked")
     assert "LOST" not in line
@@ -61,7 +62,7 @@ def test_a_restored_message_taken_and_never_delivered_is_lost(tmp_path: Path) ->
                      _resp("MULTI"), _resp("ZREM", "unacked_index", "t2"),
                      _resp("HDEL", "unacked", "t2"), _resp("RPUSH", "saga.steps", raw),
                      _resp("EXEC"), _resp("RPOP", "saga.steps"))
-    [line] = broker_histories(directory, {SAGA})[SAGA]
+    [line] = replay(directory).history(SAGA)
     assert "restored" in line and "acked" not in line
     assert line.endswith("LOST: taken by a consumer that never recorded it")
 
@@ -71,13 +72,13 @@ def test_a_message_never_taken_is_still_queued_and_other_sagas_are_left_out(
     """A message still in its queue says so; another saga's messages are not listed."""
     directory = _aof(tmp_path, _resp("LPUSH", "saga.steps", _message("t3", "chaos-1-00002")),
                      _resp("LPUSH", "saga.steps", _message("t4", attempt=2)))
-    [line] = broker_histories(directory, {SAGA})[SAGA]
-    assert "attempt 2" in line
+    [line] = replay(directory).history(SAGA)
+    assert "step:chaos.reserve#1:2" in line
     assert line.endswith("still queued")
 
 
 def test_a_saga_whose_messages_never_reached_a_queue_says_so(tmp_path: Path) -> None:
     """A saga with no message in the AOF (its first send failed) gets one line saying so."""
     directory = _aof(tmp_path, _resp("LPUSH", "saga.steps", _message("t5", "chaos-1-00002")))
-    assert broker_histories(directory, {SAGA})[SAGA] == [
+    assert replay(directory).history(SAGA) == [
         "no message of this saga ever reached a queue"]
