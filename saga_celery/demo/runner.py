@@ -235,7 +235,9 @@ def main() -> int:
     try:
         status = _on_embedded() if url is None else _on_redis(url)
     except CannotStart as exc:
-        print(f"DEMO FAILED: {exc}", file=sys.stderr)
+        # flushed: under `saga-celery demo` the line must be out before click exits (click
+        # 8.1's test runner reads only what reached its buffer)
+        print(f"DEMO FAILED: {exc}", file=sys.stderr, flush=True)
         return 1
     verdict = "passed" if status == 0 else "FAILED"
     print(f"demo {verdict} in {time.monotonic() - started:.1f} s")

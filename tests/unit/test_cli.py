@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from click.testing import CliRunner, Result
+from click.testing import Result
 from kombu.exceptions import OperationalError
 
 from saga_celery import NonRetryableError, RollbackContext, SagaApp, SagaState, current_step
@@ -29,6 +29,7 @@ from saga_celery.cli import Target, main, redact
 from saga_celery.cli.serving import _sigterm_interrupts
 from saga_celery.demo import runner
 from saga_celery.metrics import MetricsServer
+from tests.unit.clirunner import cli_runner
 
 pytestmark = pytest.mark.usefixtures("keep_structlog_config")
 
@@ -105,7 +106,7 @@ def drive(sagas: SagaApp, saga_id: str) -> SagaState:
 
 
 def cli(*args: str) -> Result:
-    return CliRunner().invoke(main, [*APP, *args])
+    return cli_runner().invoke(main, [*APP, *args])
 
 
 def lines(result: Result) -> list[str]:
@@ -387,7 +388,7 @@ def test_demo_runs_the_librarys_demo_and_exits_with_its_status(
     """``demo`` runs ``saga_celery.demo.runner.main()`` and exits with what it returns."""
     monkeypatch.setattr(runner, "main", lambda: status)
 
-    result = CliRunner().invoke(main, ["demo"])
+    result = cli_runner().invoke(main, ["demo"])
 
     assert result.exit_code == status
 
@@ -423,7 +424,7 @@ def test_metrics_serves_prometheus_text_from_the_store(sagas: SagaApp,
 def test_unreachable_redis_exits_1_with_one_line_naming_it_without_password() -> None:
     """Redis that cannot be reached: one line on stderr naming host, port and db; exit 1."""
     for args in (["status", "x"], ["list"], ["events", "x"], ["recover"], ["metrics"]):
-        result = CliRunner().invoke(main, ["--redis-url", UNREACHABLE, *args])
+        result = cli_runner().invoke(main, ["--redis-url", UNREACHABLE, *args])
 
         assert result.exit_code == 1, (args, result.output)
         assert result.stderr.startswith("Error: Redis at 127.0.0.1:1/0 cannot be reached")
@@ -451,7 +452,7 @@ def test_the_environment_chooses_the_app(sagas: SagaApp) -> None:
     """``SAGA_APP`` names the app as ``--app`` does."""
     start(sagas, "env-1")
 
-    result = CliRunner().invoke(main, ["status", "env-1", "--json"],
+    result = cli_runner().invoke(main, ["status", "env-1", "--json"],
                                 env={"SAGA_APP": "tests.unit.test_cli:SAGAS"})
 
     assert result.exit_code == 0, result.output
@@ -462,7 +463,7 @@ def test_the_environment_chooses_the_app(sagas: SagaApp) -> None:
                                   "tests.unit.test_cli:APP", "tests.unit.test_cli"])
 def test_an_app_that_is_not_a_saga_app_is_a_usage_error(path: str) -> None:
     """``--app`` that cannot be imported, or names something else: exit status 2."""
-    result = CliRunner().invoke(main, ["--app", path, "list"])
+    result = cli_runner().invoke(main, ["--app", path, "list"])
 
     assert result.exit_code == 2, result.output
     assert "--app" in result.stderr
@@ -476,7 +477,7 @@ def test_redact_hides_the_password_only() -> None:
 
 def test_no_command_prints_usage_and_the_commands() -> None:
     """``saga-celery`` alone prints its usage and lists the commands."""
-    result = CliRunner().invoke(main, [])
+    result = cli_runner().invoke(main, [])
 
     assert result.exit_code in (0, 2)  # click >= 8.2 treats it as a usage error, 8.1 not
     for command in ("status", "list", "events", "terminate", "retry-rollback", "recover",

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from saga_celery._extras import MissingExtraError
 from saga_celery.cli import main
+from tests.unit.clirunner import cli_runner
 
 pytestmark = pytest.mark.usefixtures("keep_structlog_config")
 
@@ -65,7 +65,7 @@ def test_metrics_command_without_the_extra_is_one_line_naming_it(
     ``pip install 'saga-celery[metrics]'``, no traceback (before any Redis is reached)."""
     _without(monkeypatch, "prometheus_client", "saga_celery.metrics")
 
-    result = CliRunner().invoke(main, ["--redis-url", "redis://127.0.0.1:1/0", "metrics"])
+    result = cli_runner().invoke(main, ["--redis-url", "redis://127.0.0.1:1/0", "metrics"])
 
     assert result.exit_code == 1
     assert result.stderr == ("Error: saga_celery.metrics needs prometheus-client, which is not "
@@ -79,7 +79,7 @@ def test_demo_without_the_extra_and_without_redis_says_what_to_do(
     _without(monkeypatch, "fakeredis", "saga_celery.demo.embedded")
     monkeypatch.delenv("SAGA_REDIS_URL", raising=False)
 
-    result = CliRunner().invoke(main, ["demo"])
+    result = cli_runner().invoke(main, ["demo"])
 
     assert result.exit_code == 1
     assert result.stderr == (

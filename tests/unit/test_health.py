@@ -13,13 +13,14 @@ from datetime import timedelta
 
 import pytest
 from celery import Celery
-from click.testing import CliRunner, Result
+from click.testing import Result
 
 from saga_celery import SagaApp
 from saga_celery._store.base import SweepRecord
 from saga_celery._store.memory import MemoryStore
 from saga_celery.cli import main
 from saga_celery.cli.health import Limits, judge
+from tests.unit.clirunner import cli_runner
 
 pytestmark = pytest.mark.usefixtures("keep_structlog_config")
 
@@ -128,7 +129,7 @@ def sagas(app: Celery, monkeypatch: pytest.MonkeyPatch) -> SagaApp:
 
 
 def health(*args: str) -> Result:
-    return CliRunner().invoke(main, ["--app", "tests.unit.test_health:SAGAS", "health", *args])
+    return cli_runner().invoke(main, ["--app", "tests.unit.test_health:SAGAS", "health", *args])
 
 
 def now_ms() -> int:
@@ -184,7 +185,7 @@ def test_health_exits_1_when_a_saga_waits_too_long_for_its_first_message(
 
 def test_health_exits_1_with_one_line_when_redis_cannot_be_reached() -> None:
     """A store nobody listens on: exit 1, one ``unhealthy:`` line naming where, no password."""
-    result = CliRunner().invoke(main, ["--redis-url", "redis://:s3cret@127.0.0.1:1/0",
+    result = cli_runner().invoke(main, ["--redis-url", "redis://:s3cret@127.0.0.1:1/0",
                                        "health"])
 
     assert result.exit_code == 1
