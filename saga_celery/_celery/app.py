@@ -235,6 +235,8 @@ class SagaApp:
         queue = options.pop("queue", None)
         if queue is not None:
             self.router.explicit[name] = queue.name if isinstance(queue, Queue) else str(queue)
+        if options.get("priority") is not None:
+            self.router.priorities[name] = options["priority"]
         options.update(time_limits(config), saga_runtime=self._runtime, saga_config=config,
                        saga_register_rollback=self.register_rollback,
                        max_retries=config.retries.limit)

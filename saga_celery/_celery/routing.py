@@ -31,9 +31,17 @@ class SagaRouter:
         self.step_tasks: set[str] = set()
         self.rollback_tasks: set[str] = set()
         self.explicit: dict[str, str] = {}
+        self.priorities: dict[str, int] = {}
+        """A saga task's own ``priority=``: ``send_task`` applies it only from Celery 5.7 on."""
 
     def __call__(self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
-                 **_: Any) -> dict[str, str] | None:
+                 **_: Any) -> dict[str, Any] | None:
+        route: dict[str, Any] | None = self._queue(name, kwargs)
+        if route is not None and name in self.priorities:
+            route["priority"] = self.priorities[name]
+        return route
+
+    def _queue(self, name: str, kwargs: Any) -> dict[str, Any] | None:
         if name in self.explicit:
             return {"queue": self.explicit[name]}
         if name in self.rollback_tasks:
