@@ -19,6 +19,7 @@ from saga_celery._celery.routing import (
     check_visibility_timeout,
     configure,
     restore_defaults,
+    warn_if_restore_is_slow,
 )
 from saga_celery._celery.runtime import Runtime, RuntimeSettings
 from saga_celery._celery.security import check_app
@@ -219,6 +220,7 @@ class SagaApp:
         ``SagaApp()`` are in force now.  Puts the unacked-restore options back and checks every
         saga task against the visibility timeout again; ``SagaConfigError`` stops the worker."""
         restore_defaults(self.app)
+        warn_if_restore_is_slow(self.app)
         for task in list(self.app.tasks.values()):
             if isinstance(task, SagaTask) and task.saga_runtime is self._runtime:
                 owner = (_rollback_of(task.saga_step_name)

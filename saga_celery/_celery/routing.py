@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from celery import Celery
 from kombu import Exchange, Queue
 
@@ -12,6 +13,8 @@ from saga_celery._celery.control import CONTROL_KEY
 from saga_celery._celery.tasks import TIME_LIMIT_GRACE_S
 from saga_celery._core.config import StepConfig
 from saga_celery._errors import SagaConfigError
+
+log = structlog.get_logger("saga_celery")
 
 RESTORE_DEFAULTS = {
     # kombu's defaults (10 s x 10 throttle, 300 s mutex) leave a killed worker's messages
@@ -84,6 +87,28 @@ def restore_defaults(app: Celery) -> None:
     for key, value in RESTORE_DEFAULTS.items():
         options.setdefault(key, value)
     app.conf.broker_transport_options = options
+
+
+def restore_options_read() -> bool:
+    """Whether kombu's Redis transport reads ``unacked_restore_interval`` and
+    ``unacked_restore_throttle`` (kombu 5.7 on).  Before, it sweeps every 10 s and scans Redis
+    on every 10th sweep whatever is set: a dead worker's messages come back up to ~100 s after
+    the visibility timeout, not ~2 s."""
+    from kombu.transport import redis as kombu_redis
+
+    return hasattr(kombu_redis.Channel, "unacked_restore_interval")
+
+
+def warn_if_restore_is_slow(app: Celery) -> None:
+    """At worker start: one warning line when kombu ignores the restore period options."""
+    if visibility_timeout(app) is None or restore_options_read():
+        return
+    import kombu
+
+    log.warning("saga.restore_period_fixed", kombu=kombu.__version__,
+                reason="kombu before 5.7 ignores unacked_restore_interval and "
+                       "unacked_restore_throttle: a dead worker's messages come back up to "
+                       "~100 s after the visibility timeout, not ~2 s; upgrade kombu to 5.7")
 
 
 def _queue(name: str) -> Queue:

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery
+from kombu.transport import redis as kombu_redis
+from structlog.testing import capture_logs
 
 from saga_celery import RollbackContext, SagaApp, SagaConfigError
 from saga_celery._celery.routing import RESTORE_DEFAULTS
@@ -91,3 +93,27 @@ def test_another_apps_worker_is_not_checked(redis_app: Celery) -> None:
     build_worker(other)
     assert "unacked_restore_interval" not in other.conf.broker_transport_options
     other.close()
+
+
+def test_a_kombu_that_ignores_the_restore_options_is_named_at_worker_start(
+        redis_app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu before 5.7 ignores ``unacked_restore_interval`` and ``unacked_restore_throttle``:
+    the worker says so in one warning line, with what it costs and what to do."""
+    monkeypatch.delattr(kombu_redis.Channel, "unacked_restore_interval", raising=False)
+    SagaApp(redis_app, store=MemoryStore())
+    with capture_logs() as logs:
+        build_worker(redis_app)
+    [line] = [e for e in logs if e["event"] == "saga.restore_period_fixed"]
+    assert line["log_level"] == "warning"
+    assert "~100 s after the visibility timeout" in line["reason"]
+    assert "upgrade kombu to 5.7" in line["reason"]
+
+
+def test_a_kombu_that_reads_the_restore_options_starts_without_that_warning(
+        redis_app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu 5.7 and later read the restore options: no warning."""
+    monkeypatch.setattr(kombu_redis.Channel, "unacked_restore_interval", 10, raising=False)
+    SagaApp(redis_app, store=MemoryStore())
+    with capture_logs() as logs:
+        build_worker(redis_app)
+    assert [e for e in logs if e["event"] == "saga.restore_period_fixed"] == []
