@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Task
-from celery.canvas import Signature, _chain, chord, group
+from celery.canvas import Signature, chord, group
 
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.tasks import SagaStepTask
@@ -116,7 +116,8 @@ def _stages(sagas: SagaApp, name: str, stages: Sequence[Any]) -> list[list[StepS
 def _spec(sagas: SagaApp, saga: str, item: Any, stage: int, index: int, in_group: bool,
           counts: Counter[str]) -> StepSpec:
     sig = item.s() if isinstance(item, Task) else item
-    if isinstance(sig, _chain | chord | group) or not isinstance(sig, Signature):
+    if not isinstance(sig, Signature) or isinstance(sig, chord | group) or (
+            sig.subtask_type == "chain"):  # a | b is no instance of the public ``chain``
         raise SagaDefinitionError(
             f"saga {saga!r}, stage {stage}: {item!r} is not a step signature; a stage is "
             "one step signature (step.s(...)) or a group of them")
