@@ -21,7 +21,8 @@ import redis
 from celery import Celery
 
 from saga_celery._celery.acks import LateAck
-from saga_celery._celery.dispatch import Dispatcher, build_message, keep_client
+from saga_celery._celery.dispatch import Dispatcher, build_message
+from saga_celery._internals.kombu import keep_client
 from saga_celery._core.machine import start_saga
 from saga_celery._core.model import Dispatch, SagaRun
 from tests.unit.sim import plan
