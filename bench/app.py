@@ -372,34 +372,7 @@ def _saga_no_time_limits(saga_app: SagaApp) -> None:
             task.time_limit = task.soft_time_limit = None
 
 
-def _fast_path_off(name: str) -> Callable[[SagaApp], None]:
-    """The library with its fast path ``name`` (``saga_celery._internals.kombu``) off, as
-    when its probe fails: what that fast path is worth against kombu's public path."""
-
-    def off(_: SagaApp) -> None:
-        from saga_celery._internals import kombu as kombu_internals
-
-        setattr(kombu_internals, name, lambda: False)
-
-    return off
-
-
-def _publish_one_by_one(_: SagaApp) -> None:
-    """Publish a step's messages one by one, not in a ``Producer.batch()`` (the ack, if the
-    task sends it, then goes alone): what the batch is worth."""
-    from saga_celery._celery.dispatch import Dispatcher
-
-    def one_by_one(self: Dispatcher, producer: Any, messages: Any, ack: Any) -> None:
-        self._publish(producer, messages)
-
-    Dispatcher._publish_batch = one_by_one  # type: ignore[method-assign]
-
-
 EXPERIMENTS: dict[str, Callable[[SagaApp], None]] = {
-    "public_kept_client": _fast_path_off("kept_client"),
-    "public_own_ack": _fast_path_off("own_ack"),
-    "public_ack_in_batch": _fast_path_off("ack_in_batch"),
-    "publish_one_by_one": _publish_one_by_one,
     "saga_no_time_limits": _saga_no_time_limits,
     "dispatch_ignore_result": _dispatch_ignore_result,
     "chain_extra_round_trip": _chain_extra_round_trip,

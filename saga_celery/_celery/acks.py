@@ -7,9 +7,9 @@ feeds every pool process, between a pool process coming free and being given its
 (what that costs: ``bench/RESULTS.md``).
 
 So a saga task that returns normally acknowledges its own message, in the process that ran
-it: the two commands ride in the pipeline that publishes the step's next message (no round
-trip of their own), or go alone when the task publishes nothing.  The main process then
-only forgets the message in memory, which frees its prefetch slot as Celery's ack does.
+it, once the step's next messages are published: the two commands kombu's ack sends, in a
+pipeline of their own.  The main process then only forgets the message in memory, which
+frees its prefetch slot as Celery's ack does.
 A task that raises, retries or is lost leaves its message to the main process, as before.
 
 This holds where both sides can tell it holds, from the app's configuration and kombu's
@@ -81,17 +81,13 @@ def is_redis_channel(channel: object) -> bool:
     return type(channel) is kombu_redis.Channel
 
 
-def queue_ack(channel: Any, pipe: Any, ack: LateAck) -> None:
-    """Add ``ack``'s commands to ``pipe``, as kombu's own ``QoS.ack`` writes them."""
-    kombu_internals.queue_ack(channel, pipe, ack.tag)
+def send_ack(channel: Any, ack: LateAck) -> None:
+    """Send ``ack`` through ``channel`` (the commands of kombu's own ``QoS.ack``, in a plain
+    pipeline); a failure is logged: the message comes back, and is dropped as a duplicate."""
     ack.pending = False
-
-
-def send_ack(channel: Any, client: Any, ack: LateAck) -> None:
-    """Send ``ack`` on its own; a failure is logged (the message comes back, and is dropped)."""
     try:
-        with client.pipeline(transaction=False) as pipe:
-            queue_ack(channel, pipe, ack)
+        with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            kombu_internals.queue_ack(channel, pipe, ack.tag)
             pipe.execute()
     except Exception as exc:
         log.warning("saga.ack_not_sent", delivery_tag=ack.tag, error=repr(exc))

@@ -15,11 +15,10 @@ from celery import Celery
 from kombu import Producer
 from kombu.transport import redis as kombu_redis
 
-from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, queue_ack, send_ack
+from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
-from saga_celery._internals import kombu as kombu_internals
 
 _TASK_ID_NS = uuid.UUID("6b0c8d1e-1f0e-4c7a-9a57-5a6a0f1c2b3d")
 log = structlog.get_logger("saga_celery")
@@ -84,10 +83,8 @@ class Dispatcher:
     """Sends messages through ``app.send_task`` so ``task_routes`` routes every one.
 
     On kombu's Redis transport each process (and thread) publishes through a producer of
-    its own, a step's messages in one pipeline (kombu's ``Producer.batch()``), where a
-    running task's late ack (``acks.py``) rides along or else goes alone; its channel keeps
-    one Redis client where kombu allows (``saga_celery._internals.kombu``).  On any other
-    transport it publishes through Celery's producer pool.
+    its own, and there sends a running task's late ack (``acks.py``) once the task's
+    messages are out; on any other transport it publishes through Celery's producer pool.
     """
 
     def __init__(self, app: Celery, clock: Callable[[], datetime]) -> None:
@@ -98,17 +95,11 @@ class Dispatcher:
 
     def send(self, run: SagaRun, dispatches: Sequence[Dispatch], *,
              after: int | None = None, ack: LateAck | None = None) -> None:
-        """Publish the messages of ``dispatches``; ``ack``, if still pending, rides along."""
-        if not dispatches:
-            return
-        now = self.clock()
-        messages = [build_message(run, d, now, after) for d in dispatches]
-        producer = self._producer()
-        if producer is None:
-            with self.app.producer_or_acquire() as pooled:
-                self._publish(pooled, messages)
-        else:
-            self._publish_batch(producer, messages, ack)
+        """Publish the messages of ``dispatches``, then send ``ack`` if still pending."""
+        if dispatches:
+            now = self.clock()
+            self._publish([build_message(run, d, now, after) for d in dispatches])
+        self._ack(ack)
 
     def acks_in_task(self) -> bool:
         """Whether saga tasks acknowledge their own messages (``acks.py``); read once."""
@@ -121,41 +112,43 @@ class Dispatcher:
         return late_ack(request) if self.acks_in_task() else None
 
     def ack(self, ack: LateAck | None) -> None:
-        """Send ``ack`` alone, unless it went out with the task's messages."""
+        """Send ``ack``, unless it is sent already."""
+        self._ack(ack)
+
+    def _ack(self, ack: LateAck | None) -> None:
         if ack is None or not ack.pending:
             return
         producer = self._producer()
-        if producer is None:  # no Redis transport after all: acks_in_task() said otherwise
-            return
-        channel = producer.channel
-        with channel.conn_or_acquire() as client:
-            send_ack(channel, client, ack)
+        if producer is not None:  # else no Redis transport: acks_in_task() said otherwise
+            send_ack(producer.channel, ack)
 
-    def _publish(self, producer: Producer, messages: list[Message]) -> None:
+    def _publish(self, messages: list[Message]) -> None:
+        producer = self._producer()
+        if producer is None:
+            with self.app.producer_or_acquire() as pooled:
+                self._publish_each(pooled, messages)
+        elif len(messages) > 1 and hasattr(producer, "batch"):  # kombu 5.7 and later
+            self._publish_batch(producer, messages)
+        else:  # one message: a batch's pipeline would cost more than it saves
+            self._publish_each(producer, messages)
+
+    def _publish_each(self, producer: Producer, messages: list[Message]) -> None:
         for m in messages:
             self.app.send_task(m.task, m.args, m.kwargs, producer=producer, **m.options())
 
-    def _publish_batch(self, producer: Producer, messages: list[Message],
-                       ack: LateAck | None) -> None:
-        """Publish ``messages`` in one pipeline, ``ack`` in it too where kombu lets it ride.
+    def _publish_batch(self, producer: Producer, messages: list[Message]) -> None:
+        """Publish ``messages`` in one round trip (kombu's ``Producer.batch()``).
 
-        If the pipeline fails, whether its messages went out is unknown: they go out again
+        If the batch fails, whether its messages went out is unknown: they go out again
         through kombu's own retried publish (a copy that did go out is dropped as a
-        duplicate where it is received) and the ack stays pending, to be sent alone.
+        duplicate where it is received).
         """
-        if not hasattr(producer, "batch"):  # kombu before 5.7: one round trip per message
-            self._publish(producer, messages)
-            return
         try:
-            with producer.batch(max_size=_NO_EARLY_FLUSH) as batch:
-                self._publish(producer, messages)
-                if ack is not None and ack.pending:
-                    _ride(producer.channel, batch, ack)
+            with producer.batch():
+                self._publish_each(producer, messages)
         except _BATCH_ERRORS as exc:
-            if ack is not None:
-                ack.pending = True
             log.warning("saga.publish_retried", error=repr(exc))
-            self._publish(producer, messages)
+            self._publish_each(producer, messages)
 
     def _producer(self) -> Producer | None:
         """This thread's own producer on the Redis transport, else None (use the pool).
@@ -166,10 +159,7 @@ class Dispatcher:
         if held is None or held[0] != os.getpid():
             held = (os.getpid(), self._new_producer())
             self._local.producer = held
-        producer = held[1]
-        if producer is not None:
-            kombu_internals.keep_client(producer.channel)  # again after kombu revived it
-        return producer
+        return held[1]
 
     def _new_producer(self) -> Producer | None:
         connection = self.app.connection_for_write()  # not connected yet
@@ -179,18 +169,7 @@ class Dispatcher:
         return self.app.amqp.Producer(connection)
 
 
-_NO_EARLY_FLUSH = 2**31
-"""A batch's size limit no step's messages reach: kombu flushes it once, when it ends, so an
-ack added after the messages is executed with them."""
-
 _BATCH_ERRORS: tuple[type[Exception], ...] = tuple(
     e for e in (getattr(kombu.exceptions, "BatchPublishError", None),)
     if isinstance(e, type) and issubclass(e, Exception))
 """What a failed ``Producer.batch()`` raises (kombu 5.7 and later)."""
-
-
-def _ride(channel: Any, batch: object, ack: LateAck) -> None:
-    """Queue ``ack`` in ``batch``'s pipeline, if kombu lets it ride there."""
-    pipe = kombu_internals.batch_pipeline(batch)
-    if pipe is not None:
-        queue_ack(channel, pipe, ack)
