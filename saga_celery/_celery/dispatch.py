@@ -19,6 +19,7 @@ from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
+from saga_celery._internals import kombu as kombu_internals
 
 _TASK_ID_NS = uuid.UUID("6b0c8d1e-1f0e-4c7a-9a57-5a6a0f1c2b3d")
 log = structlog.get_logger("saga_celery")
@@ -92,6 +93,9 @@ class Dispatcher:
         self.clock = clock
         self._local = threading.local()
         self._acks_in_task: bool | None = None
+        # Probed now, when the app is built: a worker's pool processes, forked later,
+        # inherit the answer (and its one warning line) from the main process.
+        kombu_internals.own_ack()
 
     def send(self, run: SagaRun, dispatches: Sequence[Dispatch], *,
              after: int | None = None, ack: LateAck | None = None) -> None:

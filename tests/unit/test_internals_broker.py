@@ -9,6 +9,7 @@ How the public paths behave against a real broker: ``tests/integration/test_disp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from structlog.testing import capture_logs
 import saga_celery._internals
 from saga_celery import SagaApp
 from saga_celery._celery.acks import acks_in_task
+from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._internals import FAST_PATHS_ENV
 from saga_celery._internals import celery as celery_internals
 from saga_celery._internals import kombu as kombu_internals
@@ -130,6 +132,19 @@ def test_with_the_own_ack_off_the_main_process_acks_as_celery_does(
     assert acks_in_task(app)
     monkeypatch.setattr(kombu_internals, "own_ack", lambda: False)
     assert not acks_in_task(app)
+
+
+def test_the_app_probes_when_it_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs when the dispatcher is built, in a worker's main process before it
+    forks its pool: the pool processes inherit the answer and log nothing more."""
+    monkeypatch.delattr(kombu_redis.QoS, "_remove_from_indices")
+    app = Celery("fence-start", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    with capture_logs() as logs:
+        dispatcher = Dispatcher(app, clock=lambda: datetime.now(UTC))
+        built = len(_warnings(logs))
+        assert not dispatcher.acks_in_task()
+    assert built == 1
+    assert len(_warnings(logs)) == 1
 
 
 # --- Celery's public ways in (no fence needed) ----------------------------------------------
