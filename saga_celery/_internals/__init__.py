@@ -1,7 +1,7 @@
 """The only place saga_celery touches a dependency's private internals (SPEC section 9).
 
-One module per dependency (``kombu``, ``celery``; none is needed for redis-py or pydantic) holds every private
-name of it the library uses, behind a fast path that is probed once per process: do the
+One module per dependency (``kombu``, ``celery``; redis-py and pydantic need none) holds every
+private name of it the library uses, behind a fast path that is probed once per process: do the
 internals look as this release expects?  When they do not (a dependency released since), the
 library takes the public path instead and logs one warning line saying which fast path is
 off and why.  ``SAGA_CELERY_FAST_PATHS=off`` turns every fast path off (the tests run the
