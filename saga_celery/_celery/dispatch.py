@@ -13,6 +13,7 @@ import kombu.exceptions
 import structlog
 from celery import Celery
 from kombu import Producer
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 
 from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, send_ack
@@ -127,6 +128,17 @@ class Dispatcher:
             send_ack(producer.channel, ack)
 
     def _publish(self, messages: list[Message]) -> None:
+        """Publish ``messages``; a publish that fails raises kombu's ``OperationalError``.
+
+        kombu 5.7 can raise ``AttributeError`` from a publish it retries while Redis
+        restarts (a queue declared on a connection that went away); reported as the failed
+        publish it is, the task hands its message back instead of failing it."""
+        try:
+            self._publish_to(messages)
+        except AttributeError as exc:
+            raise OperationalError(f"publishing saga messages failed: {exc!r}") from exc
+
+    def _publish_to(self, messages: list[Message]) -> None:
         producer = self._producer()
         if producer is None:
             with self.app.producer_or_acquire() as pooled:
