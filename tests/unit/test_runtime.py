@@ -259,7 +259,7 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
 
     other = Engine(sagas._store)  # another worker, finishing the sibling meanwhile
     trace: list[str] = []
-    commit, send, ack = sagas._store.commit, sagas._dispatcher.send, sagas._dispatcher.ack
+    commit, send, ack = sagas._store.commit, sagas._dispatcher.send, sagas._dispatcher._ack
 
     def traced_commit(run: Any, **kwargs: Any) -> bool:
         landed = commit(run, **kwargs)
@@ -276,7 +276,7 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
 
     monkeypatch.setattr(sagas._store, "commit", traced_commit)
     monkeypatch.setattr(sagas._dispatcher, "send", traced_send)
-    monkeypatch.setattr(sagas._dispatcher, "ack", traced_ack)
+    monkeypatch.setattr(sagas._dispatcher, "_ack", traced_ack)
 
     @sagas.step(name="t.left", retries=QUICK)
     def left() -> str:
