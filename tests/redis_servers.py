@@ -18,9 +18,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
-from contextlib import suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 import redis
@@ -44,6 +45,28 @@ def require_redis_server() -> None:
         if in_ci():
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+class Servers(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=Servers)
+
+
+@contextmanager
+def running(make: Callable[[], S]) -> Iterator[S]:
+    """The servers ``make()`` describes, started, and stopped when the block ends; fails
+    (under CI) or skips the test first if ``redis-server`` is missing."""
+    require_redis_server()
+    servers = make()
+    servers.start()
+    try:
+        yield servers
+    finally:
+        servers.stop()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -158,8 +181,9 @@ class ClusterServers:
 
     def __init__(self, directory: Path) -> None:
         ports = free_ports(3, CLUSTER_PORTS)
+        # A node down leaves the others serving their slots, however long it stays down.
         config = ["cluster-enabled yes", "cluster-config-file nodes.conf",
-                  "cluster-node-timeout 5000"]
+                  "cluster-node-timeout 5000", "cluster-require-full-coverage no"]
         self.nodes = [Server(f"node{port}", port, directory, config) for port in ports]
 
     @property

@@ -21,6 +21,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from saga_celery._core.model import FORMATS, Plan, SagaProgress, SagaRun
@@ -525,7 +526,7 @@ class RedisStore:
         """The ``SagaStoreError`` to raise for ``exc`` (``exc`` itself if not redis-py's)."""
         if isinstance(exc, SagaError):
             return exc
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+        if isinstance(exc, _UNREACHABLE):
             message = (
                 f"Redis at {self._where} cannot be reached ({exc}). Check the saga store's "
                 "Redis URL and that Redis is running."
@@ -541,6 +542,10 @@ class RedisStore:
             return SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id)
         return exc
 
+
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError,
+                # Redis Cluster: no node reachable, a slot not served, a failover under way
+                RedisClusterException, ClusterError, TryAgainError)
 
 RECONNECT_TRIES = 3
 """How often a command is sent again over a new connection when its connection broke."""

@@ -12,22 +12,18 @@
   by its key's slot; one saga's keys share one slot (``keys.py``), so each of its scripts
   runs on one node, and the global index sets are written by commands of their own.
 
-This module tells them apart, describes them for messages, and builds the clients the
-worker deployment configures (``SAGA_REDIS_CLUSTER``, ``SAGA_REDIS_SENTINELS``).
+This module tells them apart and describes them for messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import redis
 from redis.cluster import RedisCluster
-from redis.connection import parse_url
-from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
+from redis.sentinel import SentinelConnectionPool
 
-from saga_celery._errors import SagaConfigError, SagaStoreUnavailableError
+from saga_celery._errors import SagaConfigError
 
 StoreClient: TypeAlias = redis.Redis | RedisCluster
 """A client the store runs on: one Redis, a Sentinel master client, or a Redis Cluster."""
@@ -74,61 +70,6 @@ def socket_timeout_of(client: StoreClient) -> float | None:
     return timeout
 
 
-def cluster_client(url: str, *, timeout_s: float, retry: Retry) -> RedisCluster:
-    """A Redis Cluster client that starts from the node at ``url``.
-
-    redis-py asks that node for the cluster's layout at once, so an unreachable cluster is a
-    ``SagaStoreUnavailableError`` here, not later."""
-    try:
-        return RedisCluster.from_url(url, socket_connect_timeout=timeout_s,
-                                     socket_timeout=timeout_s, retry=retry)
-    except ValueError as exc:
-        raise SagaConfigError(f"Invalid Redis URL for the saga store: {exc}") from exc
-    except redis.RedisError as exc:
-        raise SagaStoreUnavailableError(
-            f"Redis Cluster at {_without_password(url)} cannot be reached ({exc}). Check "
-            "SAGA_REDIS_URL (any node of the cluster) and that the cluster is up.") from exc
-
-
-def sentinel_client(sentinels: Sequence[tuple[str, int]], master: str, url: str, *,
-                    timeout_s: float, retry: Retry) -> redis.Redis:
-    """A client of the master Sentinel names ``master``.
-
-    ``url`` gives what the master's connections use besides its address: the database, the
-    user and password, and TLS (``rediss://``); its host and port are not used.  Nothing
-    connects until the first command."""
-    try:
-        options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise SagaConfigError(f"Invalid Redis URL for the saga store: {exc}") from exc
-    for name in ("host", "port", "path", "connection_class"):
-        options.pop(name, None)
-    timeouts: dict[str, Any] = {"socket_connect_timeout": timeout_s,
-                                "socket_timeout": timeout_s}
-    manager = Sentinel(list(sentinels), sentinel_kwargs=timeouts)
-    client: redis.Redis = manager.master_for(master, ssl=url.startswith("rediss://"),
-                                             retry=retry, **timeouts, **options)
-    return client
-
-
-def parse_sentinels(text: str) -> list[tuple[str, int]]:
-    """``host:port,host:port`` as addresses; ``ValueError`` naming a bad one."""
-    addresses = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        host, _, port = part.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"not a host:port sentinel address: {part!r}")
-        addresses.append((host.strip("[]"), int(port)))
-    if not addresses:
-        raise ValueError("no sentinel address given")
-    return addresses
-
-
 def _address(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 26379)}"
-
-
-def _without_password(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"

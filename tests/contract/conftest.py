@@ -18,7 +18,7 @@ from redis.cluster import RedisCluster
 
 from saga_celery._core.model import Backoff, Plan, Policy, SagaRun, StepRun, StepSpec
 from saga_celery._store import MemoryStore, RedisStore, SagaStore
-from tests.redis_servers import ClusterServers, require_redis_server
+from tests.redis_servers import ClusterServers, running
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 EPOCH = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -85,11 +85,8 @@ def _redis_backend() -> Iterator[Backend]:
 @pytest.fixture(scope="module")
 def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServers]:
     """Three Redis Cluster masters on loopback ports, stopped after the module."""
-    require_redis_server()
-    servers = ClusterServers(tmp_path_factory.mktemp("cluster"))
-    servers.start()
-    yield servers
-    servers.stop()
+    with running(lambda: ClusterServers(tmp_path_factory.mktemp("cluster"))) as servers:
+        yield servers
 
 
 def _cluster_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
