@@ -265,6 +265,11 @@ class SentinelServers:
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
         return int(port)
 
+    def master_server(self) -> Server:
+        """The data server the sentinels name master."""
+        port = self.master_port()
+        return next(s for s in self.data if s.port == port)
+
     def settled(self) -> bool:
         """Every sentinel sees the others, and the master's one replica in sync, and the
         data servers' own roles agree with what the sentinels say."""
@@ -281,7 +286,7 @@ class SentinelServers:
                 if not any(r.get("flags") == "slave" and r.get("master-link-status") == "ok"
                            for r in replicas):
                     return False
-        return all(self._role(server) == ("master" if server.port == master else "slave")
+        return all(self.role(server.port) == ("master" if server.port == master else "slave")
                    for server in self.data)
 
     def failover(self) -> None:
@@ -289,8 +294,10 @@ class SentinelServers:
         with self.sentinels[0].client() as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", self.master_name)
 
-    @staticmethod
-    def _role(server: Server) -> str:
+    def role(self, port: int) -> str:
+        """``master`` or ``slave``, as the data server on ``port`` says; ``down`` if it
+        does not answer."""
+        server = next(s for s in self.data if s.port == port)
         try:
             with server.client(decode_responses=True) as client:
                 return str(client.execute_command("ROLE")[0])
