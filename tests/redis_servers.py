@@ -250,13 +250,21 @@ class SentinelServers:
         return [("127.0.0.1", s.port) for s in self.sentinels]
 
     def start(self) -> None:
-        start_all([*self.data, *self.sentinels])
+        start_all(self.data)
         try:
+            # The sentinels learn of the replica from the master's INFO: one that asked
+            # before the replica attached would only hear of it ten seconds later.
+            wait_until(self._replica_attached, START_TIMEOUT_S, "the replica is in sync")
+            start_all(self.sentinels)
             wait_until(self.settled, START_TIMEOUT_S,
                        "the sentinels know each other and a synced replica")
         except BaseException:
             self.stop()
             raise
+
+    def _replica_attached(self) -> bool:
+        with self.replica.client(decode_responses=True) as client:
+            return bool(client.execute_command("ROLE")[3] == "connected")
 
     def master_port(self) -> int:
         """The port of the master, as the first sentinel names it."""

@@ -5,16 +5,20 @@ fails at its last step and rolls back) on a real prefork worker whose saga state
 Sentinel, fails the master over once they are under way, and returns a ``Report``: which
 sagas ended, and how, which acknowledged writes the new master lacks (every write the store
 reported done, in the worker and in this process, is audited: ``topology_env.audit``), which
-step or rollback bodies ran twice, and how long it took.
+step or rollback bodies ran twice, and how long it took.  Sagas still not terminal
+``SETTLE_S`` after the failover get one recovery sweep (what beat would send), and
+``SWEEP_SETTLE_S`` more to end.
 
 Two ways to fail over: ``SENTINEL FAILOVER`` (an operator's switch) promotes the replica at
 once, while the old master stays a master until Sentinel reports the switch (about a
 second) and demotes it (about ten); every write a client makes there in between is lost
 when it resyncs as a replica.  The store's kept connections ask the sentinels once a second
 (``connections.py``), which shortens that window but cannot close it.  ``kill`` (a crash)
-SIGKILLs the master; the sentinels see it down after a second and promote the replica:
-writes are lost only if the replica had not received them yet.  ``durable_replicas``
-closes both: a write counts as done only once the replica has it.
+SIGKILLs the master and starts it again two seconds later, as a supervisor would (empty:
+the test servers keep no data on disk); the sentinels see it down after a second, promote
+the replica, and make the restarted server its replica: writes are lost only if the
+replica had not received them yet.  ``durable_replicas`` closes both: a write counts as
+done only once a replica has it, so none is done while the new master has no replica.
 
 Run it by hand for more runs than the tests do (the figures in the README)::
 
@@ -41,12 +45,17 @@ import redis
 from saga_celery._store import RedisStore
 from tests.integration.harness import start_worker
 from tests.integration.shop_fixtures import SHOP, import_shop_copy
+from tests.integration.topology_env import deployment, sentinel_state
 from tests.redis_servers import SentinelServers, running, wait_until
 
 TICKET = "shop.ticket"
 TERMINAL = {"complete", "errored", "terminated"}
-SETTLE_S = 40.0
+SETTLE_S = 30.0
 """How long after the failover the sagas get to end."""
+SWEEP_SETTLE_S = 15.0
+"""How long after the recovery sweep the sagas it re-sent messages for get to end."""
+RESTART_AFTER_S = 2.0
+"""When a killed master is started again."""
 
 
 @dataclass
@@ -58,8 +67,12 @@ class Report:
     how: str
     """``failover`` (SENTINEL FAILOVER) or ``kill`` (SIGKILL of the master)."""
     ended: int = 0
-    stuck: list[str] = field(default_factory=list)
+    stuck_before_sweep: int = 0
     """Sagas not terminal ``SETTLE_S`` after the failover."""
+    swept_messages: int = 0
+    """Messages the recovery sweep re-sent for them."""
+    stuck: list[str] = field(default_factory=list)
+    """Sagas still not terminal ``SWEEP_SETTLE_S`` after the sweep."""
     wrong_outcome: list[str] = field(default_factory=list)
     acknowledged_writes: int = 0
     lost_writes: int = 0
@@ -75,7 +88,10 @@ class Report:
     promoted_after_s: float = 0.0
     old_master_out_after_s: float | None = None
     """When the old master stopped taking writes: demoted to a replica, or dead."""
+    new_master_has_replica_after_s: float | None = None
+    """When the old master served as the new one's replica (what ``WAIT 1`` needs)."""
     all_ended_after_s: float | None = None
+    """Since the failover; after the sweep if one was needed."""
 
     @property
     def anomalies(self) -> int:
@@ -86,13 +102,11 @@ class Report:
 def environment(servers: SentinelServers, redis_url: str, durable: int) -> dict[str, str]:
     """The shop's settings for one run: state behind Sentinel, its own prefix and queues,
     ledger, audit and broker on the ordinary Redis."""
-    tag = uuid.uuid4().hex[:6]
-    return {"SAGA_TEST_REDIS_URL": redis_url,
-            "SAGA_TEST_SENTINELS": ",".join(s.address for s in servers.sentinels),
-            "SAGA_TEST_SENTINEL_MASTER": servers.master_name,
-            "SAGA_TEST_DURABLE_REPLICAS": str(durable),
-            "SAGA_TEST_AUDIT_KEY": f"audit:fo-{tag}", "SAGA_TEST_PREFIX": f"fo-{tag}:",
-            "SAGA_TEST_QUEUE_PREFIX": f"fo-{tag}.", "SAGA_TEST_RECOVERY_GRACE": "1 hour"}
+    tag = f"fo-{uuid.uuid4().hex[:6]}"
+    return deployment(redis_url, tag, SAGA_TEST_DURABLE_REPLICAS=str(durable),
+                      SAGA_TEST_AUDIT_KEY=f"audit:{tag}",
+                      **sentinel_state([s.address for s in servers.sentinels],
+                                       servers.master_name))
 
 
 def measure(servers: SentinelServers, redis_url: str, *, durable: int, sagas: int = 24,
@@ -100,7 +114,7 @@ def measure(servers: SentinelServers, redis_url: str, *, durable: int, sagas: in
     """Run ``sagas`` sagas through one failover (``kill``: of a crashed master); see the
     module."""
     env = environment(servers, redis_url, durable)
-    shop = import_shop_copy(env, f"failover_{env['SAGA_TEST_PREFIX'][3:9]}")
+    shop = import_shop_copy(env, env["SAGA_TEST_AUDIT_KEY"].replace(":", "_").replace("-", "_"))
     report = Report(durable_replicas=durable, sagas=sagas, how="kill" if kill else "failover")
     with start_worker(SHOP, env=env, concurrency=4, log_dir=log_dir) as worker:
         expected = _submit(shop, sagas)
@@ -111,12 +125,23 @@ def measure(servers: SentinelServers, redis_url: str, *, durable: int, sagas: in
         old_master = servers.master_port()
         started = time.monotonic()
         if kill:
-            servers.master_server().kill()
+            killed = servers.master_server()
+            killed.kill()
         else:
             servers.failover()
         wait_until(lambda: servers.master_port() != old_master, 30, "a new master")
         report.promoted_after_s = round(time.monotonic() - started, 2)
-        _settle(servers, shop, expected, old_master, started, report)
+        if kill:
+            time.sleep(max(0.0, started + RESTART_AFTER_S - time.monotonic()))
+            killed.start()
+        _settle(servers, shop, expected, old_master, started, report, SETTLE_S)
+        if report.all_ended_after_s is None:
+            report.stuck_before_sweep = sum(
+                1 for status in _statuses(servers, shop, expected).values()
+                if status not in TERMINAL)
+            report.swept_messages = shop.sagas.recover(grace=0)
+            _settle(servers, shop, expected, old_master, started, report,
+                    time.monotonic() - started + SWEEP_SETTLE_S)
         log = worker.log()
     _evaluate(servers, shop, expected, env["SAGA_TEST_AUDIT_KEY"], report)
     report.handed_back = log.count("saga.message_handed_back")
@@ -147,13 +172,16 @@ def _steps_done(shop: ModuleType, expected: dict[str, str]) -> int:
 
 
 def _settle(servers: SentinelServers, shop: ModuleType, expected: dict[str, str],
-            old_master: int, started: float, report: Report) -> None:
-    """Wait until the old master is a replica and every saga is terminal on the new
-    master, or ``SETTLE_S`` after the failover."""
-    deadline = started + SETTLE_S
+            old_master: int, started: float, report: Report, within_s: float) -> None:
+    """Wait until the old master no longer takes writes and every saga is terminal on the
+    new master, or ``within_s`` after the failover."""
+    deadline = started + within_s
     while time.monotonic() < deadline:
-        if report.old_master_out_after_s is None and servers.role(old_master) != "master":
+        role = servers.role(old_master)
+        if report.old_master_out_after_s is None and role != "master":
             report.old_master_out_after_s = round(time.monotonic() - started, 2)
+        if report.new_master_has_replica_after_s is None and role == "slave":
+            report.new_master_has_replica_after_s = round(time.monotonic() - started, 2)
         if report.old_master_out_after_s is not None and all(
                 status in TERMINAL for status in _statuses(servers, shop, expected).values()):
             report.all_ended_after_s = round(time.monotonic() - started, 2)
@@ -226,6 +254,7 @@ def main() -> None:
                   for name in ("sagas", "acknowledged_writes", "lost_writes",
                                "sagas_with_lost_writes", "steps_run_twice",
                                "rollbacks_run_twice", "handed_back")},
+               "stuck_before_sweep": sum(r.stuck_before_sweep for r in reports),
                "stuck": sum(len(r.stuck) for r in reports),
                "wrong_outcome": sum(len(r.wrong_outcome) for r in reports)}
     print(json.dumps(summary), file=sys.stderr)

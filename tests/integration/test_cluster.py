@@ -21,8 +21,9 @@ from redis.cluster import RedisCluster
 from saga_celery import SagaApp, SagaConfigError, SagaStoreUnavailableError
 from saga_celery._store import RedisStore
 from tests.contract.conftest import make_run
-from tests.integration.harness import WorkerProcess, start_worker
-from tests.integration.shop_fixtures import SHOP, entries, import_shop_copy
+from tests.integration.harness import WorkerProcess
+from tests.integration.shop_fixtures import entries, import_shop_copy, module_shop_worker
+from tests.integration.topology_env import deployment
 from tests.redis_servers import ClusterServers, running
 from workers.settings import WorkerSettings
 from workers.state import state_options
@@ -48,9 +49,7 @@ def cluster_client(cluster: ClusterServers) -> Iterator[RedisCluster]:
 @pytest.fixture(scope="module")
 def cluster_env(cluster: ClusterServers, redis_url: str) -> dict[str, str]:
     """The shop with saga state on the cluster; ledger and broker on the ordinary Redis."""
-    return {"SAGA_TEST_REDIS_URL": redis_url, "SAGA_TEST_CLUSTER_URL": cluster.url,
-            "SAGA_TEST_QUEUE_PREFIX": "cluster.",
-            "SAGA_TEST_PREFIX": f"cl-{uuid.uuid4().hex[:6]}:"}
+    return deployment(redis_url, "cluster", SAGA_TEST_CLUSTER_URL=cluster.url)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +60,7 @@ def shop(cluster_env: dict[str, str]) -> ModuleType:
 @pytest.fixture(scope="module")
 def worker(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[WorkerProcess]:
-    """One prefork worker (2 processes) for the module's sagas."""
-    with start_worker(SHOP, env=cluster_env, concurrency=2,
-                      log_dir=tmp_path_factory.mktemp("logs")) as process:
-        yield process
+    yield from module_shop_worker(cluster_env, tmp_path_factory)
 
 
 def test_sagas_complete_with_their_state_spread_over_the_nodes(

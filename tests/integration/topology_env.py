@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,19 @@ from redis.sentinel import Sentinel
 from saga_celery import SagaApp
 
 TIMEOUT_S = 5.0
+
+
+def deployment(redis_url: str, tag: str, **state: str) -> dict[str, str]:
+    """A shop deployment's environment: saga state as ``state`` (the variables above) says,
+    ledger and broker at ``redis_url``, queues and keys under prefixes of its own."""
+    return {"SAGA_TEST_REDIS_URL": redis_url, "SAGA_TEST_QUEUE_PREFIX": f"{tag}.",
+            "SAGA_TEST_PREFIX": f"{tag}-{uuid.uuid4().hex[:6]}:", **state}
+
+
+def sentinel_state(addresses: list[str], master: str) -> dict[str, str]:
+    """The variables that keep saga state on the master the sentinels at ``addresses``
+    name ``master``."""
+    return {"SAGA_TEST_SENTINELS": ",".join(addresses), "SAGA_TEST_SENTINEL_MASTER": master}
 
 
 def state_options(url: str) -> dict[str, Any]:
