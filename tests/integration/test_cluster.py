@@ -120,7 +120,7 @@ def test_the_worker_settings_put_saga_state_on_the_cluster(
                                         "SAGA_REDIS_CLUSTER": "true",
                                         "SAGA_BROKER_URL": redis_url})
     app = Celery("t", broker=redis_url, set_as_current=False)
-    store = SagaApp(app, **state_options(settings), prefix=f"cs-{uuid.uuid4().hex[:6]}:").store
+    store = SagaApp(app, **state_options(settings), prefix=f"cs-{uuid.uuid4().hex[:6]}:")._store
     run = make_run()
 
     assert isinstance(store, RedisStore) and store._where.startswith("Redis Cluster ")
