@@ -153,6 +153,9 @@ def render_results(r: dict[str, Any]) -> str:
         f"{cfg['pairs']} pairs) | **{r['ratio_saga_vs_chain']}** "
         f"({', '.join(map(str, r['ratio_per_pair']))}) | <= 1.05 "
         f"({_yes(t['ratio_saga_vs_chain_le_1_05'])}), stretch < 1.0 |",
+        f"| ratio B/A on the public paths: every fast path into a dependency's internals off "
+        f"(`SAGA_CELERY_FAST_PATHS=off`) | **{r.get('ratio_saga_vs_chain_public_path', '-')}** "
+        f"({', '.join(map(str, r.get('ratio_public_path_per_pair', [])))}) | reported |",
         f"| ratio B/A': saga vs chain without result backend | "
         f"**{r['ratio_saga_vs_chain_no_backend']}** "
         f"({', '.join(map(str, r['ratio_no_backend_per_pair']))}) | |",

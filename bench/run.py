@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +60,7 @@ from bench.measure import (
 )
 from bench.profile import profile_summary, pyspy_summary
 from bench.report import print_summary, summarize, targets, write_outputs
+from saga_celery._internals import FAST_PATHS_ENV
 from tests.integration import harness
 from tests.integration.harness import WorkerProcess, start_worker
 
@@ -137,6 +139,30 @@ def timed_pairs(bench: Bench, opts: Options, trace_dir: Path) -> list[Run]:
                 run.extra.update(rollback_timings(items, read_trace(trace_dir)))
             runs.append(run)
     return runs
+
+
+def public_path_phase(bench: Bench, opts: Options, workdir: Path) -> dict[str, Any]:
+    """Saga against chain again, on a worker with every fast path into a dependency's
+    internals turned off (``SAGA_CELERY_FAST_PATHS=off``): what the library costs through
+    its dependencies' front doors alone."""
+    trace_dir = workdir / "trace-public"
+    trace_dir.mkdir()
+    env = {"BENCH_TRACE_DIR": str(trace_dir), FAST_PATHS_ENV: "off"}
+    ratios = []
+    with worker(bench, workdir, env):
+        warm_up_kinds(bench, min(20, opts.m), ["chain", "saga"])
+        for i in range(opts.pairs):
+            order = ["chain", "saga"] if i % 2 == 0 else ["saga", "chain"]
+            runs = {kind: bench.measure(kind, opts.m, f"public pair {i + 1}/{opts.pairs} "
+                                                      f"{KINDS[kind]}")[0] for kind in order}
+            ratios.append(runs["saga"].wall_s / runs["chain"].wall_s)
+    return {"ratio_saga_vs_chain_public_path": round(statistics.median(ratios), 3),
+            "ratio_public_path_per_pair": [round(x, 3) for x in ratios]}
+
+
+def warm_up_kinds(bench: Bench, m: int, kinds: list[str]) -> None:
+    for kind in kinds:
+        bench.measure(kind, m, f"warm-up {KINDS[kind]}")
 
 
 def count_phase(bench: Bench, opts: Options, workdir: Path) -> dict[str, Any]:
@@ -243,6 +269,8 @@ def run_all(opts: Options, server: PrivateRedis, workdir: Path) -> dict[str, Any
         runs = timed_pairs(bench, opts, trace_dir)
     report.update(summarize(runs))
     report["serial"] = serial
+    note("saga against chain with every fast path off")
+    report.update(public_path_phase(bench, opts, workdir))
     note("counting round trips in an instrumented worker")
     report["round_trips"] = count_phase(bench, opts, workdir)
     saga_rt = report["round_trips"]["saga"]

@@ -143,3 +143,85 @@ def test_the_app_applies_tls_acks_late_and_hands_flower_its_auth(ca_file: str) -
                         FLOWER_BASIC_AUTH="other:pw")
     assert preset["flower_basic_auth"] == "other:pw"
     assert preset["broker_use_ssl"] is False  # Celery's default: plain redis://
+
+
+# --- where saga state lives: one Redis, a Redis Cluster, behind Sentinel ------------------
+
+SENTINEL_ENV = {"SAGA_REDIS_URL": "redis://:pw@ignored:1/3", "SAGA_BROKER_URL": "redis://b/0",
+                "SAGA_REDIS_SENTINELS": "s1:26379, 10.0.0.2:26380,",
+                "SAGA_REDIS_SENTINEL_MASTER": "sagas"}
+
+
+def test_sentinel_and_cluster_settings_are_read() -> None:
+    """SAGA_REDIS_SENTINELS is a list of host:port, SAGA_REDIS_CLUSTER a boolean, and the
+    durable-write settings are numbers."""
+    sentinel = WorkerSettings.from_env({**SENTINEL_ENV, "SAGA_DURABLE_REPLICAS": "1",
+                                        "SAGA_DURABLE_TIMEOUT_MS": "250"})
+    cluster = WorkerSettings.from_env({"SAGA_REDIS_CLUSTER": "true",
+                                       "SAGA_BROKER_URL": "redis://b/0"})
+
+    assert sentinel.redis_sentinels == (("s1", 26379), ("10.0.0.2", 26380))
+    assert sentinel.redis_sentinel_master == "sagas"
+    assert (sentinel.durable_replicas, sentinel.durable_timeout_ms) == (1, 250)
+    assert cluster.redis_cluster is True and cluster.redis_sentinels == ()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({**SENTINEL_ENV, "SAGA_REDIS_CLUSTER": "true"}, "not both"),
+    ({**SENTINEL_ENV, "SAGA_REDIS_SENTINEL_MASTER": ""}, "SAGA_REDIS_SENTINEL_MASTER"),
+    ({"SAGA_REDIS_SENTINEL_MASTER": "sagas"}, "SAGA_REDIS_SENTINELS"),
+    ({**SENTINEL_ENV, "SAGA_REDIS_SENTINELS": "s1"}, "not a host:port address: 's1'"),
+    ({**SENTINEL_ENV, "SAGA_BROKER_URL": ""}, "SAGA_BROKER_URL"),
+    ({"SAGA_REDIS_CLUSTER": "true"}, "SAGA_BROKER_URL"),
+    ({"SAGA_DURABLE_REPLICAS": "-1"}, "durable_replicas"),
+    ({"SAGA_DURABLE_TIMEOUT_MS": "0"}, "durable_timeout_ms"),
+])
+def test_inconsistent_topology_settings_are_refused(env: dict[str, str], message: str) -> None:
+    """Cluster and Sentinel together, half a Sentinel setting, a bad address, a state store
+    named as Celery's broker, or bad durable-write numbers stop the process at startup."""
+    with pytest.raises(ValidationError, match=message):
+        WorkerSettings.from_env(env)
+
+
+def test_one_redis_is_given_to_the_saga_app_by_url() -> None:
+    """Without cluster or sentinels, SagaApp gets SAGA_REDIS_URL, and no durable writes."""
+    from workers.state import state_options
+
+    options = state_options(WorkerSettings.from_env({"SAGA_REDIS_URL": "redis://h/2"}))
+
+    assert options["redis_url"] == "redis://h/2" and "redis" not in options
+    assert options["durable_replicas"] == 0
+
+
+def test_sentinel_settings_give_a_master_client_with_the_urls_credentials() -> None:
+    """SAGA_REDIS_SENTINELS gives SagaApp a Sentinel master client: its connections take the
+    database and password of SAGA_REDIS_URL, and their address from the sentinels (nothing
+    connects yet)."""
+    from redis.sentinel import SentinelConnectionPool
+
+    from workers.state import state_options
+
+    options = state_options(WorkerSettings.from_env({**SENTINEL_ENV,
+                                                     "SAGA_DURABLE_REPLICAS": "1"}))
+    pool = options["redis"].connection_pool
+
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "sagas"
+    assert (pool.connection_kwargs["db"], pool.connection_kwargs["password"]) == (3, "pw")
+    assert "host" not in pool.connection_kwargs
+    assert [s.connection_pool.connection_kwargs["port"]
+            for s in pool.sentinel_manager.sentinels] == [26379, 26380]
+    assert options["durable_replicas"] == 1
+
+
+def test_a_cluster_that_cannot_be_reached_stops_the_process_saying_so() -> None:
+    """SAGA_REDIS_CLUSTER=true with no cluster at SAGA_REDIS_URL fails when the app is built,
+    with a SagaStoreUnavailableError naming the setting and without the password."""
+    from saga_celery import SagaStoreUnavailableError
+    from workers.state import state_options
+
+    settings = WorkerSettings.from_env({"SAGA_REDIS_CLUSTER": "true",
+                                        "SAGA_REDIS_URL": "redis://:hunter2@127.0.0.1:1/0",
+                                        "SAGA_BROKER_URL": "redis://b/0"})
+    with pytest.raises(SagaStoreUnavailableError, match="SAGA_REDIS_URL") as raised:
+        state_options(settings)
+    assert "hunter2" not in str(raised.value)

@@ -23,6 +23,7 @@ from celery import Celery
 from saga_celery import SagaApp
 from workers.logs import configure_logging
 from workers.settings import DEFAULT_REDIS_URL, WorkerSettings
+from workers.state import state_options
 
 __all__ = [
     "DEFAULT_REDIS_URL",
@@ -57,7 +58,7 @@ def create_app(settings: WorkerSettings) -> tuple[Celery, SagaApp]:
         celery_app.conf.broker_use_ssl = settings.tls_options()
     if settings.redis_url.startswith("rediss://"):
         celery_app.conf.redis_backend_use_ssl = settings.tls_options()
-    saga_app = SagaApp(celery_app, redis_url=settings.state_url, prefix=settings.prefix,
+    saga_app = SagaApp(celery_app, **state_options(settings), prefix=settings.prefix,
                        steps_queue=settings.steps_queue,
                        rollbacks_queue=settings.rollbacks_queue,
                        recovery_interval=timedelta(seconds=settings.recovery_interval),

@@ -35,7 +35,23 @@ class WorkerSettings(BaseSettings):
                                       frozen=True, extra="ignore")
 
     redis_url: str = DEFAULT_REDIS_URL
-    """Where saga state lives (``SAGA_REDIS_URL``): ``redis://``, ``rediss://`` or ``unix://``."""
+    """Where saga state lives (``SAGA_REDIS_URL``): ``redis://``, ``rediss://`` or ``unix://``;
+    with ``redis_cluster``, any node of the cluster; with ``redis_sentinels``, only its
+    database, user, password and TLS count (Sentinel names the master's address)."""
+    redis_cluster: bool = False
+    """``SAGA_REDIS_CLUSTER=true``: saga state is on a Redis Cluster."""
+    redis_sentinels: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    """``SAGA_REDIS_SENTINELS=host:port,host:port``: saga state is on the master these
+    sentinels name ``redis_sentinel_master``."""
+    redis_sentinel_master: str | None = None
+    """The name the sentinels watch the saga state's master under
+    (``SAGA_REDIS_SENTINEL_MASTER``)."""
+    durable_replicas: int = Field(default=0, ge=0)
+    """``SAGA_DURABLE_REPLICAS``: each saga write waits until that many replicas have it
+    (``WAIT``), and fails if they do not confirm within ``durable_timeout_ms`` (README, "Redis
+    topologies"); 0 does not wait."""
+    durable_timeout_ms: int = Field(default=1000, gt=0)
+    """How long a saga write waits for its replicas (``SAGA_DURABLE_TIMEOUT_MS``)."""
     broker_url: str = DEFAULT_REDIS_URL
     """Celery's broker (``SAGA_BROKER_URL``); defaults to ``redis_url``."""
     prefix: str = Field(default="saga:", min_length=1)
@@ -101,6 +117,33 @@ class WorkerSettings(BaseSettings):
                 raise ValueError(f"SAGA_IMPORTS: not a dotted module path: {bad}")
             return modules
         return value
+
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _split_sentinels(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        addresses = []
+        for part in filter(None, (p.strip() for p in value.split(","))):
+            host, _, port = part.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"SAGA_REDIS_SENTINELS: not a host:port address: {part!r}")
+            addresses.append((host.strip("[]"), int(port)))
+        return tuple(addresses)
+
+    @model_validator(mode="after")
+    def _check_topology(self) -> WorkerSettings:
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError("set SAGA_REDIS_CLUSTER or SAGA_REDIS_SENTINELS, not both: saga "
+                             "state is on a Redis Cluster or behind Sentinel")
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise ValueError("set both SAGA_REDIS_SENTINELS (host:port,...) and "
+                             "SAGA_REDIS_SENTINEL_MASTER (the name they watch), or neither")
+        if (self.redis_cluster or self.redis_sentinels) and self.broker_url == self.redis_url:
+            raise ValueError(
+                "set SAGA_BROKER_URL to Celery's broker: with SAGA_REDIS_CLUSTER or "
+                "SAGA_REDIS_SENTINELS, SAGA_REDIS_URL is not a broker Celery can use")
+        return self
 
     @model_validator(mode="after")
     def _check_tls(self) -> WorkerSettings:

@@ -3,18 +3,20 @@
 Saga tasks are ``acks_late`` (SPEC): their message is acknowledged once it ran.  Celery does
 that in the worker's main process, after the pool process returned: on kombu's Redis
 transport a blocking round trip (a MULTI/ZREM/HDEL/EXEC pipeline) in the one process that
-feeds every pool process, between a pool process coming free and being given its next task.
-In the bench it was most of a saga's wall-time gap to a plain chain (1.09x -> 0.98x).
+feeds every pool process, between a pool process coming free and being given its next task
+(what that costs: ``bench/RESULTS.md``).
 
 So a saga task that returns normally acknowledges its own message, in the process that ran
-it: the two commands ride in the pipeline that publishes the step's next message (no round
-trip of their own), or go alone when the task publishes nothing.  The main process then
-only forgets the message in memory, which frees its prefetch slot as Celery's ack does.
+it, once the step's next messages are published: the two commands kombu's ack sends, in a
+pipeline of their own.  The main process then only forgets the message in memory, which
+frees its prefetch slot as Celery's ack does.
 A task that raises, retries or is lost leaves its message to the main process, as before.
 
-This holds where both sides can tell it holds, from the app's configuration alone: kombu's
-own Redis channel, read from and published to on one broker (the ack must reach the Redis
-the message came from).  Anywhere else the main process acknowledges, as Celery does.
+This holds where both sides can tell it holds, from the app's configuration and kombu's
+classes alone: kombu's own Redis channel, read from and published to on one broker (the ack
+must reach the Redis the message came from), and kombu's internals as expected (the fast
+path ``kombu.own_ack`` of ``saga_celery._internals.kombu``, which holds every private name
+of kombu this takes).  Anywhere else the main process acknowledges, as Celery does.
 
 An ack that did not reach Redis leaves the message in kombu's unacked set; kombu delivers it
 again after the visibility timeout, and the engine drops it as a duplicate of a finished
@@ -30,7 +32,8 @@ from typing import Any, TypeGuard
 import structlog
 from celery import Celery
 from kombu.transport import redis as kombu_redis
-from kombu.transport.virtual import base as virtual
+
+from saga_celery._internals import kombu as kombu_internals
 
 log = structlog.get_logger("saga_celery")
 
@@ -47,6 +50,8 @@ class LateAck:
 
 def acks_in_task(app: Celery) -> bool:
     """Whether saga tasks of ``app`` acknowledge their own messages (see the module)."""
+    if not kombu_internals.own_ack():
+        return False
     conf = app.conf
     read = conf.broker_read_url or conf.broker_url
     write = conf.broker_write_url or conf.broker_url
@@ -71,23 +76,18 @@ def is_tag(tag: object) -> TypeGuard[str]:
     return isinstance(tag, str) and bool(tag)
 
 
-def queue_ack(channel: Any, pipe: Any, ack: LateAck) -> None:
-    """Add ``ack``'s commands to ``pipe``, as kombu's own ``QoS.ack`` writes them."""
-    channel.qos._remove_from_indices(ack.tag, pipe)
+def is_redis_channel(channel: object) -> bool:
+    """Whether ``channel`` is kombu's own Redis channel (not Sentinel's or a subclass)."""
+    return type(channel) is kombu_redis.Channel
+
+
+def send_ack(channel: Any, ack: LateAck) -> None:
+    """Send ``ack`` through ``channel`` (the commands of kombu's own ``QoS.ack``, in a plain
+    pipeline); a failure is logged: the message comes back, and is dropped as a duplicate."""
     ack.pending = False
-
-
-def send_ack(channel: Any, client: Any, ack: LateAck) -> None:
-    """Send ``ack`` on its own; a failure is logged (the message comes back, and is dropped)."""
     try:
-        with client.pipeline(transaction=False) as pipe:
-            queue_ack(channel, pipe, ack)
+        with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            kombu_internals.queue_ack(channel, pipe, ack.tag)
             pipe.execute()
     except Exception as exc:
         log.warning("saga.ack_not_sent", delivery_tag=ack.tag, error=repr(exc))
-
-
-def forget(message: Any) -> None:
-    """Acknowledge ``message`` in the consumer's memory only: its task already did in Redis."""
-    virtual.QoS.ack(message.channel.qos, message.delivery_tag)
-    message._state = "ACK"

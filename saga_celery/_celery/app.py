@@ -48,6 +48,8 @@ from saga_celery._core.model import FORMAT, FORMATS
 from saga_celery._engine import Engine, utcnow
 from saga_celery._errors import SagaConfigError, SagaDefinitionError
 from saga_celery._store import RedisStore, SagaStore
+from saga_celery._store.durability import Durability
+from saga_celery._store.topology import StoreClient
 
 _ROLLBACK_CONFIG_KEYS = frozenset({"retries", "timeout", "name"})
 RECOVER_TASK = "saga_celery.recover"
@@ -56,7 +58,10 @@ RECOVER_TASK = "saga_celery.recover"
 class SagaApp:
     """Saga support for one Celery app: ``@sagas.step``, ``sagas.saga(...)``, ``sagas.run(id)``.
 
-    ``redis_url`` (saga state) defaults to the broker URL.  ``steps_queue`` and
+    ``redis_url`` (saga state) defaults to the broker URL; ``redis`` is a client instead: a
+    ``redis.Redis``, a Sentinel master client or a ``RedisCluster`` (README, "Redis
+    topologies").  ``durable_replicas`` makes each saga write wait (``WAIT``, at most
+    ``durable_timeout``) until that many replicas have it, or fail.  ``steps_queue`` and
     ``rollbacks_queue`` name the two queues (compensation never waits behind forward
     traffic).  ``max_output_bytes`` caps a step's JSON output.  ``lease_ttl`` is how long a
     running attempt's lease outlives its last renewal (how soon a killed worker's attempt
@@ -82,15 +87,23 @@ class SagaApp:
         recovery_grace: object = "60 seconds",
         store: SagaStore | None = None,
         write_format: int | None = None,
+        redis: StoreClient | None = None,
+        durable_replicas: int = 0,
+        durable_timeout: object = "1 second",
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)
         retention_ms = _positive_ms("retention", retention)
-        if store is None:
+        durability = _durability(durable_replicas, durable_timeout)
+        _one_store(redis_url=redis_url, redis=redis, store=store, durability=durability)
+        if redis is not None:
+            store = RedisStore(redis, prefix=prefix, retention_ms=retention_ms,
+                               durability=durability)
+        elif store is None:
             store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
-                                        retention_ms=retention_ms)
+                                        retention_ms=retention_ms, durability=durability)
         self._store = store
         self._engine = Engine(store, clock=utcnow)
         self._dispatcher = Dispatcher(app, utcnow)
@@ -292,6 +305,29 @@ def _write_format(write_format: int | None) -> int:
             f"SagaApp(write_format={write_format!r}): this release writes formats "
             f"{sorted(FORMATS)}; use 1 while 0.1.0 processes still run, else {FORMAT}")
     return chosen
+
+
+def _one_store(*, redis_url: str | None, redis: object, store: SagaStore | None,
+               durability: Durability | None) -> None:
+    """Refuse more than one of ``redis_url``, ``redis`` and ``store``, and a durability for
+    a ``store`` built elsewhere."""
+    given = [f"{name}=" for name, value in (("redis_url", redis_url), ("redis", redis),
+                                            ("store", store)) if value is not None]
+    if len(given) > 1:
+        raise SagaConfigError(f"SagaApp takes one of redis_url=, redis= and store=, not "
+                              f"{' and '.join(given)}: each says where saga state lives")
+    if store is not None and durability is not None:
+        raise SagaConfigError("SagaApp(durable_replicas=...) applies to the Redis store "
+                              "SagaApp builds: give redis_url= or redis= instead of store=")
+
+
+def _durability(replicas: int, timeout: object) -> Durability | None:
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise SagaConfigError(f"SagaApp(durable_replicas=...) is a number of replicas, 0 "
+                              f"(do not wait) or more, not {replicas!r}")
+    if replicas == 0:
+        return None
+    return Durability(replicas=replicas, timeout_ms=_positive_ms("durable_timeout", timeout))
 
 
 def _positive_ms(field: str, value: object) -> int:

@@ -24,8 +24,8 @@ class Control:
     """Which saga, step (or its rollback), count and attempt a message carries.
 
     A plain dataclass read and written by hand: every saga message carries one, and
-    building, dumping and validating it through pydantic cost a saga step about 1 % of
-    its instructions.
+    building, dumping and validating it through pydantic cost a saga step measurably
+    (bench/RESULTS.md).
     """
 
     saga_id: str

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from celery import Task
-from celery.canvas import Signature, _chain, chord, group
+from celery.canvas import Signature, chord, group
 
 from saga_celery._celery.coordinator import Coordinator, SagaReader
 from saga_celery._celery.handle import SagaHandle
@@ -114,7 +114,8 @@ def _spec(tasks: Mapping[str, Any], saga: str, item: Any, stage: int, index: int
           in_group: bool,
           counts: Counter[str]) -> StepSpec:
     sig = item.s() if isinstance(item, Task) else item
-    if isinstance(sig, _chain | chord | group) or not isinstance(sig, Signature):
+    if not isinstance(sig, Signature) or isinstance(sig, chord | group) or (
+            sig.subtask_type == "chain"):  # a | b is no instance of the public ``chain``
         raise SagaDefinitionError(
             f"saga {saga!r}, stage {stage}: {item!r} is not a step signature; a stage is "
             "one step signature (step.s(...)) or a group of them")

@@ -6,20 +6,21 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from datetime import datetime
 from typing import Any, NamedTuple
 
-import redis
+import kombu.exceptions
 import structlog
 from celery import Celery
 from kombu import Producer
+from kombu.exceptions import OperationalError
 from kombu.transport import redis as kombu_redis
 
-from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, queue_ack, send_ack
+from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
+from saga_celery._internals import kombu as kombu_internals
 
 _TASK_ID_NS = uuid.UUID("6b0c8d1e-1f0e-4c7a-9a57-5a6a0f1c2b3d")
 log = structlog.get_logger("saga_celery")
@@ -84,9 +85,8 @@ class Dispatcher:
     """Sends messages through ``app.send_task`` so ``task_routes`` routes every one.
 
     On kombu's Redis transport each process (and thread) publishes through a producer of
-    its own whose channel keeps one Redis client (``keep_client``); on any other transport,
-    through Celery's producer pool.  There it also sends a running task's late ack
-    (``acks.py``), in the pipeline of the messages the task sends, or alone.
+    its own, and there sends a running task's late ack (``acks.py``) once the task's
+    messages are out; on any other transport it publishes through Celery's producer pool.
     """
 
     def __init__(self, app: Celery, clock: Callable[[], datetime]) -> None:
@@ -94,22 +94,17 @@ class Dispatcher:
         self.clock = clock
         self._local = threading.local()
         self._acks_in_task: bool | None = None
+        # Probed now, when the app is built: a worker's pool processes, forked later,
+        # inherit the answer (and its one warning line) from the main process.
+        kombu_internals.own_ack()
 
     def send(self, run: SagaRun, dispatches: Sequence[Dispatch], *,
              after: int | None = None, ack: LateAck | None = None) -> None:
-        """Publish the messages of ``dispatches``; ``ack``, if still pending, rides along."""
-        if not dispatches:
-            return
-        now = self.clock()
-        messages = [build_message(run, d, now, after) for d in dispatches]
-        producer = self._producer()
-        if producer is None:
-            with self.app.producer_or_acquire() as pooled:
-                self._publish(pooled, messages)
-        elif ack is not None and ack.pending and _KEPT in producer.channel.__dict__:
-            self._publish_acking(producer, messages, ack)
-        else:
-            self._publish(producer, messages)
+        """Publish the messages of ``dispatches``, then send ``ack`` if still pending."""
+        if dispatches:
+            now = self.clock()
+            self._publish([build_message(run, d, now, after) for d in dispatches])
+        self._ack(ack)
 
     def acks_in_task(self) -> bool:
         """Whether saga tasks acknowledge their own messages (``acks.py``); read once."""
@@ -122,45 +117,54 @@ class Dispatcher:
         return late_ack(request) if self.acks_in_task() else None
 
     def ack(self, ack: LateAck | None) -> None:
-        """Send ``ack`` alone, unless it went out with the task's messages."""
+        """Send ``ack``, unless it is sent already."""
+        self._ack(ack)
+
+    def _ack(self, ack: LateAck | None) -> None:
         if ack is None or not ack.pending:
             return
         producer = self._producer()
-        if producer is None:  # no Redis transport after all: acks_in_task() said otherwise
-            return
-        channel = producer.channel
-        with channel.conn_or_acquire() as client:
-            send_ack(channel, client, ack)
+        if producer is not None:  # else no Redis transport: acks_in_task() said otherwise
+            send_ack(producer.channel, ack)
 
-    def _publish(self, producer: Producer, messages: list[Message]) -> None:
+    def _publish(self, messages: list[Message]) -> None:
+        """Publish ``messages``; a publish that fails raises kombu's ``OperationalError``.
+
+        kombu 5.7 can raise ``AttributeError`` from a publish it retries while Redis
+        restarts (a queue declared on a connection that went away); reported as the failed
+        publish it is, the task hands its message back instead of failing it."""
+        try:
+            self._publish_to(messages)
+        except AttributeError as exc:
+            raise OperationalError(f"publishing saga messages failed: {exc!r}") from exc
+
+    def _publish_to(self, messages: list[Message]) -> None:
+        producer = self._producer()
+        if producer is None:
+            with self.app.producer_or_acquire() as pooled:
+                self._publish_each(pooled, messages)
+        elif len(messages) > 1 and hasattr(producer, "batch"):  # kombu 5.7 and later
+            self._publish_batch(producer, messages)
+        else:  # one message: a batch's pipeline would cost more than it saves
+            self._publish_each(producer, messages)
+
+    def _publish_each(self, producer: Producer, messages: list[Message]) -> None:
         for m in messages:
             self.app.send_task(m.task, m.args, m.kwargs, producer=producer, **m.options())
 
-    def _publish_acking(self, producer: Producer, messages: list[Message],
-                        ack: LateAck) -> None:
-        """Publish ``messages`` and ``ack`` in one pipeline: one round trip for both.
+    def _publish_batch(self, producer: Producer, messages: list[Message]) -> None:
+        """Publish ``messages`` in one round trip (kombu's ``Producer.batch()``).
 
-        kombu builds each message and looks up its route as usual; only the final LPUSH is
-        queued.  If the pipeline fails, the messages go out again through kombu's own
-        retried publish (a copy that did go out is dropped as a duplicate where it is
-        received) and the ack stays pending.
+        If the batch fails, whether its messages went out is unknown: they go out again
+        through kombu's own retried publish (a copy that did go out is dropped as a
+        duplicate where it is received).
         """
-        channel = producer.channel
-        kept = channel.__dict__[_KEPT]
-        with kept.pipeline(transaction=False) as pipe:
-            channel.__dict__[_RIDING] = _Riding(kept, pipe)
-            try:
-                self._publish(producer, messages)
-            finally:
-                del channel.__dict__[_RIDING]
-            queue_ack(channel, pipe, ack)
-            try:
-                pipe.execute()
-                return
-            except redis.RedisError as exc:
-                ack.pending = True
-                log.warning("saga.publish_retried", delivery_tag=ack.tag, error=repr(exc))
-        self._publish(producer, messages)
+        try:
+            with producer.batch():
+                self._publish_each(producer, messages)
+        except _BATCH_ERRORS as exc:
+            log.warning("saga.publish_retried", error=repr(exc))
+            self._publish_each(producer, messages)
 
     def _producer(self) -> Producer | None:
         """This thread's own producer on the Redis transport, else None (use the pool).
@@ -171,10 +175,7 @@ class Dispatcher:
         if held is None or held[0] != os.getpid():
             held = (os.getpid(), self._new_producer())
             self._local.producer = held
-        producer = held[1]
-        if producer is not None:
-            keep_client(producer.channel)  # again after kombu revived the channel
-        return producer
+        return held[1]
 
     def _new_producer(self) -> Producer | None:
         connection = self.app.connection_for_write()  # not connected yet
@@ -184,47 +185,7 @@ class Dispatcher:
         return self.app.amqp.Producer(connection)
 
 
-_KEPT = "_saga_kept_client"
-_RIDING = "_saga_riding"
-
-
-class _Riding:
-    """The kept client while messages are published with an ack: each LPUSH is queued on
-    the pipeline; anything else kombu asks of the client (a route lookup) goes to it."""
-
-    def __init__(self, client: Any, pipe: Any) -> None:
-        self._client = client
-        self._pipe = pipe
-
-    def lpush(self, *args: Any) -> None:
-        self._pipe.lpush(*args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-
-def fits_kept_client(channel: object) -> bool:
-    """Whether ``channel`` is kombu's own Redis channel (not Sentinel's or a subclass)."""
-    return type(channel) is kombu_redis.Channel and callable(
-        getattr(channel, "_create_client", None))
-
-
-def keep_client(channel: Any) -> None:
-    """Make ``channel`` publish every message through the same Redis client.
-
-    kombu's Redis channel builds a new ``redis.Redis`` client for every message it publishes
-    (``Channel.conn_or_acquire``), which costs about as much as the rest of publishing it
-    but for the round trip (50 us of a saga step's 850).  The kept client uses the channel's
-    own connection pool, as each new one would, so connections, reconnects and redis-py's
-    retries are unchanged.  Only the channels of the dispatcher's own producers get one:
-    the app's producer pool, and so the user's own tasks, are left as they are.
-    """
-    if _KEPT in channel.__dict__ or not fits_kept_client(channel):
-        return
-    kept = channel._create_client()
-
-    def conn_or_acquire(client: Any = None) -> nullcontext[Any]:
-        return nullcontext(client or channel.__dict__.get(_RIDING) or kept)
-
-    channel.conn_or_acquire = conn_or_acquire
-    setattr(channel, _KEPT, kept)
+_BATCH_ERRORS: tuple[type[Exception], ...] = tuple(
+    e for e in (getattr(kombu.exceptions, "BatchPublishError", None),)
+    if isinstance(e, type) and issubclass(e, Exception))
+"""What a failed ``Producer.batch()`` raises (kombu 5.7 and later)."""

@@ -16,10 +16,10 @@ import structlog
 from billiard.exceptions import WorkerLostError
 from celery.worker.request import Request
 
-from saga_celery._celery.acks import forget, is_tag
+from saga_celery._celery.acks import is_redis_channel, is_tag
 from saga_celery._celery.control import CONTROL_KEY
-from saga_celery._celery.dispatch import fits_kept_client
 from saga_celery._celery.runtime import control_of
+from saga_celery._internals.kombu import forget
 
 log = structlog.get_logger("saga_celery")
 
@@ -50,7 +50,7 @@ class SagaRequest(Request):  # type: ignore[misc]
     def acknowledge(self) -> None:
         if self._acked_by_task and not self.acknowledged:  # type: ignore[has-type]
             try:
-                forget(self._message)
+                forget(self.message)
             except Exception:  # as kombu's ack_log_error: never take the consumer down
                 log.exception("saga.ack_not_forgotten", task_id=self.id)
             self.acknowledged = True
@@ -60,9 +60,9 @@ class SagaRequest(Request):  # type: ignore[misc]
     def _task_acks(self) -> bool:
         """Whether the task, which returned normally, acknowledged its message itself: the
         same test it made (a control kwarg it could not parse would have failed it)."""
-        message = self._message
+        message = self.message
         return (CONTROL_KEY in (self.kwargs or {}) and is_tag(message.delivery_tag)
-                and fits_kept_client(message.channel)
+                and is_redis_channel(message.channel)
                 and self.task.saga_runtime.dispatcher.acks_in_task())
 
     def on_timeout(self, soft: bool, timeout: float) -> None:

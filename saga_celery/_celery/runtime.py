@@ -195,8 +195,7 @@ class Runtime:
         ended = AttemptSucceeded(kind=control.kind, key=control.key, attempt=control.attempt,
                                  output=output)
         transition = self.engine.handle(control.saga_id, ended, lease=lease)
-        self.dispatcher.send(transition.run, transition.dispatches, ack=ack)
-        self.dispatcher.ack(ack)  # alone, if no message took it along
+        self.dispatcher.send(transition.run, transition.dispatches, ack=ack)  # then the ack
 
     def _bookkeeping(self, control: Control, step: Callable[[], _T]) -> _T:
         """Run one of the task's own steps (recording with the store, sending with the

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 from celery import Celery, Task
 from celery.exceptions import Reject
-from celery.local import Proxy
+from celery.local import Proxy, maybe_evaluate
 
 from saga_celery._celery.control import Control, split_control
 from saga_celery._celery.dispatch import ARGS_REPR
 from saga_celery._celery.security import signing
 from saga_celery._core.config import StepConfig
 from saga_celery._errors import SagaConfigError, SagaDefinitionError, SagaFormatError
+from saga_celery._internals.celery import task_settings
 
 if TYPE_CHECKING:
     from saga_celery._celery.runtime import Runtime
@@ -143,7 +144,7 @@ class Target:
 def unwrap(target: Any) -> Target:
     """A function, or an existing Celery task, taken apart; registers and unregisters nothing."""
     if isinstance(target, Proxy):
-        target = target._get_current_object()
+        target = _behind(target)
     if not isinstance(target, Task):
         if not callable(target):
             raise SagaDefinitionError(f"a saga step must be a function or a Celery task, "
@@ -158,10 +159,19 @@ def unwrap(target: Any) -> Target:
         raise SagaDefinitionError(f"cannot wrap task {target.name!r}: it defines no run()")
     options = {k: v for k, v in type(target).__dict__.items()
                if k not in _GENERATED | _FORCED and not k.startswith("__")}
-    for attr, setting in Task.from_config:  # filled in from app.conf when Celery bound it
+    for attr, setting in task_settings():  # filled in from app.conf when Celery bound it
         if attr in options and options[attr] == target.app.conf.get(setting):
             del options[attr]
     return Target(fn, bind, target.name, {**options, **_retry_options(target)}, target)
+
+
+def _behind(proxy: Proxy) -> Any:
+    """What a Celery proxy stands for: a lazy ``@app.task`` evaluates itself; a task behind
+    any other proxy (``@shared_task``) is the task its bound methods are bound to."""
+    target = maybe_evaluate(proxy)
+    if isinstance(target, Proxy) and isinstance(target, Task):
+        return target.apply_async.__self__
+    return target
 
 
 def _retry_options(task: Task) -> dict[str, Any]:

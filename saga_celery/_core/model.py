@@ -235,7 +235,7 @@ class SagaProgress(_Record):
     """Everything about a saga run that changes as it runs: a ``SagaRun`` without its plan.
 
     The plan never changes after the start, so the store writes it once and each commit
-    writes only this part (a third of the size, for a five-step saga).
+    writes only this part (much smaller than the whole run: bench/RESULTS.md).
     """
 
     id: str

@@ -1,14 +1,15 @@
 """The only place saga_celery touches a dependency's private internals (SPEC section 9).
 
-One module per dependency (``kombu``, ``celery``, ``redis``, ``pydantic``) holds every private
-name of it the library uses, behind a fast path that is probed once per process: do the
+One module per dependency (``kombu``, ``celery``; redis-py and pydantic need none) holds every
+private name of it the library uses, behind a fast path that is probed once per process: do the
 internals look as this release expects?  When they do not (a dependency released since), the
 library takes the public path instead and logs one warning line saying which fast path is
 off and why.  ``SAGA_CELERY_FAST_PATHS=off`` turns every fast path off (the tests run the
 integration scenarios that way too, and the bench measures what the fast paths are worth).
 
 No other module of the package names a private attribute of a dependency:
-``tests/test_fences.py`` checks it.
+``tests/test_fences.py`` lists the modules allowed per dependency; the source checks
+beside it (``test_fences_kombu_celery.py``, ``test_fences_redis_pydantic.py``) enforce it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Each write of one saga is one Lua script over that saga's hash-tagged keys (see
 ``scripts.py``), sent in one pipeline with the updates of the global index sets, which stay
 out of the scripts so that Redis Cluster can run them.  The index sets are therefore only
-eventually exact: ``active`` is kept a superset of the non-terminal sagas.
+eventually exact: ``active`` is kept a superset of the non-terminal sagas.  On one Redis,
+behind Sentinel or on Redis Cluster alike (``topology.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic_core import PydanticSerializationError, to_json
 from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from saga_celery._core.model import FORMATS, Plan, SagaProgress, SagaRun
@@ -41,6 +43,7 @@ from saga_celery._store.base import (
     SweepRecord,
 )
 from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
+from saga_celery._store.durability import Durability
 from saga_celery._store.encoding import decode_sweep, encode_progress, encode_sweep, with_plan
 from saga_celery._store.journal import count_entries, replay
 from saga_celery._store.keys import (
@@ -54,6 +57,7 @@ from saga_celery._store.keys import (
     KeySpace,
     index_score,
 )
+from saga_celery._store.topology import StoreClient, check_client, describe, socket_timeout_of
 
 DEFAULT_RETENTION_MS = 7 * 24 * 3600 * 1000
 """How long a terminal saga's state and events are kept: a week."""
@@ -67,30 +71,39 @@ _FIX_CORRUPT = (
 
 
 class RedisStore:
-    """The production ``SagaStore``; works with ``fakeredis.FakeRedis`` clients too."""
+    """The production ``SagaStore``; works with ``fakeredis.FakeRedis`` clients too.
+
+    ``client`` is a ``redis.Redis``, a Sentinel master client or a ``RedisCluster``
+    (``topology.py``).  ``durability`` makes every saga write wait until that many replicas
+    have it (``durability.py``; not on Redis Cluster)."""
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: StoreClient,
         *,
         prefix: str = DEFAULT_PREFIX,
         retention_ms: int | None = DEFAULT_RETENTION_MS,
+        durability: Durability | None = None,
     ) -> None:
-        self._client = client
+        self._client = check_client(client)
         try:
             self._keys = KeySpace(prefix)
         except ValueError as exc:
             raise SagaConfigError(str(exc)) from exc
         self._retention_ms = _check_retention(retention_ms)
-        self._where = _describe(client)
+        self._where = describe(client)
+        self._durability = Durability.check(durability, client)
         self._create = client.register_script(scripts.CREATE)
         self._commit = client.register_script(scripts.COMMIT)
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._release = client.register_script(scripts.RELEASE_LEASE)
         self._plans: dict[bytes | str, Plan] = {}
-        self._connections = ThreadConnections(client.connection_pool)
-        self._heads: dict[tuple[str, int], bytes] = {}
         self._raw = isinstance(client, redis.Redis)
+        # A kept connection per thread on one Redis or a Sentinel master, never on Cluster.
+        self._connections = ThreadConnections(
+            client.connection_pool if isinstance(client, redis.Redis) else None)
+        self._heads: dict[tuple[str, int], bytes] = {}
+        self._timeout = socket_timeout_of(client)
 
     @classmethod
     def from_url(
@@ -100,6 +113,7 @@ class RedisStore:
         prefix: str = DEFAULT_PREFIX,
         retention_ms: int | None = DEFAULT_RETENTION_MS,
         socket_timeout: float = 5.0,
+        durability: Durability | None = None,
     ) -> RedisStore:
         """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``)."""
         try:
@@ -112,7 +126,7 @@ class RedisStore:
             )
         except ValueError as exc:
             raise SagaConfigError(f"Invalid Redis URL for the saga store: {exc}") from exc
-        return cls(client, prefix=prefix, retention_ms=retention_ms)
+        return cls(client, prefix=prefix, retention_ms=retention_ms, durability=durability)
 
     @property
     def prefix(self) -> str:
@@ -338,16 +352,25 @@ class RedisStore:
 
     def _script(self, saga_id: str, script: Script, keys: Sequence[str],
                 args: Sequence[str | bytes]) -> Any:
-        """EVALSHA ``script`` as one command (see ``_loading``)."""
+        """EVALSHA ``script`` as one command (see ``_loading``), and the durability's WAIT
+        after it on the same connection, in the same write."""
         command = ("EVALSHA", script.sha, str(len(keys)), *keys, *args)
+        durable = self._durability
         if self._raw:
             head = self._heads.get((script.sha, len(keys)))
             if head is None:  # "EVALSHA <sha> <numkeys>" packed once per script
                 head = self._heads[script.sha, len(keys)] = pack_args(*command[:3])
-            payload = b"".join([b"*%d\r\n" % len(command), head, pack_args(*command[3:])])
+            payload = b"".join([b"*%d\r\n" % len(command), head, pack_args(*command[3:]),
+                                durable.packed if durable else b""])
 
         def send() -> Any:
-            reply = self._exchange(payload, 1)[0] if self._raw else self._reply_of(command)
+            if not self._raw:
+                reply = self._reply_of(command)
+            elif durable:
+                reply, waited = self._exchange(payload, 2)
+                durable.confirm(reply, waited, self._where, saga_id)
+            else:
+                reply = self._exchange(payload, 1)[0]
             if isinstance(reply, redis.ResponseError):
                 raise reply
             return reply
@@ -374,10 +397,14 @@ class RedisStore:
         On this thread's kept connection (``connections.py``): redis-py connects it, and
         its retry policy sends the commands again over a new connection when one drops.  A
         client that is not a ``redis.Redis`` (a Redis Cluster client routes each command
-        itself) goes through its own API.
+        itself) goes through its own pipeline: one round trip when they share a slot.
         """
         if not self._raw:
-            return [self._reply_of(command) for command in commands]
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+            return replies
         return self._exchange(b"".join([pack(*command) for command in commands]),
                               len(commands))
 
@@ -403,10 +430,17 @@ class RedisStore:
         redis-py's own pipeline script support asks SCRIPT EXISTS before every execute (a
         second round trip), so NOSCRIPT is handled by ``_loading`` instead.
         """
+        durable = self._durability
+
         def send() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             queue(pipe)
-            return pipe.execute()
+            if not durable:
+                return pipe.execute()
+            pipe.execute_command(*durable.command)  # a redis.Redis: on the same connection
+            *replies, waited = pipe.execute()
+            durable.confirm(replies[0], waited, self._where, saga_id)
+            return replies
 
         return self._loading(saga_id, script, send)
 
@@ -456,7 +490,7 @@ class RedisStore:
         left_ms = int((deadline - time.monotonic()) * 1000)
         if left_ms <= 0:
             return None
-        timeout = self._client.connection_pool.connection_kwargs.get("socket_timeout")
+        timeout = self._timeout
         if timeout is None:
             return left_ms
         return min(left_ms, max(1, int(timeout * 500)))
@@ -493,7 +527,7 @@ class RedisStore:
         """The ``SagaStoreError`` to raise for ``exc`` (``exc`` itself if not redis-py's)."""
         if isinstance(exc, SagaError):
             return exc
-        if isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+        if isinstance(exc, _UNREACHABLE):
             message = (
                 f"Redis at {self._where} cannot be reached ({exc}). Check the saga store's "
                 "Redis URL and that Redis is running."
@@ -528,6 +562,10 @@ class RedisStore:
             detail = f"{key} does not hold a sweep record ({_first_line(exc)})"
             raise self._corrupt(None, detail) from exc
 
+
+_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError,
+                # Redis Cluster: no node reachable, a slot not served, a failover under way
+                RedisClusterException, ClusterError, TryAgainError)
 
 RECONNECT_TRIES = 3
 """How often a command is sent again over a new connection when its connection broke."""
@@ -591,15 +629,6 @@ def _wrong_type(text: str, key: str | None, prefix: str) -> str:
     ours = text[text.index("WRONGTYPE") :]
     # Our scripts name the key; Redis's own WRONGTYPE does not, but the pipeline prefix does.
     return ours if prefix in ours else text
-
-
-def _describe(client: redis.Redis) -> str:
-    """Where the client connects, for messages: host:port/db or the socket; no password."""
-    kwargs = client.connection_pool.connection_kwargs
-    db = kwargs.get("db", 0)
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}?db={db}"
-    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{db}"
 
 
 def _stream_entries(reply: object) -> list[Any]:

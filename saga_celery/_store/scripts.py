@@ -45,8 +45,10 @@ COMMIT = """
 -- retry_rollback), 0 on a version or lease conflict (nothing written).
 --
 -- The hot path sends only the commands it needs: keys are read with pcall and a key of the
--- wrong type is diagnosed (TYPE) only then, before anything is written.
-local function refuse(key, wanted)
+-- wrong type is diagnosed (TYPE) only then, before anything is written.  Any other error
+-- (READONLY from a master that a failover demoted) is returned as it is.
+local function refuse(key, wanted, reply)
+  if not string.find(tostring(reply['err']), 'WRONGTYPE', 1, true) then return reply end
   local t = redis.call('TYPE', key)
   if type(t) == 'table' then t = t['ok'] end
   return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', not a ' .. wanted)
@@ -61,20 +63,19 @@ if not expected then
   return redis.error_reply('ERR saga_celery commit: malformed header ' .. ARGV[1])
 end
 local state = redis.pcall('HMGET', KEYS[1], 'v', 't', 'j')
-if failed(state) then return refuse(KEYS[1], 'hash') end
+if failed(state) then return refuse(KEYS[1], 'hash', state) end
 if state[1] ~= expected then return 0 end
 local holder = false
 if #KEYS == 3 then
   holder = redis.pcall('GET', KEYS[3])
-  if failed(holder) then return refuse(KEYS[3], 'string') end
+  if failed(holder) then return refuse(KEYS[3], 'string', holder) end
 end
 if action == 'acquire' and holder and holder ~= ARGV[2] then return 0 end
 
 -- Events first: a stream key of the wrong type fails the first XADD, before any write.
 for i = 4, #ARGV do
-  if failed(redis.pcall('XADD', KEYS[2], '*', 'e', ARGV[i])) then
-    return refuse(KEYS[2], 'stream')
-  end
+  local added = redis.pcall('XADD', KEYS[2], '*', 'e', ARGV[i])
+  if failed(added) then return refuse(KEYS[2], 'stream', added) end
 end
 if mode == 'j' then
   redis.call('HSET', KEYS[1], 'v', version, 'j', (state[3] or '') .. ARGV[3] .. '\\n',

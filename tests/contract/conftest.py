@@ -1,4 +1,5 @@
-"""One store contract, run against every ``SagaStore``: memory, fakeredis and real Redis."""
+"""One store contract, run against every ``SagaStore``: memory, fakeredis, real Redis, and
+a real 3-master Redis Cluster started for the module (``tests/redis_servers.py``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from uuid import uuid4
 import fakeredis
 import pytest
 import redis
+from redis.cluster import RedisCluster
 
 from saga_celery._core.model import Backoff, Plan, Policy, SagaRun, StepRun, StepSpec
 from saga_celery._store import MemoryStore, RedisStore, SagaStore
+from tests.redis_servers import ClusterServers, running
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 EPOCH = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -42,7 +45,7 @@ class Backend:
     store: SagaStore
     elapse_ms: Callable[[float], None]
     """Let that much time pass for leases and retention (a fake clock, or a real sleep)."""
-    client: redis.Redis | None = None
+    client: redis.Redis | RedisCluster | None = None
     prefix: str = "saga:"
 
 
@@ -79,22 +82,52 @@ def _redis_backend() -> Iterator[Backend]:
     client.close()
 
 
-_BACKENDS: dict[str, Callable[[], Iterator[Backend]]] = {
-    "memory": _memory_backend,
-    "fakeredis": _fakeredis_backend,
-    "redis": _redis_backend,
+@pytest.fixture(scope="module")
+def cluster_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterServers]:
+    """Three Redis Cluster masters on loopback ports, stopped after the module."""
+    with running(lambda: ClusterServers(tmp_path_factory.mktemp("cluster"))) as servers:
+        yield servers
+
+
+def _cluster_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    servers: ClusterServers = request.getfixturevalue("cluster_servers")
+    client = RedisCluster.from_url(servers.url, socket_timeout=5.0)
+    prefix = f"sagatest-{uuid4().hex[:8]}:"
+    yield Backend("cluster", RedisStore(client, prefix=prefix), _sleep_ms, client, prefix)
+    for key in list(client.scan_iter(match=f"{prefix}*")):
+        client.delete(key)
+    client.close()
+
+
+_BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Iterator[Backend]]] = {
+    "memory": lambda _: _memory_backend(),
+    "fakeredis": lambda _: _fakeredis_backend(),
+    "redis": lambda _: _redis_backend(),
+    "cluster": _cluster_backend,
 }
 
 
-@pytest.fixture(params=["memory", "fakeredis", "redis"])
+@pytest.fixture(params=["memory", "fakeredis", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    yield from _BACKENDS[request.param]()
+    yield from _BACKENDS[request.param](request)
+
+
+@pytest.fixture(params=["fakeredis", "redis", "cluster"])
+def redis_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """Only the Redis-backed stores: for what lives in Redis keys (TTLs, types, hash tags)."""
+    yield from _BACKENDS[request.param](request)
+
+
+@pytest.fixture
+def cluster_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """Only the Redis Cluster store: for what depends on slots and nodes."""
+    yield from _cluster_backend(request)
 
 
 @pytest.fixture(params=["fakeredis", "redis"])
-def redis_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    """Only the Redis-backed stores: for what lives in Redis keys (TTLs, types, hash tags)."""
-    yield from _BACKENDS[request.param]()
+def one_node_backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The Redis-backed stores on one server: for what one connection does."""
+    yield from _BACKENDS[request.param](request)
 
 
 @pytest.fixture

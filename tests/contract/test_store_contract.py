@@ -15,9 +15,10 @@ import fakeredis
 import pytest
 import redis
 from redis import crc
+from redis.cluster import RedisCluster
 
 import saga_celery._store as store_package
-from saga_celery._core.model import SagaStatus
+from saga_celery._core.model import SagaRun, SagaStatus
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -475,10 +476,10 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[], Any]]
 
 
 def test_every_operation_is_one_round_trip(
-    redis_backend: Backend, round_trips: Callable[[Callable[[], Any]], int]
+    one_node_backend: Backend, round_trips: Callable[[Callable[[], Any]], int]
 ) -> None:
     """Each store method sends exactly one request to Redis once its scripts are loaded."""
-    store = redis_backend.store
+    store = one_node_backend.store
 
     def scenario(run: Any) -> dict[str, Callable[[], Any]]:
         return {
@@ -499,6 +500,47 @@ def test_every_operation_is_one_round_trip(
         operation()  # loads the scripts and opens the connection
     counts = {name: round_trips(op) for name, op in scenario(make_run()).items()}
     assert counts == dict.fromkeys(counts, 1)
+
+
+def test_on_a_cluster_one_sagas_work_is_one_request_to_its_node(
+        cluster_backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Redis Cluster a load, a commit and a lease change are one request, to the node of
+    the saga's slot; a create or a terminal commit adds one request per node holding an
+    index set, and nothing else."""
+    backend = cluster_backend
+    client, store, run = cast(RedisCluster, backend.client), backend.store, make_run()
+    sent: list[str] = []
+    original = cast(Callable[..., None], redis.connection.AbstractConnection.send_packed_command)
+
+    def counting(self: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(f"127.0.0.1:{self.port}")
+        original(self, command, check_health)
+
+    def nodes(*keys: str) -> list[str]:
+        return sorted({client.get_node_from_key(key).name for key in keys})
+
+    def scenario(run: SagaRun) -> list[tuple[Callable[[], Any], list[str]]]:
+        saga = nodes(f"{backend.prefix}{{{run.id}}}:state")
+        index = nodes(f"{backend.prefix}index", f"{backend.prefix}active")
+        return [
+            (lambda: store.create(run, [make_event(run, "saga_queued")]),
+             sorted({*saga, *index})),
+            (lambda: store.load(run.id, lease=LEASE), saga),
+            (lambda: store.commit(run, version=1, events=[], lease=acquire("w")), saga),
+            (lambda: store.renew_lease(run.id, LEASE, "w", 5000), saga),
+            (lambda: store.release_lease(run.id, LEASE, "w"), saga),
+            (lambda: store.commit(run, version=2, events=[], terminal=True),
+             sorted({*saga, *nodes(f"{backend.prefix}active")})),
+        ]
+
+    for operation, _ in scenario(make_run()):
+        operation()  # loads the scripts on every node
+    client.ping(target_nodes=RedisCluster.PRIMARIES)  # opens a connection to every node
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+    for operation, expected in scenario(run):
+        sent.clear()
+        operation()
+        assert sorted(sent) == expected
 
 
 def test_a_flushed_script_is_loaded_again(redis_backend: Backend) -> None:
@@ -632,8 +674,13 @@ def test_exported_members() -> None:
 def test_resp3_and_decoded_responses_work(redis_backend: Backend) -> None:
     """The store reads the same with RESP3 and with decode_responses=True clients."""
     for protocol in (2, 3):
+        client: redis.Redis | RedisCluster
         if redis_backend.kind == "redis":
             client = redis.Redis.from_url(REDIS_URL, protocol=protocol, decode_responses=True)
+        elif isinstance(redis_backend.client, RedisCluster):
+            node = redis_backend.client.get_default_node()
+            client = RedisCluster(host=node.host, port=node.port, protocol=protocol,
+                                  decode_responses=True)
         else:
             client = fakeredis.FakeRedis(protocol=protocol, decode_responses=True)
         store, run = RedisStore(client, prefix=redis_backend.prefix), make_run()

@@ -12,7 +12,8 @@ The environment picks the deployment: ``SAGA_TEST_REDIS_URL`` (saga state and th
 ``SAGA_TEST_BROKER_URL`` (default: the same Redis; ``amqp://...`` runs on RabbitMQ),
 ``SAGA_TEST_QUEUE_PREFIX`` (put before every queue and exchange name, so a run on a shared
 broker collides with nobody), ``SAGA_TEST_PREFIX`` (saga key prefix) and
-``SAGA_TEST_RECOVERY_INTERVAL`` / ``SAGA_TEST_RECOVERY_GRACE`` (the recovery sweep's).
+``SAGA_TEST_RECOVERY_INTERVAL`` / ``SAGA_TEST_RECOVERY_GRACE`` (the recovery sweep's); the
+variables of ``topology_env.py`` keep saga state on a Redis Cluster or behind Sentinel.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from celery import Celery, group
 from celery.exceptions import SoftTimeLimitExceeded
 
 from saga_celery import NonRetryableError, RollbackContext, SagaApp, current_step
+from tests.integration.topology_env import audit, state_options
 
 URL = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 BROKER_URL = os.environ.get("SAGA_TEST_BROKER_URL") or URL
@@ -49,7 +51,7 @@ app.conf.update(
 )
 sagas = SagaApp(
     app,
-    redis_url=URL,
+    **state_options(URL),
     prefix=PREFIX,
     lease_ttl="3 seconds",
     steps_queue=f"{QUEUE_PREFIX}saga.steps",
@@ -58,6 +60,7 @@ sagas = SagaApp(
     recovery_grace=os.environ.get("SAGA_TEST_RECOVERY_GRACE", "60 seconds"),
 )
 ledger = redis.Redis.from_url(URL)
+audit(sagas, ledger)
 
 FAST = {"limit": 2, "delay": 200, "backoff": "constant"}
 SIBLING_WAIT_S = 5.0

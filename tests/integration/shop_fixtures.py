@@ -8,13 +8,13 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from tests.integration.harness import WorkerFactory, WorkerProcess, import_copy
+from tests.integration.harness import WorkerFactory, WorkerProcess, import_copy, start_worker
 
 SHOP = "tests.integration.shop"
 
@@ -66,3 +66,11 @@ def import_shop_copy(env: dict[str, str], suffix: str) -> ModuleType:
     spec = importlib.util.find_spec(SHOP)
     assert spec is not None and spec.origin is not None
     return import_copy(spec.origin, f"{SHOP}_{suffix}", env)
+
+
+def module_shop_worker(env: dict[str, str], factory: pytest.TempPathFactory
+                       ) -> Iterator[WorkerProcess]:
+    """A prefork worker (2 processes) of the shop deployed with ``env``, for the tests of one
+    module: yield from it in a module-scoped fixture."""
+    with start_worker(SHOP, env=env, concurrency=2, log_dir=factory.mktemp("logs")) as worker:
+        yield worker

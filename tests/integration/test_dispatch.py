@@ -1,10 +1,9 @@
 """The dispatcher publishes saga messages through a producer of its own on a Redis broker.
 
-kombu's Redis channel builds a new ``redis.Redis`` client per published message; the
-dispatcher's own channel keeps one (``keep_client``).  These tests publish to a real Redis
-broker and read the messages back: every message arrives, on the queue ``task_routes``
-names, and the app's producer pool (the user's own tasks) is left as kombu made it.  A
-saga task's own late ack rides in the pipeline of the messages it publishes, or goes alone.
+These tests publish to a real Redis broker and read the messages back: every message
+arrives, on the queue ``task_routes`` names; a step's several messages go in one pipeline
+(kombu's ``Producer.batch()``), a single one on its own.  A saga task's own late ack goes
+once its messages are out, in a pipeline of its own.
 """
 
 from __future__ import annotations
@@ -14,16 +13,20 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
+from kombu import Producer
 
 from saga_celery._celery.acks import LateAck
-from saga_celery._celery.dispatch import Dispatcher, build_message, keep_client
+from saga_celery._celery.dispatch import Dispatcher, build_message
 from saga_celery._core.machine import start_saga
 from saga_celery._core.model import Dispatch, SagaRun
+from saga_celery._internals import FAST_PATHS_ENV
+from saga_celery._internals.kombu import own_ack
 from tests.unit.sim import plan
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -53,41 +56,50 @@ def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in reversed(client.lrange(queue, 0, -1))]
 
 
-def test_messages_go_through_one_kept_client_to_the_routed_queue(
-        app: Celery, redis_client: redis.Redis) -> None:
+@pytest.fixture
+def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The command names of every redis-py pipeline executed during the test."""
+    executed: list[list[str]] = []
+    execute = redis.client.Pipeline.execute
+
+    def spy(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
+        executed.append([str(c[0][0]).upper() for c in self.command_stack])
+        return execute(self, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    return executed
+
+
+def test_messages_go_to_the_routed_queue_several_in_one_pipeline(
+        app: Celery, redis_client: redis.Redis, pipelines: list[list[str]]) -> None:
+    """One message is published alone; a step's several messages go in one round trip."""
     redis_client.delete("shop-steps")
     dispatcher = Dispatcher(app, clock=lambda: NOW)
     run = _run()
+    dispatcher.send(run, [_dispatch(1)])  # the first message declares its queue
+    pipelines.clear()
     dispatcher.send(run, [_dispatch(1)])
-    producer = dispatcher._producer()
-    assert producer is not None
-    channel = producer.channel
-    first = channel.conn_or_acquire().__enter__()
     dispatcher.send(run, [_dispatch(2), _dispatch(3)])
-    assert channel.conn_or_acquire().__enter__() is first  # one client, kept
-    assert dispatcher._producer() is producer
 
     messages = _queued(redis_client, "shop-steps")
-    assert [m["headers"]["task"] for m in messages] == ["shop.reserve"] * 3
-    expected = [build_message(run, _dispatch(a), NOW).task_id for a in (1, 2, 3)]
+    assert [m["headers"]["task"] for m in messages] == ["shop.reserve"] * 4
+    expected = [build_message(run, _dispatch(a), NOW).task_id for a in (1, 1, 2, 3)]
     assert [m["headers"]["id"] for m in messages] == expected
-    # the app's own producers (the user's tasks) keep kombu's client per message
-    with app.producer_or_acquire() as pooled:
-        assert "conn_or_acquire" not in pooled.channel.__dict__
+    assert pipelines == [["LPUSH", "LPUSH"]]
 
 
-def test_a_revived_channel_gets_a_kept_client_again(app: Celery,
-                                                     redis_client: redis.Redis) -> None:
+def test_without_kombus_batch_several_messages_go_one_by_one(
+        app: Celery, redis_client: redis.Redis, pipelines: list[list[str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kombu older than 5.7 has no ``Producer.batch()``: each message is published alone."""
+    monkeypatch.delattr(Producer, "batch")
     redis_client.delete("shop-steps")
     dispatcher = Dispatcher(app, clock=lambda: NOW)
-    dispatcher.send(_run(), [_dispatch(1)])
-    producer = dispatcher._producer()
-    assert producer is not None
-    fresh = producer.connection.channel()  # what kombu does after a lost connection
-    producer.revive(fresh)
-    dispatcher.send(_run(), [_dispatch(2)])
-    assert "conn_or_acquire" in fresh.__dict__
-    assert len(_queued(redis_client, "shop-steps")) == 2
+    dispatcher.send(_run(), [_dispatch(3)])  # the first message declares its queue
+    pipelines.clear()
+    dispatcher.send(_run(), [_dispatch(1), _dispatch(2)])
+    assert redis_client.llen("shop-steps") == 3
+    assert pipelines == []
 
 
 def test_each_thread_publishes_through_its_own_producer(app: Celery,
@@ -120,16 +132,6 @@ def test_other_transports_publish_through_the_app_producer_pool() -> None:
         message.ack()
 
 
-def test_keep_client_leaves_a_channel_that_is_not_kombus_redis_channel_alone() -> None:
-    class Other:
-        def conn_or_acquire(self, client: Any = None) -> Any:
-            return client
-
-    other = Other()
-    keep_client(other)
-    assert "conn_or_acquire" not in other.__dict__
-
-
 # --- a saga task's own late ack (_celery/acks.py) ---------------------------------------
 
 
@@ -143,23 +145,10 @@ def _unacked(client: redis.Redis) -> tuple[int, int]:
     return int(client.hlen("unacked")), int(client.zcard("unacked_index"))
 
 
-@pytest.fixture
-def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The command names of every redis-py pipeline executed during the test."""
-    executed: list[list[str]] = []
-    execute = redis.client.Pipeline.execute
-
-    def spy(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
-        executed.append([str(c[0][0]).upper() for c in self.command_stack])
-        return execute(self, raise_on_error)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
-    return executed
-
-
-def test_a_tasks_ack_rides_in_the_pipeline_of_the_messages_it_sends(
+def test_a_tasks_ack_goes_once_the_messages_it_sends_are_out(
         app: Celery, redis_client: redis.Redis, pipelines: list[list[str]]) -> None:
-    """Publishing a step's next messages with its ack is one round trip that does both."""
+    """A step's ack follows its next messages, in a pipeline of its own: a process that dies
+    between the two leaves its message to come again, never a message unsent."""
     redis_client.delete("shop-steps", "unacked", "unacked_index")
     _delivered(redis_client, "tag-1")
     dispatcher = Dispatcher(app, clock=lambda: NOW)
@@ -172,9 +161,9 @@ def test_a_tasks_ack_rides_in_the_pipeline_of_the_messages_it_sends(
     assert not ack.pending
     assert _unacked(redis_client) == (0, 0)
     assert redis_client.llen("shop-steps") == 3
-    assert pipelines == [["LPUSH", "LPUSH", "ZREM", "HDEL"]]
+    assert pipelines == [["LPUSH", "LPUSH"], ["ZREM", "HDEL"]]
     dispatcher.ack(ack)  # already sent: nothing more goes out
-    assert len(pipelines) == 1
+    assert len(pipelines) == 2
 
 
 def test_a_task_that_sends_nothing_acks_alone(app: Celery, redis_client: redis.Redis,
@@ -182,22 +171,19 @@ def test_a_task_that_sends_nothing_acks_alone(app: Celery, redis_client: redis.R
     """The last step of a saga publishes nothing: its ack goes out on its own."""
     redis_client.delete("unacked", "unacked_index")
     _delivered(redis_client, "tag-2")
-    dispatcher = Dispatcher(app, clock=lambda: NOW)
     ack = LateAck("tag-2")
 
-    dispatcher.send(_run(), [], ack=ack)
-    assert ack.pending and _unacked(redis_client) == (1, 1)
-    dispatcher.ack(ack)
+    Dispatcher(app, clock=lambda: NOW).send(_run(), [], ack=ack)
 
     assert not ack.pending
     assert _unacked(redis_client) == (0, 0)
     assert pipelines == [["ZREM", "HDEL"]]
 
 
-def test_a_failed_pipeline_publishes_again_through_kombu_and_keeps_the_ack(
+def test_a_failed_batch_publishes_again_through_kombu_then_acks(
         app: Celery, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the shared pipeline fails, the messages still go out (kombu's own publish) and the
-    ack stays owed, to be sent alone."""
+    """If the batch's pipeline fails, whether its messages went out is unknown: they go out
+    again through kombu's own publish, and the ack follows them."""
     redis_client.delete("shop-steps", "unacked", "unacked_index")
     _delivered(redis_client, "tag-3")
     dispatcher = Dispatcher(app, clock=lambda: NOW)
@@ -214,13 +200,25 @@ def test_a_failed_pipeline_publishes_again_through_kombu_and_keeps_the_ack(
         return execute(self, raise_on_error)
 
     monkeypatch.setattr(redis.client.Pipeline, "execute", flaky)
-    dispatcher.send(_run(), [_dispatch(1)], ack=ack)
+    dispatcher.send(_run(), [_dispatch(1), _dispatch(2)], ack=ack)
 
-    assert ack.pending
-    assert redis_client.llen("shop-steps") == 2
-    assert _unacked(redis_client) == (1, 1)
-    dispatcher.ack(ack)
+    assert not ack.pending
+    assert redis_client.llen("shop-steps") == 3
     assert _unacked(redis_client) == (0, 0)
+
+
+def test_with_the_own_ack_off_tasks_owe_no_ack(app: Celery,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SAGA_CELERY_FAST_PATHS=off`` (or a failed probe): the main process acks, as Celery
+    does, so a running task owes none of its own."""
+    request = SimpleNamespace(properties={"delivery_tag": "tag-7"})
+    assert Dispatcher(app, clock=lambda: NOW).late_ack(request) is not None
+    monkeypatch.setenv(FAST_PATHS_ENV, "off")
+    own_ack.cache_clear()
+    try:
+        assert Dispatcher(app, clock=lambda: NOW).late_ack(request) is None
+    finally:
+        own_ack.cache_clear()
 
 
 def test_the_ack_follows_kombus_key_prefix_and_unacked_key_names(

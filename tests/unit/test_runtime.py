@@ -259,7 +259,7 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
 
     other = Engine(sagas._store)  # another worker, finishing the sibling meanwhile
     trace: list[str] = []
-    commit, send, ack = sagas._store.commit, sagas._dispatcher.send, sagas._dispatcher.ack
+    commit, send, ack = sagas._store.commit, sagas._dispatcher.send, sagas._dispatcher._ack
 
     def traced_commit(run: Any, **kwargs: Any) -> bool:
         landed = commit(run, **kwargs)
@@ -276,7 +276,7 @@ def test_nothing_is_published_or_acked_before_the_end_commit_lands(
 
     monkeypatch.setattr(sagas._store, "commit", traced_commit)
     monkeypatch.setattr(sagas._dispatcher, "send", traced_send)
-    monkeypatch.setattr(sagas._dispatcher, "ack", traced_ack)
+    monkeypatch.setattr(sagas._dispatcher, "_ack", traced_ack)
 
     @sagas.step(name="t.left", retries=QUICK)
     def left() -> str:
@@ -433,3 +433,22 @@ def test_a_time_limit_that_fires_during_bookkeeping_hands_the_message_back(
     result = app.tasks["t.paused"].apply(args=message.args, kwargs=message.kwargs,
                                          task_id=message.task_id)
     assert isinstance(result.result, Reject) and result.result.requeue
+
+
+def test_a_publish_that_fails_inside_kombu_is_a_failed_publish(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kombu 5.7's AttributeError from a publish retried while Redis restarts reaches the
+    task as kombu's OperationalError, so its message is handed back, not failed."""
+    from kombu.exceptions import OperationalError
+
+    def broken(*_: Any, **__: Any) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'declare'")
+
+    monkeypatch.setattr(sagas._dispatcher, "_publish_to", broken)
+
+    @sagas.step(name="t.lonely", retries=QUICK)
+    def lonely() -> None:
+        return None
+
+    with pytest.raises(OperationalError, match="publishing saga messages failed"):
+        sagas.saga("lonely", [lonely.s()]).apply_async(saga_id="lonely-1")

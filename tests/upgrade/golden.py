@@ -167,9 +167,9 @@ def main(out: str) -> None:
 
 
 def _lease_name(kind: Kind, key: str) -> str:
-    """The release's own lease name: 0.1.0 named it by kind and key, later ones by key."""
+    """The release's own lease name for a saga of its newest format."""
     takes = len(inspect.signature(lease_name).parameters)
-    return lease_name(kind.value, key) if takes == 2 else lease_name(key)  # type: ignore[call-arg]
+    return lease_name(kind.value, key) if takes >= 2 else lease_name(key)  # type: ignore[call-arg]
 
 
 def _version() -> str:
