@@ -143,7 +143,7 @@ class RedisStore:
         score = {run.id: index_score(run)}
 
         def queue(pipe: Pipeline) -> None:
-            pipe.evalsha(self._create.sha, len(keys), *keys, *args)
+            _queue_evalsha(pipe, self._create, keys, args)
             pipe.zadd(self._keys.index, score, nx=True)
             pipe.zadd(self._keys.active, score, nx=True)
 
@@ -214,7 +214,7 @@ class RedisStore:
         score = {run.id: index_score(run)}
 
         def queue(pipe: Pipeline) -> None:
-            pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+            _queue_evalsha(pipe, self._commit, keys, args)
             pipe.zrem(self._keys.active, run.id)
 
         try:
@@ -613,6 +613,16 @@ def _check_ttl(ttl_ms: int) -> None:
 
 def _ignore(_: Exception) -> None:
     """redis-py's retry hook: nothing to do between tries (``exchange`` has disconnected)."""
+
+
+def _queue_evalsha(pipe: Pipeline, script: Script, keys: list[str],
+                   args: Sequence[str | bytes]) -> None:
+    """Queue ``script``'s EVALSHA in ``pipe``, routed by its keys on a Redis Cluster too.
+
+    As a plain command: a cluster pipeline's ``evalsha()`` refuses before redis-py 8.2, but
+    the command itself is routed by its keys' slot on every version."""
+    pipe.execute_command(  # type: ignore[no-untyped-call]
+        "EVALSHA", script.sha, len(keys), *keys, *args)
 
 
 def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[bytes]:
