@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import celery
 import pytest
 from celery import Celery, Task
 from celery.local import PromiseProxy, Proxy
@@ -63,8 +64,12 @@ def test_every_probe_passes_on_the_installed_kombu_and_celery() -> None:
 
 def test_the_public_table_of_task_settings_is_celerys_own() -> None:
     """The fallback names what the installed Celery fills in: both paths drop the same
-    options of a wrapped task."""
-    assert set(celery_internals.CELERY_5_TASK_SETTINGS) == set(Task.from_config)
+    options of a wrapped task.  It is Celery 5.7's list; Celery 5.6 fills in fewer (the
+    others, left unset, read as None and drop nothing)."""
+    table = set(celery_internals.CELERY_5_TASK_SETTINGS)
+    assert set(Task.from_config) <= table
+    if celery.VERSION >= (5, 7):
+        assert set(Task.from_config) == table
 
 
 BROKEN: list[tuple[str, object, str]] = [
