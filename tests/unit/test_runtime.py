@@ -452,3 +452,33 @@ def test_a_publish_that_fails_inside_kombu_is_a_failed_publish(
 
     with pytest.raises(OperationalError, match="publishing saga messages failed"):
         sagas.saga("lonely", [lonely.s()]).apply_async(saga_id="lonely-1")
+
+
+def test_a_hard_timeout_is_recorded_and_the_dead_childs_lease_freed_in_one_commit(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The main process records the killed attempt as timed out and gives back the child's
+    lease in the same commit, so a retry due at once finds it free (it was two writes: a
+    retry between them found the lease held and errored after 200 rounds)."""
+    @sagas.step(name="t.killed", retries={"limit": 1, "delay": 0})
+    def killed() -> None:
+        return None
+
+    sagas.saga("killed", [killed.s()]).apply_async(saga_id="hard-1")
+    token = "host-1:4242:task-7:1:140"  # hostname:pid:task id:attempt:thread
+    lease = Lease(lease_name("step", "t.killed#1"), token, 60_000)
+    sagas._engine.handle("hard-1", AttemptStarted(kind=Kind.STEP, key="t.killed#1", attempt=1),
+                         lease=lease)
+    commits: list[Any] = []
+    releases: list[Any] = []
+    commit, release = sagas._store.commit, sagas._store.release_lease
+    monkeypatch.setattr(sagas._store, "commit",
+                        lambda run, **kw: commits.append(kw["lease"]) or commit(run, **kw))
+    monkeypatch.setattr(sagas._store, "release_lease",
+                        lambda *a: releases.append(a) or release(*a))
+    control = Control(saga_id="hard-1", kind=Kind.STEP, key="t.killed#1", step="t.killed",
+                      count=1, attempt=1)
+    sagas._runtime.record_hard_timeout(control, "host-1", 4242, "task-7", 1.0)
+    assert [c.token for c in commits] == [token] and releases == []
+    assert sagas._store.load("hard-1", lease=lease.name).lease_holder is None  # type: ignore[union-attr]
+    (attempt,) = sagas.run("hard-1").status().step("t.killed").attempts
+    assert attempt.error is not None and attempt.error.type == "TimeoutError"
