@@ -27,7 +27,12 @@ from saga_celery._celery.acks import LateAck
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._celery.dispatch import ARGS_REPR, Dispatcher, build_message, step_call
 from saga_celery._celery.leases import LeaseKeeper
-from saga_celery._celery.timeouts import AttemptTimeout, call_with_timeout, is_timeout
+from saga_celery._celery.timeouts import (
+    AttemptTimeout,
+    call_with_timeout,
+    is_timeout,
+    soft_limit_gate,
+)
 from saga_celery._context import (
     RollbackContext,
     StepContext,
@@ -110,33 +115,42 @@ class Runtime:
 
     def run_step(self, task: Task, control: Control, args: tuple[Any, ...],
                  kwargs: dict[str, Any], config: StepConfig) -> None:
-        ack = self.dispatcher.late_ack(task.request)
-        started = self._bookkeeping(control, lambda: self._start(task, control, ack))
-        if started is None:
-            return
-        run, lease = started
+        def proceed(run: SagaRun, lease: Lease, ack: LateAck | None) -> None:
+            def context() -> StepContext:  # built if the body calls current_step()
+                return StepContext(saga_id=run.id, step=control.step, count=control.count,
+                                   attempt=control.attempt, config=config, params=run.params,
+                                   idempotency_key=step_idempotency_key(
+                                       run.id, control.step, control.count,
+                                       key_format=run.format))
 
-        def context() -> StepContext:  # built if the body calls current_step()
-            return StepContext(saga_id=run.id, step=control.step, count=control.count,
-                               attempt=control.attempt, config=config, params=run.params,
-                               idempotency_key=step_idempotency_key(
-                                   run.id, control.step, control.count,
-                                   key_format=run.format))
+            token = _current.set(context)
+            try:
+                self._execute(task, control, lease, config, lambda: task.run(*args, **kwargs),
+                              ack)
+            finally:
+                _current.reset(token)
 
-        token = _current.set(context)
-        try:
-            self._execute(task, control, lease, config, lambda: task.run(*args, **kwargs), ack)
-        finally:
-            _current.reset(token)
+        self._run(task, control, proceed)
 
     def run_rollback(self, task: Task, control: Control, config: StepConfig) -> None:
-        ack = self.dispatcher.late_ack(task.request)
-        started = self._bookkeeping(control, lambda: self._start(task, control, ack))
-        if started is None:
-            return
-        run, lease = started
-        self._execute(task, control, lease, config,
-                      lambda: task.run(_rollback_context(run, control, config)), ack)
+        def proceed(run: SagaRun, lease: Lease, ack: LateAck | None) -> None:
+            self._execute(task, control, lease, config,
+                          lambda: task.run(_rollback_context(run, control, config)), ack)
+
+        self._run(task, control, proceed)
+
+    def _run(self, task: Task, control: Control,
+             proceed: Callable[[SagaRun, Lease, LateAck | None], None]) -> None:
+        """Start the attempt, then ``proceed`` with it if this delivery is to run it; a soft
+        time limit reaches only the body meanwhile (``SoftLimitGate``)."""
+        soft_limit_gate.begin()
+        try:
+            ack = self.dispatcher.late_ack(task.request)
+            started = self._bookkeeping(control, lambda: self._start(task, control, ack))
+            if started is not None:
+                proceed(*started, ack)
+        finally:
+            soft_limit_gate.end()
 
     # --- the three phases --------------------------------------------------------------
 
@@ -209,15 +223,6 @@ class Runtime:
                         step=control.step, attempt=control.attempt, error=str(exc))
             time.sleep(UNREACHABLE_PAUSE_S)
             raise Reject(str(exc), requeue=True) from exc
-        except Exception as exc:
-            if not is_timeout(exc):
-                raise
-            # The time limit fired late (a worker paused past it, then resumed), not in the
-            # body: what the task records and sends is left half done, so it comes again.
-            log.warning("saga.message_handed_back", saga_id=control.saga_id,
-                        step=control.step, attempt=control.attempt,
-                        error="the time limit fired outside the body")
-            raise Reject("time limit outside the body", requeue=True) from exc
 
     def _failed(self, task: Task, control: Control, lease: Lease, exc: Exception,
                 error: ErrorInfo, *, retryable: bool = True) -> None:

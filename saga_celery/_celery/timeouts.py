@@ -1,7 +1,12 @@
 """Per-attempt timeouts on pools where Celery's time limits do not apply (threads, solo).
 
 On prefork Celery's soft limit raises ``SoftTimeLimitExceeded`` in the body and its hard
-limit kills the child.  Elsewhere the library enforces the timeout itself:
+limit kills the child.  The soft limit is a signal (``SIGUSR1``: Celery's docs say time
+limits need it), so it can land wherever the child is when it comes: after a pause (a
+stopped worker, a slow commit) that is in the task's own bookkeeping, around the body,
+where an exception breaks what it records and sends (inside pydantic's serializer it even
+stops being a ``SoftTimeLimitExceeded``).  ``SoftLimitGate`` holds it back there and lets
+it through only to the body.  Elsewhere the library enforces the timeout itself:
 
 - in the main thread (the solo pool) a ``SIGALRM`` timer raises ``AttemptTimeout`` in the
   body, interrupting even a blocking sleep or socket read, as Celery's soft limit does;
@@ -14,6 +19,7 @@ limit kills the child.  Elsewhere the library enforces the timeout itself:
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -45,6 +51,62 @@ def celery_enforces_limits() -> bool:
     return _in_pool_child
 
 
+class SoftLimitGate:
+    """Lets Celery's soft time limit through to a saga body only, in a prefork child.
+
+    A saga task calls ``begin`` first and ``end`` last; between them a soft limit that
+    comes outside the body is held back: before the body, the body then starts by raising
+    it (its time ran out first, so it is a timed-out attempt); after it, it is dropped (the
+    body has ended; its end, recorded in full, says whether it was late).  Outside saga
+    tasks, and in every other process, the handler installed before is called as it was.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False  # between begin and end, outside the body
+        self.held = False  # a soft limit came while holding
+        self.installed_in = 0  # the process id the handler was wrapped in
+
+    def begin(self) -> None:
+        if not _in_pool_child or threading.current_thread() is not threading.main_thread():
+            return
+        if self.installed_in != os.getpid():
+            self._install()
+        self.holding, self.held = self.installed_in == os.getpid(), False
+
+    def end(self) -> None:
+        self.holding = self.held = False
+
+    def run_body(self, fn: Callable[[], Any]) -> Any:
+        if not self.holding:  # not a prefork child's main thread, or nothing to wrap
+            return fn()
+        if self.held:
+            self.held = False
+            raise SoftTimeLimitExceeded("the soft time limit came before the body began")
+        self.holding = False
+        try:
+            return fn()
+        finally:
+            self.holding = True
+
+    def _install(self) -> None:
+        previous = signal.getsignal(SOFT_LIMIT_SIGNAL)
+        if not callable(previous):  # no soft-limit handler to stand in front of
+            return
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            if self.holding:
+                self.held = True
+                return
+            previous(signum, frame)
+
+        signal.signal(SOFT_LIMIT_SIGNAL, handle)
+        self.installed_in = os.getpid()
+
+
+SOFT_LIMIT_SIGNAL = signal.SIGUSR1
+soft_limit_gate = SoftLimitGate()
+
+
 def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, SoftTimeLimitExceeded | AttemptTimeout)
 
@@ -57,7 +119,7 @@ def call_with_timeout(fn: Callable[[], Any], timeout_s: float,
     call no exception can interrupt.
     """
     if celery_enforces_limits():
-        return fn()
+        return soft_limit_gate.run_body(fn)
     if threading.current_thread() is threading.main_thread():
         return _with_alarm(fn, timeout_s)
     return _with_watchdog(fn, timeout_s, on_deadline)

@@ -7,6 +7,8 @@ caught as Celery publishes them (``before_task_publish``).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +18,7 @@ from celery import Celery, group
 from celery.signals import before_task_publish
 
 from saga_celery import RetryLater, SagaApp, SagaState
+from saga_celery._celery import runtime as runtime_module
 from saga_celery._celery import timeouts
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._celery.dispatch import build_message
@@ -403,36 +406,69 @@ def test_a_retry_that_cannot_be_published_hands_its_message_back(
     assert list(retry) == ["step:t.flaky#1:2"]  # still due: its redelivery sends it
 
 
-@pytest.mark.parametrize("fires", ["start", "end"])
-def test_a_time_limit_that_fires_during_bookkeeping_hands_the_message_back(
-        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch, fires: str) -> None:
-    """A soft time limit that lands after the body, while the task records its end (a worker
-    paused past the limit, then resumed), hands the message back instead of failing it,
-    which Celery acknowledges: a stall the sweep alone would find (seen in the no-beat
-    chaos run)."""
-    from celery.exceptions import Reject, SoftTimeLimitExceeded
+@pytest.fixture
+def prefork_soft_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process as a prefork child: Celery's limits apply (no alarm of ours) and its
+    soft limit arrives as billiard's ``SIGUSR1`` handler raising ``SoftTimeLimitExceeded``."""
+    from billiard.pool import soft_timeout_sighandler
 
+    monkeypatch.setattr(timeouts, "_in_pool_child", True)
+    monkeypatch.setattr(timeouts, "soft_limit_gate", timeouts.SoftLimitGate())
+    monkeypatch.setattr(runtime_module, "soft_limit_gate", timeouts.soft_limit_gate)
+    previous = signal.signal(signal.SIGUSR1, soft_timeout_sighandler)
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.mark.parametrize("fires", ["start", "end"])
+def test_a_soft_time_limit_that_lands_outside_the_body_is_held_back_from_bookkeeping(
+        app: Celery, sagas: SagaApp, monkeypatch: pytest.MonkeyPatch,
+        prefork_soft_limit: None, fires: str) -> None:
+    """Celery's soft limit is a signal: after a pause (a stopped worker) it lands wherever
+    the child is, here in the commit that records the start or the end.  Before, the
+    exception broke the bookkeeping (handed back; inside pydantic's serializer it became a
+    ``PydanticSerializationError`` and the task failed with the attempt left open: a saga
+    only the sweep could finish, seen in the no-beat chaos run).  Now it reaches only the
+    body: one that had not begun is a timed-out attempt; one that had ended is recorded."""
     commits = [0]
     commit = sagas._store.commit
 
     def interrupted(run: Any, **kwargs: Any) -> bool:
         commits[0] += 1
         if commits[0] == (1 if fires == "start" else 2):
-            raise SoftTimeLimitExceeded()
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler runs here, mid-commit
         return commit(run, **kwargs)
 
     monkeypatch.setattr(sagas._store, "commit", interrupted)
+    bodies = [0]
 
     @sagas.step(name="t.paused", retries=QUICK)
     def paused() -> str:
+        bodies[0] += 1
         return "done"
 
     sagas.saga("paused", [paused.s()]).apply_async(saga_id="paused-1")
-    run = sagas._store.load("paused-1").run  # type: ignore[union-attr]
-    message = build_message(run, next(iter(run.outbox.values())), sagas._dispatcher.clock())
-    result = app.tasks["t.paused"].apply(args=message.args, kwargs=message.kwargs,
-                                         task_id=message.task_id)
-    assert isinstance(result.result, Reject) and result.result.requeue
+    run_due(sagas, "paused-1")
+    saga = state(sagas, "paused-1")
+    (attempt,) = saga.step("t.paused").attempts
+    if fires == "start":
+        assert bodies == [0]
+        assert attempt.error is not None and attempt.error.type == "TimeoutError"
+        assert saga.status == "errored"
+    else:
+        assert bodies == [1]
+        assert attempt.error is None and saga.status == "complete"
+
+
+def test_outside_saga_tasks_the_soft_limit_raises_as_before(prefork_soft_limit: None) -> None:
+    """The gate stands in front of billiard's handler only during a saga task."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    timeouts.soft_limit_gate.begin()
+    timeouts.soft_limit_gate.end()
+    with pytest.raises(SoftTimeLimitExceeded):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
 
 
 def test_a_publish_that_fails_inside_kombu_is_a_failed_publish(
