@@ -64,14 +64,15 @@ class SoftLimitGate:
     def __init__(self) -> None:
         self.holding = False  # between begin and end, outside the body
         self.held = False  # a soft limit came while holding
-        self.installed_in = 0  # the process id the handler was wrapped in
+        self.installed_in = 0  # the process id the handler was looked at in
+        self.wrapped = False  # whether it was there to wrap
 
     def begin(self) -> None:
         if not _in_pool_child or threading.current_thread() is not threading.main_thread():
             return
         if self.installed_in != os.getpid():
-            self._install()
-        self.holding, self.held = self.installed_in == os.getpid(), False
+            self.installed_in, self.wrapped = os.getpid(), self._install()
+        self.holding, self.held = self.wrapped, False
 
     def end(self) -> None:
         self.holding = self.held = False
@@ -88,10 +89,10 @@ class SoftLimitGate:
         finally:
             self.holding = True
 
-    def _install(self) -> None:
+    def _install(self) -> bool:
         previous = signal.getsignal(SOFT_LIMIT_SIGNAL)
         if not callable(previous):  # no soft-limit handler to stand in front of
-            return
+            return False
 
         def handle(signum: int, frame: FrameType | None) -> None:
             if self.holding:
@@ -100,7 +101,7 @@ class SoftLimitGate:
             previous(signum, frame)
 
         signal.signal(SOFT_LIMIT_SIGNAL, handle)
-        self.installed_in = os.getpid()
+        return True
 
 
 SOFT_LIMIT_SIGNAL = signal.SIGUSR1
