@@ -34,6 +34,7 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from saga_celery._internals import kombu as kombu_internals
+from saga_celery._store.connections import ThreadConnections, exchange, pack
 
 log = structlog.get_logger("saga_celery")
 
@@ -81,13 +82,41 @@ def is_redis_channel(channel: object) -> bool:
     return type(channel) is kombu_redis.Channel
 
 
-def send_ack(channel: Any, ack: LateAck) -> None:
-    """Send ``ack`` through ``channel`` (the commands of kombu's own ``QoS.ack``, in a plain
-    pipeline); a failure is logged: the message comes back, and is dropped as a duplicate."""
+class _Commands:
+    """Stands in for the pipeline kombu's ack fills (``pipe.zrem(...).hdel(...)``): keeps
+    each command, packed, for one write on a kept connection."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self) -> None:
+        self.packed: list[bytes] = []
+
+    def __getattr__(self, command: str) -> Any:
+        def add(*args: Any) -> _Commands:
+            self.packed.append(pack(command.upper(), *(str(a) for a in args)))
+            return self
+        return add
+
+
+def send_ack(channel: Any, ack: LateAck, connections: ThreadConnections | None) -> None:
+    """Send ``ack`` (the commands of kombu's own ``QoS.ack``) to the Redis of ``channel``:
+    written on ``connections``' kept connection to it, or, where kombu prefixes its keys
+    itself (``global_keyprefix``), in a pipeline of kombu's client.  A failure is logged:
+    the message comes back, and is dropped as a duplicate."""
     ack.pending = False
     try:
-        with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-            kombu_internals.queue_ack(channel, pipe, ack.tag)
-            pipe.execute()
+        prefixed = bool(getattr(channel, "global_keyprefix", None))
+        if connections is None or prefixed:
+            with channel.conn_or_acquire() as client, \
+                    client.pipeline(transaction=False) as pipe:
+                kombu_internals.queue_ack(channel, pipe, ack.tag)
+                pipe.execute()
+            return
+        commands = _Commands()
+        kombu_internals.queue_ack(channel, commands, ack.tag)
+        replies = exchange(connections.get(), b"".join(commands.packed), len(commands.packed))
+        failed = next((r for r in replies if isinstance(r, Exception)), None)
+        if failed is not None:
+            raise failed
     except Exception as exc:
         log.warning("saga.ack_not_sent", delivery_tag=ack.tag, error=repr(exc))

@@ -21,6 +21,7 @@ from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
 from saga_celery._internals import kombu as kombu_internals
+from saga_celery._store.connections import ThreadConnections
 
 _TASK_ID_NS = uuid.UUID("6b0c8d1e-1f0e-4c7a-9a57-5a6a0f1c2b3d")
 log = structlog.get_logger("saga_celery")
@@ -125,7 +126,7 @@ class Dispatcher:
             return
         producer = self._producer()
         if producer is not None:  # else no Redis transport: acks_in_task() said otherwise
-            send_ack(producer.channel, ack)
+            send_ack(producer.channel, ack, self._ack_connections(producer))
 
     def _publish(self, messages: list[Message]) -> None:
         """Publish ``messages``; a publish that fails raises kombu's ``OperationalError``.
@@ -175,6 +176,16 @@ class Dispatcher:
         if held is None or held[0] != os.getpid():
             held = (os.getpid(), self._new_producer())
             self._local.producer = held
+        return held[1]
+
+    def _ack_connections(self, producer: Producer) -> ThreadConnections:
+        """Kept connections to the broker's Redis for acks: one per thread, from the pool
+        of this thread's producer (a kombu client and a redis-py pipeline per ack cost a
+        step more than the ack's round trip itself)."""
+        held: tuple[Producer, ThreadConnections] | None = getattr(self._local, "acks", None)
+        if held is None or held[0] is not producer:
+            held = (producer, ThreadConnections(producer.channel.pool))
+            self._local.acks = held
         return held[1]
 
     def _new_producer(self) -> Producer | None:

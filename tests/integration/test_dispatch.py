@@ -9,6 +9,7 @@ task's own late ack goes once its messages are out, in a pipeline of its own.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ import redis
 from celery import Celery
 from kombu import Producer
 
+from saga_celery._celery import acks
 from saga_celery._celery.acks import LateAck
 from saga_celery._celery.dispatch import Dispatcher, build_message
 from saga_celery._core.machine import start_saga
@@ -62,15 +64,23 @@ def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def pipelines(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """The command names of every redis-py pipeline executed during the test."""
+    """The command names of every redis-py pipeline executed during the test, and of every
+    write of an ack's commands on a kept connection (``acks.send_ack``), in order."""
     executed: list[list[str]] = []
     execute = redis.client.Pipeline.execute
+    written = acks.exchange
 
     def spy(self: redis.client.Pipeline, raise_on_error: bool = True) -> Any:
         executed.append([str(c[0][0]).upper() for c in self.command_stack])
         return execute(self, raise_on_error)
 
+    def spy_write(conn: Any, payload: bytes, replies: int) -> list[Any]:
+        executed.append([m.decode() for m in re.findall(rb"\*\d+\r\n\$\d+\r\n(\w+)\r\n",
+                                                          payload)])
+        return written(conn, payload, replies)
+
     monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    monkeypatch.setattr(acks, "exchange", spy_write)
     return executed
 
 
