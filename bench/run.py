@@ -128,9 +128,11 @@ def serial_phase(bench: Bench, n: int, trace_dir: Path) -> dict[str, Any]:
 def timed_pairs(bench: Bench, opts: Options, trace_dir: Path) -> list[Run]:
     runs = []
     for i in range(opts.pairs):
-        order = ["chain", "chain_nobackend", "chain_acks_late", "saga"]
+        # The saga right after the chain it is measured against, then the order reversed
+        # every other pair (saga first): drift on a noisy machine hits both sides alike.
+        order = ["chain", "saga", "chain_nobackend", "chain_acks_late"]
         if i % 2:
-            order.reverse()  # alternate, so drift on a noisy machine hits both sides
+            order.reverse()
         for kind in [*order, "saga_fail"]:
             run, items = bench.measure(kind, opts.m, f"pair {i + 1}/{opts.pairs} {KINDS[kind]}")
             if kind == "saga":
@@ -373,7 +375,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--m", type=int, default=300, help="items per run (default 300)")
     parser.add_argument("--k", type=int, default=5, help="steps per saga/chain (default 5)")
-    parser.add_argument("--pairs", type=int, default=3, help="timed A/A'/A''/B/C rounds (3)")
+    parser.add_argument("--pairs", type=int, default=5, help="timed A/A'/A''/B/C rounds (5)")
     parser.add_argument("--serial", type=int, default=30,
                         help="items of each kind run one at a time for unloaded latency (30)")
     parser.add_argument("--count-m", type=int, default=100,
