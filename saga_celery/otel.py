@@ -201,7 +201,12 @@ class _SagaTracer:
     def attempt(self, control: Control, run: SagaRun) -> Iterator[None]:
         """The span of one attempt, current while it runs; its outcome from how it ends."""
         self._local.open = getattr(self._local, "open", 0) + 1
-        span = self._start_attempt(control, run)
+        try:
+            span = self._start_attempt(control, run)
+        except Exception as exc:  # a span is never worth an attempt
+            log.warning("saga.otel_span_failed", saga_id=run.id, step=control.step,
+                        attempt=control.attempt, error=repr(exc))
+            span = trace.INVALID_SPAN
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             yield
