@@ -13,9 +13,9 @@ Each saga is one trace:
   ``saga.rollback charge``; any other kind of attempt the runtime runs gets one the same
   way), around the step's body in the worker, with ``saga.id``, ``saga.name``,
   ``saga.step``, ``saga.count``, ``saga.attempt``, ``saga.kind`` and ``saga.outcome``
-  (``succeeded``, ``failed``, ``retrying``: failed with a retry sent, ``handed_back``: the
-  store or broker could not be reached, the message comes again), and the error's type,
-  recorded exception and ERROR status when it failed.  It is the current span while the
+  (``succeeded``; ``failed``, whether or not a retry follows: the retry is the next attempt's
+  span; ``handed_back``: the store or broker could not be reached, the message comes again),
+  and the error's type, recorded exception and ERROR status when it failed.  It is the current span while the
   body runs, so the spans a step's own code makes (an HTTP call, a query) are its children.
 
 How, when the root span's start and end happen in different processes:
@@ -210,8 +210,8 @@ class _SagaTracer:
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             yield
-        except Retry as exc:
-            _failed(span, "retrying", exc.exc if isinstance(exc.exc, BaseException) else exc)
+        except Retry as exc:  # Celery's retry of a failed attempt: the failure is the cause
+            _failed(span, "failed", exc.exc if isinstance(exc.exc, BaseException) else exc)
             raise
         except Reject as exc:
             _failed(span, "handed_back", exc)

@@ -171,7 +171,7 @@ def test_a_rolled_back_saga_has_its_failed_attempts_and_rollback_spans(
                for s in attempts]
     assert summary == [
         ("step", RESERVE, 1, "succeeded"), ("step", CHARGE, 1, "succeeded"),
-        ("step", TICKET, 1, "retrying"), ("step", TICKET, 2, "retrying"),
+        ("step", TICKET, 1, "failed"), ("step", TICKET, 2, "failed"),
         ("step", TICKET, 3, "failed"),
         ("rollback", TICKET, 1, "succeeded"), ("rollback", CHARGE, 1, "succeeded"),
         ("rollback", RESERVE, 1, "succeeded")]
@@ -211,6 +211,15 @@ def test_the_saga_trace_lives_beside_celerys_own_instrumentation(
     [first_run] = [s for s in runs.values() if s["name"] == f"run/{RESERVE}"]
     assert first_run["trace_id"] == f"{checkout.trace_id:032x}"
     assert first_run["parent_id"] == f"{publish.context.span_id:016x}"
+    # A later step's message is published inside the attempt span that ended the step
+    # before it, so Celery's spans for it continue the saga's trace under that attempt.
+    by_id = {s["span_id"]: s for s in worker_spans(spans_file)}
+    for step, sender in ((CHARGE, attempts[0]), (TICKET, attempts[1])):
+        [later] = [s for s in runs.values() if s["name"] == f"run/{step}"]
+        published = by_id[later["parent_id"]]
+        assert published["name"] == f"apply_async/{step}"
+        assert published["parent_id"] == sender["span_id"]
+        assert later["trace_id"] == hex_ids(saga_id)[0]
 
 
 def test_a_worker_without_instrument_emits_no_saga_span(

@@ -10,9 +10,11 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
+from celery.exceptions import Reject, Retry
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -111,6 +113,68 @@ def test_spans_the_provider_makes_for_others_keep_random_ids(
     root, other = memory.get_finished_spans()
     assert other.context.trace_id != root.context.trace_id
     assert other.context.span_id != root.context.span_id
+
+
+def step_control(saga_id: str, attempt: int = 1) -> Control:
+    return Control(saga_id=saga_id, kind=Kind.STEP, key="a#1", step="a", count=1,
+                   attempt=attempt)
+
+
+@pytest.mark.parametrize(("raised", "outcome", "error"), [
+    (None, "succeeded", None),
+    (ValueError("no stock"), "failed", "ValueError"),
+    (Retry("retry", exc=KeyError("sku")), "failed", "KeyError"),
+    (Reject("store down", requeue=True), "handed_back", "Reject"),
+])
+def test_an_attempt_span_is_a_child_of_the_root_with_its_outcome(
+        exporter: tuple[InMemorySpanExporter, TracerProvider], raised: Exception | None,
+        outcome: str, error: str | None) -> None:
+    """The span around an attempt has the root's derived ids as parent, the attempt's
+    attributes, and its outcome from how the attempt ended (Celery's ``Retry``: the failure
+    it carries; ``Reject``: handed back); the exception goes on through."""
+    memory, provider = exporter
+    engine, _ = new_engine()
+    submit(engine, "s-4", plan("a"))
+    run = engine.load("s-4").run
+
+    with pytest.raises(type(raised)) if raised else nullcontext():
+        with _SagaTracer(provider).attempt(step_control("s-4"), run):
+            assert trace.get_current_span().get_span_context().trace_id == trace_id("s-4")
+            if raised is not None:
+                raise raised
+
+    [span] = memory.get_finished_spans()
+    assert span.name == "saga.step a"
+    assert span.parent is not None
+    assert (span.parent.trace_id, span.parent.span_id) == (trace_id("s-4"), root_span_id("s-4"))
+    attributes = dict(span.attributes or {})
+    assert attributes.pop("saga.error.type", None) == error
+    assert attributes == {"saga.id": "s-4", "saga.name": "saga", "saga.step": "a",
+                          "saga.count": 1, "saga.attempt": 1, "saga.kind": "step",
+                          "saga.outcome": outcome}
+    assert (span.status.status_code == trace.StatusCode.ERROR) == (error is not None)
+
+
+def test_the_root_span_waits_for_the_attempt_that_ended_the_saga(
+        exporter: tuple[InMemorySpanExporter, TracerProvider]) -> None:
+    """A saga that ends inside an attempt's span gets its root once that span has ended, so
+    the root encloses every attempt."""
+    memory, provider = exporter
+    tracer = _SagaTracer(provider)
+    engine, _ = new_engine()
+    engine.on_ended = tracer.ended
+    driver = submit(engine, "s-5", plan("a"))
+    run = engine.load("s-5").run
+
+    with tracer.attempt(step_control("s-5"), run):
+        driver.start("a")
+        driver.ok("a", 1)
+        assert memory.get_finished_spans() == ()
+
+    attempt, root = memory.get_finished_spans()
+    assert root.name == "saga saga" and attempt.name == "saga.step a"
+    assert root.end_time is not None and attempt.end_time is not None
+    assert root.end_time >= attempt.end_time
 
 
 def test_an_observer_that_raises_does_not_undo_the_commit() -> None:
