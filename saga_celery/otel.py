@@ -15,8 +15,9 @@ Each saga is one trace:
   ``saga.step``, ``saga.count``, ``saga.attempt``, ``saga.kind`` and ``saga.outcome``
   (``succeeded``; ``failed``, whether or not a retry follows: the retry is the next attempt's
   span; ``handed_back``: the store or broker could not be reached, the message comes again),
-  and the error's type, recorded exception and ERROR status when it failed.  It is the current span while the
-  body runs, so the spans a step's own code makes (an HTTP call, a query) are its children.
+  and the error's type, recorded exception and ERROR status when it failed.  It is the
+  current span while the body runs, so the spans a step's own code makes (an HTTP call, a
+  query) are its children.
 
 How, when the root span's start and end happen in different processes:
 

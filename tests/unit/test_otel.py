@@ -137,11 +137,11 @@ def test_an_attempt_span_is_a_child_of_the_root_with_its_outcome(
     submit(engine, "s-4", plan("a"))
     run = engine.load("s-4").run
 
-    with pytest.raises(type(raised)) if raised else nullcontext():
-        with _SagaTracer(provider).attempt(step_control("s-4"), run):
-            assert trace.get_current_span().get_span_context().trace_id == trace_id("s-4")
-            if raised is not None:
-                raise raised
+    expected = pytest.raises(type(raised)) if raised else nullcontext()
+    with expected, _SagaTracer(provider).attempt(step_control("s-4"), run):
+        assert trace.get_current_span().get_span_context().trace_id == trace_id("s-4")
+        if raised is not None:
+            raise raised
 
     [span] = memory.get_finished_spans()
     assert span.name == "saga.step a"
