@@ -185,18 +185,20 @@ class _SagaTracer:
         self._local = threading.local()
 
     def tracer(self) -> trace.Tracer:
-        """This module's tracer, from the provider given or the global one at first use (a
-        worker's may be set up after ``instrument``)."""
-        if self._tracer is None:
-            tracer = trace.get_tracer("saga_celery", tracer_provider=self._provider)
-            if isinstance(tracer, SdkTracer):
-                tracer.id_generator = _DerivedIds(tracer.id_generator)
-            else:
-                log.warning("saga.otel_no_sdk", provider=type(self._provider).__name__,
-                            detail="saga root spans need the OpenTelemetry SDK's "
-                                   "TracerProvider; attempt spans only")
+        """This module's tracer, from the provider given, else the global one: looked up
+        again until it is the SDK's (a worker may set it up after ``instrument``)."""
+        if self._tracer is not None:
+            return self._tracer
+        provider = self._provider or trace.get_tracer_provider()
+        tracer = provider.get_tracer("saga_celery")
+        if isinstance(tracer, SdkTracer):
+            tracer.id_generator = _DerivedIds(tracer.id_generator)
             self._tracer = tracer
-        return self._tracer
+        elif self._provider is not None:
+            log.warning("saga.otel_no_sdk", provider=type(provider).__name__,
+                        detail="saga root spans need the OpenTelemetry SDK's TracerProvider")
+            self._tracer = tracer
+        return tracer
 
     @contextmanager
     def attempt(self, control: Control, run: SagaRun) -> Iterator[None]:

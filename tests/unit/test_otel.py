@@ -177,6 +177,22 @@ def test_the_root_span_waits_for_the_attempt_that_ended_the_saga(
     assert root.end_time >= attempt.end_time
 
 
+def test_a_provider_other_than_the_sdks_gets_no_span_and_no_error() -> None:
+    """With a provider that is not the SDK's (here the API's no-op one) attempts and ends run
+    as without tracing: nothing can be given the derived ids, nothing fails."""
+    tracer = _SagaTracer(trace.NoOpTracerProvider())
+    engine, _ = new_engine()
+    engine.on_ended = tracer.ended
+    driver = submit(engine, "s-6", plan("a"))
+
+    with tracer.attempt(step_control("s-6"), engine.load("s-6").run):
+        driver.start("a")
+        transition = driver.ok("a", 1)
+
+    assert transition.run.status == "complete"
+    assert not tracer.tracer().start_span("x").get_span_context().is_valid
+
+
 def test_an_observer_that_raises_does_not_undo_the_commit() -> None:
     """The terminal commit stands and returns its transition even if the hook fails."""
     engine, _ = new_engine()
