@@ -66,9 +66,11 @@ def caller(otel_env: dict[str, str]) -> Iterator[Caller]:
 
 
 def worker_spans(path: Path) -> list[Span]:
+    """The spans the worker has written so far (a line still being written is left out)."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    *complete, _partial = path.read_text().split("\n")
+    return [json.loads(line) for line in complete if line]
 
 
 def saga_spans(path: Path, saga_id: str) -> tuple[Span, list[Span]]:
