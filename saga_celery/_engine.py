@@ -86,6 +86,9 @@ class Engine:
         self.clock = clock
         self._local = threading.local()
         self._cache_size = cache_size
+        self.on_ended: Callable[[SagaRun], None] | None = None
+        """Called with a saga's run once this process committed its terminal status
+        (``saga_celery.otel``: the saga's root span); never raises into the engine."""
 
     @property
     def _cache(self) -> OrderedDict[str, Snapshot]:
@@ -163,13 +166,24 @@ class Engine:
                        if isinstance(applied, AttemptStarted) and not transition.run.is_terminal
                        and snapshot.journal < MAX_ENTRIES else None)
             if self._commit(snapshot, was_terminal, transition, event, lease, journal):
+                if self.on_ended is not None:
+                    self._ended(was_terminal, transition)
                 return transition
             fresh = self._load_for(saga_id, event, lease)
             if _landed(fresh[0], snapshot.version, transition):
                 self._committed(fresh[0], transition)
+                if self.on_ended is not None:
+                    self._ended(was_terminal, transition)
                 return transition
         raise SagaStoreError(f"saga {saga_id!r}: too many concurrent writes to apply "
                              f"{type(event).__name__}", saga_id=saga_id)
+
+    def _ended(self, was_terminal: bool, transition: Transition) -> None:
+        if self.on_ended is not None and not was_terminal and transition.run.is_terminal:
+            try:
+                self.on_ended(transition.run)
+            except Exception as exc:  # an observer never costs a commit its answer
+                log.warning("saga.observer_failed", saga_id=transition.run.id, error=repr(exc))
 
     def _give_back(self, saga_id: str, event: Event, lease: Lease | None) -> None:
         """An end that changed nothing still gives its lease back: nothing else will."""

@@ -2,6 +2,7 @@
 
     saga-celery[metrics]  prometheus-client  saga_celery.metrics, ``saga-celery metrics``
     saga-celery[demo]     fakeredis[lua]     the demo's embedded Redis (no SAGA_REDIS_URL)
+    saga-celery[otel]     opentelemetry-sdk  saga_celery.otel: one trace per saga
 
 ``import saga_celery`` (sagas, workers, the ``saga-celery`` command) needs neither: a module
 that needs one imports it at its top and turns the ``ImportError`` into a

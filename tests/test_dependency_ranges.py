@@ -1,5 +1,5 @@
 """Dependency ranges (SPEC section 9): every runtime dependency, and every package of the
-metrics, demo and workers extras, has a floor and an upper bound, and the lowest set CI tests
+metrics, demo, workers and otel extras, has a floor and an upper bound, and the lowest set CI tests
 (``.ci/constraints-lowest.txt``, ``make test-lowest``) is exactly those floors."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = ("metrics", "demo", "workers")
+EXTRAS = ("metrics", "demo", "workers", "otel")
 """The extras a user installs; ``test`` and ``dev`` are the repository's own tools."""
 
 

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -102,6 +103,10 @@ def lease_token(hostname: str | None, pid: int | None, task_id: str | None, atte
     return f"{hostname}:{pid}:{task_id}:{attempt}"
 
 
+AttemptObserver = Callable[[Control, SagaRun], AbstractContextManager[object]]
+"""Wraps each attempt a delivery runs, whatever its kind (``saga_celery.otel``: its span)."""
+
+
 class Runtime:
     """Runs saga step and rollback tasks on a worker (and records hard timeouts)."""
 
@@ -110,6 +115,8 @@ class Runtime:
         self.dispatcher = dispatcher
         self.settings = settings
         self.keeper = LeaseKeeper(engine, settings.lease_ttl_ms)
+        self.observe_attempt: AttemptObserver | None = None
+        """Set by ``saga_celery.otel.instrument``; None (the default) costs nothing."""
 
     # --- entry points ------------------------------------------------------------------
 
@@ -148,7 +155,12 @@ class Runtime:
             ack = self.dispatcher.late_ack(task.request)
             started = self._bookkeeping(control, lambda: self._start(task, control, ack))
             if started is not None:
-                proceed(*started, ack)
+                observe = self.observe_attempt
+                if observe is None:
+                    proceed(*started, ack)
+                else:
+                    with observe(control, started[0]):
+                        proceed(*started, ack)
         finally:
             soft_limit_gate.end()
 
