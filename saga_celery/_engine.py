@@ -87,6 +87,16 @@ class Engine:
         self._local = threading.local()
         self._cache_size = cache_size
 
+    def rebind(self, store: SagaStore, clock: Callable[[], datetime]
+               ) -> tuple[SagaStore, Callable[[], datetime]]:
+        """Use ``store`` and ``clock`` from now on, forgetting every remembered saga (in every
+        thread); returns the store and clock used until now, to put back later (the
+        in-process harness, ``saga_celery.testing``)."""
+        before = self.store, self.clock
+        self.store, self.clock = store, clock
+        self._local = threading.local()
+        return before
+
     @property
     def _cache(self) -> OrderedDict[str, Snapshot]:
         """This thread's remembered sagas."""
