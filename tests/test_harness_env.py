@@ -8,6 +8,7 @@ that completes proves the harness never needed either.
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from celery import Celery, group
 
+import saga_celery.testing
 from saga_celery import (
     NonRetryableError,
     RetryLater,
@@ -441,3 +443,57 @@ def test_a_naive_start_time_is_refused(sagas: SagaApp) -> None:
     """The virtual clock is UTC-aware, as every saga timestamp is."""
     with pytest.raises(SagaConfigError, match="timezone-aware"):
         SagaTestEnv(sagas, start=datetime(2026, 1, 1))
+
+
+# --- living in a test process ------------------------------------------------------------
+
+
+@pytest.fixture
+def outer_alarm() -> Iterator[list[int]]:
+    """A ``SIGALRM`` timer of the test's own, as pytest-timeout sets one around a test: the
+    signals it delivered; whatever timer ran before is set again afterwards."""
+    fired: list[int] = []
+    handler = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(signum))
+    before = signal.setitimer(signal.ITIMER_REAL, 0)
+    began = time.monotonic()
+    yield fired
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, handler)
+    if before[0] > 0:
+        signal.setitimer(signal.ITIMER_REAL, max(before[0] - (time.monotonic() - began), 0.001),
+                         before[1])
+
+
+def test_attempts_leave_an_outer_alarm_set(sagas: SagaApp, env: SagaTestEnv,
+                                           outer_alarm: list[int]) -> None:
+    """Each attempt's timeout alarm (main thread, as on the solo pool) gives a timer set
+    before it back for what is left of it, so pytest-timeout still guards the test."""
+    shop = Shop(sagas)
+    signal.setitimer(signal.ITIMER_REAL, 100)
+    run = env.start(shop.order, saga_id="o-18")
+    env.run_until_idle()
+    assert run.status().status == "complete"
+    left, _ = signal.getitimer(signal.ITIMER_REAL)
+    assert 50 < left <= 100
+    assert outer_alarm == []
+
+
+def test_an_outer_alarm_due_during_a_body_goes_off_after_it(
+        sagas: SagaApp, env: SagaTestEnv, outer_alarm: list[int]) -> None:
+    """An outer timer that fell due while a body ran is not lost: it goes off right after."""
+    @sagas.step(name="nap", retries={"limit": 0})
+    def nap() -> None:
+        time.sleep(0.2)
+
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    env.start(sagas.saga("napping", [nap.s()]), saga_id="o-19")
+    env.run_until_idle()
+    deadline = time.monotonic() + 5
+    while not outer_alarm and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert outer_alarm == [signal.SIGALRM]
+
+
+def test_the_module_exports_exactly_its_api() -> None:
+    """``saga_celery.testing.__all__`` is the harness's public surface: a change is a choice."""
+    assert saga_celery.testing.__all__ == ["PendingMessage", "SagaTestEnv"]
