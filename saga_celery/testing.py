@@ -113,6 +113,7 @@ class SagaTestEnv:
         self._queue: list[_Queued] = []
         self._seq = itertools.count()
         self._injected: dict[_Key, Callable[[StepConfig], Body]] = {}
+        self._during: dict[_Key, list[Callable[[], object]]] = {}
         self._body_errors: list[BaseException] = []
         store = MemoryStore(clock=self._clock.seconds, retention_ms=None)
         self._restore: Callable[[], None] | None = sagas._run_in_process(InProcess(
@@ -231,6 +232,20 @@ class SagaTestEnv:
         for n in _attempts(attempt):
             self._inject((Kind.ROLLBACK, name, count, n), self._timing_out)
 
+    def while_running(self, step: object, action: Callable[[], object], *,
+                      attempt: int | Iterable[int] = 1, rollback: bool = False,
+                      count: int = 1) -> None:
+        """Call ``action`` while attempt(s) ``attempt`` of ``step`` (of its rollback, with
+        ``rollback``) run: after the start is recorded, before the body (or the failure
+        injected in its place).  ``env.run_next`` there runs another message with this
+        attempt in flight (a parallel sibling failing meanwhile); ``run.terminate`` stops the
+        saga under it."""
+        name = self._step_name(step, rollback=rollback)
+        kind = Kind.ROLLBACK if rollback else Kind.STEP
+        for n in _attempts(attempt):
+            _check_count(count, name)
+            self._during.setdefault((kind, name, count, n), []).append(action)
+
     # --- inside ---------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -275,11 +290,14 @@ class SagaTestEnv:
     def _body(self, control: Control, config: StepConfig, body: Body) -> Body:
         """The runtime's body hook: an injected failure in place of the body, and every
         error raised in the body's place noted (``_attempt_failure``)."""
-        injected = self._injected.get((control.kind, control.step, control.count,
-                                       control.attempt))
+        key = (control.kind, control.step, control.count, control.attempt)
+        injected = self._injected.get(key)
         run = body if injected is None else injected(config)
+        actions = self._during.get(key, [])
 
         def observed() -> Any:
+            for action in actions:
+                action()
             try:
                 return run()
             except BaseException as exc:
@@ -296,8 +314,7 @@ class SagaTestEnv:
         return late
 
     def _inject(self, key: _Key, body: Callable[[StepConfig], Body]) -> None:
-        if key[2] < 1:
-            raise SagaConfigError(f"count must be 1 or more, not {key[2]}", step=key[1])
+        _check_count(key[2], key[1])
         self._injected[key] = body
 
     def _step_name(self, step: object, *, rollback: bool) -> str:
@@ -312,6 +329,11 @@ class SagaTestEnv:
             raise SagaConfigError(f"step {task.name!r} has no rollback handler to fail",
                                   step=task.name)
         return str(task.name)
+
+
+def _check_count(count: int, step: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SagaConfigError(f"count must be 1 or more, not {count!r}", step=step)
 
 
 def _attempts(attempt: int | Iterable[int]) -> list[int]:

@@ -335,6 +335,40 @@ def test_terminate_stops_it_between_messages(sagas: SagaApp, env: SagaTestEnv) -
     assert [r[0] for r in shop.ran] == ["reserve", "release"]
 
 
+def test_a_sibling_in_flight_when_the_saga_fails_is_compensated_with_its_real_output(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """``while_running``: ``sms`` fails while ``email`` is in flight; the rollback waits for
+    ``email``'s attempt to end, records its output, and compensates it with that output."""
+    shop = Shop(sagas)
+    env.fail("sms", error=NonRetryableError("no signal"))
+    env.while_running("email", env.run_next)  # the next message (sms) runs inside email's
+    run = env.start(shop.order, saga_id="o-20")
+    env.run_until_idle()
+    state = run.status()
+    assert state.step("email").status == "complete"
+    assert ("unemail", 1, "emailed") in shop.ran
+    events = [(e["type"], e.get("step")) for e in run.events()]
+    assert events.index(("rollback_started", None)) < events.index(("step_completed", "email"))
+    assert events.index(("step_completed", "email")) < events.index(
+        ("rollback_step_started", "email"))
+    assert rollback_order(run.events()) == ["sms", "email", "reserve"]
+
+
+def test_terminate_while_an_attempt_runs_lets_it_finish(sagas: SagaApp,
+                                                        env: SagaTestEnv) -> None:
+    """Terminated during ``charge``'s attempt: the attempt finishes and is recorded, nothing
+    after it starts, and it is compensated with its output."""
+    shop = Shop(sagas)
+    run = env.start(shop.order, saga_id="o-21")
+    env.while_running(shop.charge, lambda: run.terminate(rollback=True))
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "terminated"
+    assert state.step("charge").status == "complete"
+    assert ("refund", 1, {"charged": 30}) in shop.ran
+    assert rollback_order(run.events()) == ["charge", "sms", "email", "reserve"]
+
+
 def test_a_step_used_twice_is_injected_by_count(sagas: SagaApp, env: SagaTestEnv) -> None:
     """``count=2`` fails the second occurrence of a step only."""
     shop = Shop(sagas)
@@ -404,6 +438,8 @@ def test_bad_injections_are_refused_with_errors_naming_them(
         env.fail_rollback(bare)
     with pytest.raises(SagaConfigError, match="attempt numbers start at 1"):
         env.timeout("reserve", attempt=0)
+    with pytest.raises(SagaConfigError, match="count must be 1 or more, not 0"):
+        env.while_running("reserve", env.run_next, count=0)
     with pytest.raises(SagaConfigError, match="exception instance"):
         env.fail("reserve", error="boom")  # type: ignore[arg-type]
     with pytest.raises(SagaConfigError, match="advance: a duration cannot be negative"):
