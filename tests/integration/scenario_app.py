@@ -4,8 +4,9 @@ on a real prefork worker, to compare what each records.
 What an attempt does is read from the saga's params, so the same run can be asked of a
 worker and of the harness: ``{"steps": {"<step>": {"<attempt>": ACT}}, "rollbacks":
 {"<step>": {"<attempt>": ACT}}}``, ACT one of ``fail`` (``RuntimeError``), ``refuse``
-(``NonRetryableError``), ``later`` (``RetryLater`` of ``LATER``) and ``hang`` (sleeps past
-the timeout).  ``injections`` gives the same failures as harness injections instead.
+(``NonRetryableError``), ``later`` (``RetryLater`` of ``LATER``), ``hang`` (sleeps past the
+timeout), ``refuse_once_started:<step>`` (``refuse`` once that sibling's start is recorded)
+and ``until_rolling_back`` (succeeds once the saga is rolling back: in flight meanwhile).
 
 Environment: ``SAGA_TEST_REDIS_URL`` (broker and saga state).  Queues and keys carry a
 prefix of their own, so the worker takes none of another test's messages.
@@ -32,6 +33,8 @@ from saga_celery import (
 URL = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 LATER = "5 seconds"
 """A ``later`` retry's delay: long enough that a terminate lands before it, on a slow machine."""
+SIBLING_WAIT_S = 15.0
+"""The longest an attempt waits for a sibling's start or for the rollback."""
 HANG_S = 6.0
 """How long ``hang`` sleeps: past the 1 s timeout of ``sc.slow``, Celery's soft limit (or the
 harness's alarm) stops it first."""
@@ -62,23 +65,35 @@ def error_of(act: str, what: str, attempt: int) -> Exception:
     raise ValueError(f"unknown act {act!r}")
 
 
-def act_out(plan: Any, section: str, name: str, attempt: int) -> None:
+def act_out(plan: Any, section: str, name: str, attempt: int, saga_id: str) -> None:
     acts = plan.get(section, {}).get(name, {}) if isinstance(plan, dict) else {}
     act = acts.get(str(attempt))
     if act == "hang":
         time.sleep(HANG_S)
+    elif act == "until_rolling_back":
+        _until(lambda: sagas.run(saga_id).status().status == "rolling_back")
+    elif act is not None and act.startswith("refuse_once_started:"):
+        sibling = act.split(":", 1)[1]
+        _until(lambda: sagas.run(saga_id).status().step(sibling).start_seq is not None)
+        raise error_of("refuse", name, attempt)
     elif act is not None:
         raise error_of(act, name, attempt)
 
 
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + SIBLING_WAIT_S
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def step_body(name: str) -> None:
     ctx = current_step()
-    act_out(ctx.params, "steps", name, ctx.attempt)
+    act_out(ctx.params, "steps", name, ctx.attempt, ctx.saga_id)
 
 
 def handler(name: str) -> Callable[[RollbackContext], None]:
     def undo(ctx: RollbackContext) -> None:
-        act_out(ctx.params, "rollbacks", name, ctx.attempt)
+        act_out(ctx.params, "rollbacks", name, ctx.attempt, ctx.saga_id)
 
     return undo
 

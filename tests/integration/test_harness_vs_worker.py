@@ -9,7 +9,9 @@ with the worker on all of it: the same core decides both.
 
 Within a parallel stage a worker starts the steps in whichever order its processes take
 them, so the rollback order is compared as stages, and checked in each run to be the
-reverse of that run's own start order.
+reverse of that run's own start order.  A step held in flight while its sibling fails (two
+worker processes; ``SagaTestEnv.while_running`` in process) must end after the rollback began
+in every run, and be compensated with its real output.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Scenario:
     rollbacks: dict[str, dict[str, str]] = field(default_factory=dict)
     terminate_after_failure_of: str | None = None
     """Terminate (with rollback) once this step's first attempt has failed."""
+    in_flight: str | None = None
+    """In process, run the next message while this step's first attempt runs: the worker's
+    two processes run it beside its sibling (``until_rolling_back``)."""
 
     def params(self) -> dict[str, Any]:
         return {"steps": self.steps, "rollbacks": self.rollbacks}
@@ -64,6 +69,10 @@ SCENARIOS = [
     Scenario("halt_on_rollback_error", "order", steps={"sc.ship": {"1": "refuse"}},
              rollbacks={"sc.charge": {"1": "fail", "2": "refuse"}}),
     Scenario("parallel_stage_rolled_back", "order", steps={"sc.ship": {"1": "refuse"}}),
+    Scenario("sibling_in_flight_when_the_saga_fails", "order",
+             steps={"sc.email": {"1": "until_rolling_back"},
+                    "sc.sms": {"1": "refuse_once_started:sc.email"}},
+             in_flight="sc.email"),
     Scenario("terminate_during_a_retry_delay", "order", steps={"sc.charge": {"1": "later"}},
              terminate_after_failure_of="sc.charge"),
     Scenario("timeout_then_success", "timed", steps={"sc.slow": {"1": "hang"}}),
@@ -116,6 +125,8 @@ def in_process(scenarios: ModuleType, scenario: Scenario, *, inject: bool
     with SagaTestEnv(scenarios.sagas) as env:
         if inject:
             inject_failures(env, scenarios, scenario)
+        if scenario.in_flight is not None:
+            env.while_running(scenario.in_flight, env.run_next)
         handle = env.start(getattr(scenarios, scenario.saga), saga_id="h-1",
                            params={} if inject else scenario.params())
         if scenario.terminate_after_failure_of is not None:
@@ -130,8 +141,11 @@ def in_process(scenarios: ModuleType, scenario: Scenario, *, inject: bool
 def inject_failures(env: SagaTestEnv, scenarios: ModuleType, scenario: Scenario) -> None:
     for section, failures in (("steps", scenario.steps), ("rollbacks", scenario.rollbacks)):
         for step, acts in failures.items():
-            for attempt, act in acts.items():
+            for attempt, given in acts.items():
                 n = int(attempt)
+                if given == "until_rolling_back":
+                    continue  # it succeeds: the harness holds it in flight (``in_flight``)
+                act = "refuse" if given.startswith("refuse_once_started:") else given
                 if act == "hang" and section == "steps":
                     env.timeout(step, attempt=n)
                 elif section == "steps":
@@ -164,10 +178,20 @@ def outcome(state: SagaState, events: list[dict[str, Any]]) -> dict[str, Any]:
             } for s in state.steps},
         "rollback_stages": [stage[e["step"]] for e in events
                             if e["type"] == "rollback_step_started"],
+        "ended_after_rollback_began": ended_after_rollback_began(events),
         "event_types": Counter(e["type"] for e in events),
         "retry_delays": sorted((e["type"], e["step"], e["attempt"], e["retry_delay_ms"])
                                for e in events if e["type"].endswith("attempt_errored")),
     }
+
+
+def ended_after_rollback_began(events: list[dict[str, Any]]) -> set[str]:
+    """The steps whose attempt was still in flight when the rollback began."""
+    types = [e["type"] for e in events]
+    if "rollback_started" not in types:
+        return set()
+    begun = types.index("rollback_started")
+    return {e["step"] for e in events[begun:] if e["type"] in ("step_completed", "step_errored")}
 
 
 def assert_rollback_in_reverse_start_order(state: SagaState, events: list[dict[str, Any]]
@@ -192,5 +216,7 @@ def test_the_harness_decides_as_a_real_worker_does(
         assert state.is_terminal
         assert_rollback_in_reverse_start_order(state, events)
     expected = outcome(*runs["worker"])
+    if scenario.in_flight is not None:
+        assert expected["ended_after_rollback_began"] == {scenario.in_flight}
     for how in ("harness, failing bodies", "harness, injected failures"):
         assert outcome(*runs[how]) == expected, how
