@@ -80,7 +80,7 @@ class _Clock:
     """Virtual time: ``now`` moves only when the environment moves it, never backwards."""
 
     def __init__(self, start: datetime) -> None:
-        if start.tzinfo is None:
+        if not isinstance(start, datetime) or start.tzinfo is None:
             raise SagaConfigError(f"SagaTestEnv(start=...) must be timezone-aware, got {start}")
         self.start = self.current = start.astimezone(UTC)
 
@@ -108,6 +108,8 @@ class SagaTestEnv:
     """
 
     def __init__(self, sagas: SagaApp, *, start: datetime | None = None, seed: int = 0) -> None:
+        if not isinstance(sagas, SagaApp):
+            raise SagaConfigError(f"SagaTestEnv takes your SagaApp, got {sagas!r}")
         self._sagas = sagas
         self._clock = _Clock(start or datetime.now(UTC))
         self._queue: list[_Queued] = []

@@ -475,10 +475,13 @@ def test_one_environment_at_a_time_and_the_app_given_back(sagas: SagaApp) -> Non
         assert run.status().status == "complete"
 
 
-def test_a_naive_start_time_is_refused(sagas: SagaApp) -> None:
-    """The virtual clock is UTC-aware, as every saga timestamp is."""
+def test_a_naive_start_time_and_a_non_app_are_refused(app: Celery, sagas: SagaApp) -> None:
+    """The virtual clock is UTC-aware, as every saga timestamp is; the environment takes a
+    ``SagaApp``, not the Celery app under it."""
     with pytest.raises(SagaConfigError, match="timezone-aware"):
         SagaTestEnv(sagas, start=datetime(2026, 1, 1))
+    with pytest.raises(SagaConfigError, match="takes your SagaApp, got <Celery"):
+        SagaTestEnv(app)
 
 
 # --- living in a test process ------------------------------------------------------------
