@@ -100,9 +100,8 @@ class Shop:
             self.ran.append(("refund", ctx.attempt, ctx.output))
 
         self.charge = charge
-        self.order = sagas.saga("order", [reserve.s("sku-1"), group(email.s(), sms.s()),
-                                          charge.s(amount=30)],
-                                on_rollback_error=on_rollback_error)
+        self.stages = [reserve.s("sku-1"), group(email.s(), sms.s()), charge.s(amount=30)]
+        self.order = sagas.saga("order", self.stages, on_rollback_error=on_rollback_error)
 
 
 def rollback_order(run_events: list[dict[str, Any]]) -> list[str]:
@@ -367,6 +366,25 @@ def test_terminate_while_an_attempt_runs_lets_it_finish(sagas: SagaApp,
     assert state.step("charge").status == "complete"
     assert ("refund", 1, {"charged": 30}) in shop.ran
     assert rollback_order(run.events()) == ["charge", "sms", "email", "reserve"]
+
+
+def test_a_parallel_rollback_sends_every_handler_at_once(sagas: SagaApp,
+                                                         env: SagaTestEnv) -> None:
+    """``rollback_mode="parallel"``: the failure queues all four handlers together (the
+    harness then runs them one after another, in the order they were sent)."""
+    shop = Shop(sagas)
+    parallel = sagas.saga("order-par", shop.stages, rollback_mode="parallel")
+    env.fail(shop.charge, error=NonRetryableError("no"))
+    run = env.start(parallel, saga_id="o-22")
+    for _ in range(4):  # reserve, email, sms, charge (failing)
+        env.run_next()
+    assert sorted((p.kind, p.step) for p in env.pending()) == [
+        ("rollback", "charge"), ("rollback", "email"), ("rollback", "reserve"),
+        ("rollback", "sms")]
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "errored"
+    assert state.rollback is not None and state.rollback.completed_steps == 4
 
 
 def test_a_step_used_twice_is_injected_by_count(sagas: SagaApp, env: SagaTestEnv) -> None:
