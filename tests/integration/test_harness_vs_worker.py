@@ -47,6 +47,8 @@ class Scenario:
     rollbacks: dict[str, dict[str, str]] = field(default_factory=dict)
     terminate_after_failure_of: str | None = None
     """Terminate (with rollback) once this step's first attempt has failed."""
+    retry_rollback: bool = False
+    """Once the saga has ended with a failed rollback, resume it (``run.retry_rollback()``)."""
     in_flight: str | None = None
     """In process, run the next message while this step's first attempt runs: the worker's
     two processes run it beside its sibling (``until_rolling_back``)."""
@@ -68,6 +70,8 @@ SCENARIOS = [
     # must not decide what the halt leaves undone.
     Scenario("halt_on_rollback_error", "order", steps={"sc.ship": {"1": "refuse"}},
              rollbacks={"sc.charge": {"1": "fail", "2": "refuse"}}),
+    Scenario("retry_rollback_after_a_halt", "order", steps={"sc.ship": {"1": "refuse"}},
+             rollbacks={"sc.charge": {"1": "fail", "2": "fail"}}, retry_rollback=True),
     Scenario("parallel_stage_rolled_back", "order", steps={"sc.ship": {"1": "refuse"}}),
     Scenario("sibling_in_flight_when_the_saga_fails", "order",
              steps={"sc.email": {"1": "until_rolling_back"},
@@ -115,7 +119,11 @@ def on_worker(scenarios: ModuleType, scenario: Scenario) -> tuple[SagaState, lis
         step = scenario.terminate_after_failure_of
         wait_for(lambda: failed_once(handle, step), timeout=30)
         handle.terminate(rollback=True, reason=REASON)
-    return handle.wait(timeout=90), handle.events()
+    state = handle.wait(timeout=90)
+    if scenario.retry_rollback:
+        handle.retry_rollback()
+        state = handle.wait(timeout=90)
+    return state, handle.events()
 
 
 def in_process(scenarios: ModuleType, scenario: Scenario, *, inject: bool
@@ -135,6 +143,9 @@ def in_process(scenarios: ModuleType, scenario: Scenario, *, inject: bool
                 assert env.run_next(), "ran out of messages before the step failed"
             handle.terminate(rollback=True, reason=REASON)
         env.run_until_idle()
+        if scenario.retry_rollback:
+            handle.retry_rollback()
+            env.run_until_idle()
         return handle.status(), handle.events()
 
 
