@@ -13,7 +13,9 @@ before it, and the saga's timestamps say an hour passed.
 Failures are injected per attempt: ``fail``, ``fail_rollback``, ``timeout`` and
 ``timeout_rollback`` put an error in place of one attempt's body, inside the runtime's own
 path (a ``NonRetryableError`` skips the retries, a ``RetryLater`` sets the delay, a timeout
-is a ``TimeoutError`` attempt whose duration is the configured timeout).
+is a ``TimeoutError`` attempt whose duration is the configured timeout).  Attempts run one
+at a time, each from its start to its end; ``while_running`` acts between the two (runs
+another message, terminates), which is how a sibling in flight is staged.
 
 Waiting stages (``sleep``, ``wait_for_event``, hold timeouts: SPEC section 8) are not in the
 library yet; when they come, their timers in the store join the queued messages as the
