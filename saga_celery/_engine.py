@@ -90,6 +90,16 @@ class Engine:
         """Called with a saga's run once this process committed its terminal status
         (``saga_celery.otel``: the saga's root span); never raises into the engine."""
 
+    def rebind(self, store: SagaStore, clock: Callable[[], datetime]
+               ) -> tuple[SagaStore, Callable[[], datetime]]:
+        """Use ``store`` and ``clock`` from now on, forgetting every remembered saga (in every
+        thread); returns the store and clock used until now, to put back later (the
+        in-process harness, ``saga_celery.testing``)."""
+        before = self.store, self.clock
+        self.store, self.clock = store, clock
+        self._local = threading.local()
+        return before
+
     @property
     def _cache(self) -> OrderedDict[str, Snapshot]:
         """This thread's remembered sagas."""

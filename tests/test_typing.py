@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_harness_readme import readme_testing_example
 from tests.typing_readme import ROOT, check_readme, mypy_strict
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_readme_example_passes_mypy_strict(tmp_path: Path, cache_dir: Path) -> None:
     """The README's complete example type-checks under ``mypy --strict`` as written."""
     result = check_readme(tmp_path, cache_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_testing_example_passes_mypy_strict(tmp_path: Path, cache_dir: Path) -> None:
+    """The README's "Testing your sagas" pytest module type-checks under ``mypy --strict``."""
+    path = tmp_path / "test_readme_saga.py"
+    path.write_text(readme_testing_example())
+    result = mypy_strict(path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, overload
 
 from celery import Celery, bootsteps
@@ -11,7 +12,7 @@ from kombu import Queue
 
 from saga_celery._celery.coordinator import Coordinator, SagaReader
 from saga_celery._celery.definition import SagaDefinition
-from saga_celery._celery.dispatch import Dispatcher
+from saga_celery._celery.dispatch import Dispatcher, Outlet
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.recovery import recover
 from saga_celery._celery.routing import (
@@ -21,7 +22,7 @@ from saga_celery._celery.routing import (
     restore_defaults,
     warn_if_restore_is_slow,
 )
-from saga_celery._celery.runtime import Runtime, RuntimeSettings
+from saga_celery._celery.runtime import BodyHook, Runtime, RuntimeSettings
 from saga_celery._celery.security import check_app
 from saga_celery._celery.tasks import (
     SagaRollbackTask,
@@ -53,6 +54,22 @@ from saga_celery._store.topology import StoreClient
 
 _ROLLBACK_CONFIG_KEYS = frozenset({"retries", "timeout", "name"})
 RECOVER_TASK = "saga_celery.recover"
+
+
+@dataclass(frozen=True)
+class InProcess:
+    """How the in-process harness (``saga_celery.testing``) runs an app's sagas."""
+
+    store: SagaStore
+    """Saga state, in place of Redis."""
+    clock: Callable[[], datetime]
+    """The time every transition records and every countdown is computed from."""
+    outlet: Outlet
+    """Where messages go in place of the broker."""
+    body_hook: BodyHook
+    """Wraps each attempt's body (failure injection)."""
+    draw: Callable[[], float]
+    """The random draws of failed attempts (jittered retry delays)."""
 
 
 class SagaApp:
@@ -270,6 +287,27 @@ class SagaApp:
         """A handle on an existing saga; ``SagaNotFoundError`` if there is none."""
         self.reader.run(saga_id)
         return SagaHandle(self.reader, self._coordinator, saga_id)
+
+    def _run_in_process(self, setup: InProcess) -> Callable[[], None]:
+        """Run this app's sagas as ``setup`` says until the function returned is called, which
+        puts back the store, clock and broker used before (``saga_celery.testing``)."""
+        dispatcher, runtime = self._dispatcher, self._runtime
+        if dispatcher.outlet is not None:
+            raise SagaConfigError("this SagaApp already runs its sagas in process: close the "
+                                  "SagaTestEnv before building another on it")
+        engine_before = self._engine.rebind(setup.store, setup.clock)
+        reader_before, store_before = self.reader.rebind(setup.store), self._store
+        clock_before, draw_before = dispatcher.clock, runtime.draw
+        self._store, dispatcher.clock, dispatcher.outlet = setup.store, setup.clock, setup.outlet
+        runtime.body_hook, runtime.draw = setup.body_hook, setup.draw
+
+        def restore() -> None:
+            self._engine.rebind(*engine_before)
+            self.reader.rebind(reader_before)
+            self._store, dispatcher.clock, dispatcher.outlet = store_before, clock_before, None
+            runtime.body_hook, runtime.draw = None, draw_before
+
+        return restore
 
     def recover(self, *, grace: object = None) -> int:
         """One recovery sweep (see ``saga_celery._celery.recovery``); returns messages re-sent."""

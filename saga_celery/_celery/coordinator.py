@@ -31,6 +31,12 @@ class SagaReader:
     def __init__(self, store: SagaStore) -> None:
         self._store = store
 
+    def rebind(self, store: SagaStore) -> SagaStore:
+        """Read ``store`` from now on; returns the store read until now (``saga_celery.testing``
+        puts it back)."""
+        before, self._store = self._store, store
+        return before
+
     def run(self, saga_id: str) -> SagaRun:
         """The saga as stored; ``SagaNotFoundError`` if there is none."""
         snapshot = self._store.load(saga_id)

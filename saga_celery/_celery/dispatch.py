@@ -52,6 +52,10 @@ class Message(NamedTuple):
         }
 
 
+Outlet = Callable[[list[Message]], None]
+"""Where a dispatcher's messages go instead of the broker (``saga_celery.testing``)."""
+
+
 def build_message(run: SagaRun, dispatch: Dispatch, now: datetime,
                   after: int | None = None) -> Message:
     """The task, arguments and options of one outbox entry, resolved from the run;
@@ -95,6 +99,9 @@ class Dispatcher:
         self.clock = clock
         self._local = threading.local()
         self._acks_in_task: bool | None = None
+        self.outlet: Outlet | None = None
+        """Where messages go instead of the broker, when set: the in-process harness's
+        queue (``saga_celery.testing``).  None: the broker, through ``app.send_task``."""
         # Probed now, when the app is built: a worker's pool processes, forked later,
         # inherit the answer (and its one warning line) from the main process.
         kombu_internals.own_ack()
@@ -114,8 +121,21 @@ class Dispatcher:
         return self._acks_in_task
 
     def late_ack(self, request: Any) -> LateAck | None:
-        """The ack the task running ``request`` sends itself, or None: the main process does."""
+        """The ack the task running ``request`` sends itself, or None: the main process does
+        (or, in process, no broker message is behind the task)."""
+        if self.outlet is not None:
+            return None
         return late_ack(request) if self.acks_in_task() else None
+
+    def resend(self, message: Message) -> None:
+        """Send a running task's own message again, for later (``message.countdown``)."""
+        if self.outlet is not None:
+            self.outlet([message])
+            return
+        self.app.send_task(message.task, message.args, message.kwargs,
+                           countdown=message.countdown, task_id=message.task_id,
+                           retries=message.retries, kwargsrepr=message.control.kwargs_repr(),
+                           argsrepr=ARGS_REPR)
 
     def ack(self, ack: LateAck | None) -> None:
         """Send ``ack``, unless it is sent already."""
@@ -134,6 +154,9 @@ class Dispatcher:
         kombu 5.7 can raise ``AttributeError`` from a publish it retries while Redis
         restarts (a queue declared on a connection that went away); reported as the failed
         publish it is, the task hands its message back instead of failing it."""
+        if self.outlet is not None:
+            self.outlet(messages)
+            return
         try:
             self._publish_to(messages)
         except AttributeError as exc:

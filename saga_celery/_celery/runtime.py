@@ -26,7 +26,13 @@ from kombu.exceptions import OperationalError
 
 from saga_celery._celery.acks import LateAck
 from saga_celery._celery.control import CONTROL_KEY, Control
-from saga_celery._celery.dispatch import ARGS_REPR, Dispatcher, build_message, step_call
+from saga_celery._celery.dispatch import (
+    ARGS_REPR,
+    Dispatcher,
+    Message,
+    build_message,
+    step_call,
+)
 from saga_celery._celery.leases import LeaseKeeper
 from saga_celery._celery.timeouts import (
     AttemptTimeout,
@@ -85,6 +91,12 @@ BEHIND_LIMIT = 150
 what is stored: a commit still not there then was lost (a failover), not slow."""
 
 
+Body = Callable[[], Any]
+BodyHook = Callable[[Control, StepConfig, Body], Body]
+"""Given an attempt about to run (its control and config) and its body, the body to run in
+its place: the in-process harness's failure injection (``saga_celery.testing``)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeSettings:
     lease_ttl_ms: int
@@ -117,6 +129,10 @@ class Runtime:
         self.keeper = LeaseKeeper(engine, settings.lease_ttl_ms)
         self.observe_attempt: AttemptObserver | None = None
         """Set by ``saga_celery.otel.instrument``; None (the default) costs nothing."""
+        self.body_hook: BodyHook | None = None
+        """Wraps every attempt's body when set (``saga_celery.testing``)."""
+        self.draw: Callable[[], float] = random.random
+        """The random draw of a failed attempt (a jittered retry delay comes from it)."""
 
     # --- entry points ------------------------------------------------------------------
 
@@ -192,6 +208,8 @@ class Runtime:
     def _execute(self, task: Task, control: Control, lease: Lease, config: StepConfig,
                  body: Callable[[], Any], ack: LateAck | None) -> None:
         timeout_s = config.timeout.total_seconds()
+        if self.body_hook is not None:
+            body = self.body_hook(control, config, body)
 
         def deadline() -> None:  # the lease stays held until the body has really returned
             self.record_timeout(control, timeout_s, None)
@@ -242,10 +260,12 @@ class Runtime:
         retryable = retryable and not isinstance(exc, NonRetryableError)
         delay_ms = exc.delay_ms if isinstance(exc, RetryLater) else None
         ended = AttemptFailed(kind=control.kind, key=control.key, attempt=control.attempt,
-                              error=error, retryable=retryable, draw=random.random(),
+                              error=error, retryable=retryable, draw=self.draw(),
                               delay_ms=delay_ms)
         transition = self.engine.handle(control.saga_id, ended, lease=lease)
-        retry = _own_retry(transition, control)
+        # Celery's retry publishes through the broker itself; with no broker (the dispatcher's
+        # outlet, in process) the retry goes out as every other message, with its countdown.
+        retry = _own_retry(transition, control) if self.dispatcher.outlet is None else None
         self.dispatcher.send(transition.run, [d for d in transition.dispatches if d is not retry])
         if retry is not None:
             self._retry(task, transition.run, retry, exc)
@@ -284,9 +304,9 @@ class Runtime:
             kwargs[CONTROL_KEY] = control.as_kwarg()
         else:
             countdown = self.settings.lease_ttl_ms / 1000 + LEASE_MARGIN_S
-        task.app.send_task(task.name, list(req.args or ()), kwargs, countdown=countdown,
-                           task_id=req.id, retries=req.retries,
-                           kwargsrepr=control.kwargs_repr(), argsrepr=ARGS_REPR)
+        self.dispatcher.resend(Message(task=task.name, args=list(req.args or ()),
+                                       kwargs=kwargs, control=control, countdown=countdown,
+                                       task_id=req.id, retries=req.retries))
 
     @staticmethod
     def _not_before(control: Control) -> int | None:
@@ -331,7 +351,7 @@ class Runtime:
         error = ErrorInfo(type="TimeoutError",
                           message=f"the attempt exceeded its timeout of {timeout_s:g} s{detail}")
         ended = AttemptFailed(kind=control.kind, key=control.key, attempt=control.attempt,
-                              error=error, draw=random.random(), via_retry=False)
+                              error=error, draw=self.draw(), via_retry=False)
         transition = self.engine.handle(control.saga_id, ended, lease=lease)
         self.dispatcher.send(transition.run, transition.dispatches)
 

@@ -1,0 +1,370 @@
+"""``saga_celery.testing``: run sagas in this process, on a virtual clock, failures injected.
+
+``SagaTestEnv(sagas)`` takes a ``SagaApp`` as the application declared it (its Redis and its
+broker are never contacted) and, until ``close()``, runs its sagas here: state in the
+in-memory store, every message the library would publish held in a queue of the
+environment's own, and each message run, when its turn comes, by ``Task.apply`` in this
+thread, as a solo worker would run it.  Nothing about a saga is decided here: the same
+engine and the same pure core a worker uses record every start and end and decide every
+retry, delay, rollback and its order, and the step and rollback bodies are the registered
+tasks' own.  Only time is virtual: a retry due in an hour runs as soon as nothing is due
+before it, and the saga's timestamps say an hour passed.
+
+Failures are injected per attempt: ``fail``, ``fail_rollback``, ``timeout`` and
+``timeout_rollback`` put an error in place of one attempt's body, inside the runtime's own
+path (a ``NonRetryableError`` skips the retries, a ``RetryLater`` sets the delay, a timeout
+is a ``TimeoutError`` attempt whose duration is the configured timeout).  Attempts run one
+at a time, each from its start to its end; ``while_running`` acts between the two (runs
+another message, terminates), which is how a sibling in flight is staged.
+
+Waiting stages (``sleep``, ``wait_for_event``, hold timeouts: SPEC section 8) are not in the
+library yet; when they come, their timers in the store join the queued messages as the
+things that fall due on the virtual clock (``_next_due``), and ``send_event`` goes through
+the same requests a ``SagaHandle`` sends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+from pydantic import JsonValue
+
+from saga_celery._celery.app import InProcess, SagaApp
+from saga_celery._celery.control import Control
+from saga_celery._celery.definition import SagaDefinition
+from saga_celery._celery.dispatch import Message
+from saga_celery._celery.handle import SagaHandle
+from saga_celery._celery.runtime import Body
+from saga_celery._celery.tasks import SagaRollbackTask, SagaStepTask
+from saga_celery._celery.timeouts import AttemptTimeout, is_timeout
+from saga_celery._core.config import StepConfig
+from saga_celery._core.durations import parse_duration
+from saga_celery._core.model import Kind
+from saga_celery._errors import SagaConfigError, SagaError, StepOutputError
+from saga_celery._store.memory import MemoryStore
+
+__all__ = ["PendingMessage", "SagaTestEnv"]
+
+MAX_MESSAGES = 10_000
+"""Messages ``run_until_idle`` runs before it gives up on sagas that never go idle."""
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    """A saga message waiting in the environment's queue."""
+
+    due_at: datetime
+    """When it runs, on the virtual clock."""
+    saga_id: str
+    kind: str
+    """``"step"`` or ``"rollback"``."""
+    step: str
+    count: int
+    attempt: int
+
+
+@dataclass(order=True)
+class _Queued:
+    due: datetime
+    seq: int
+    message: Message = field(compare=False)
+
+
+class _Clock:
+    """Virtual time: ``now`` moves only when the environment moves it, never backwards."""
+
+    def __init__(self, start: datetime) -> None:
+        if not isinstance(start, datetime) or start.tzinfo is None:
+            raise SagaConfigError(f"SagaTestEnv(start=...) must be timezone-aware, got {start}")
+        self.start = self.current = start.astimezone(UTC)
+
+    def now(self) -> datetime:
+        return self.current
+
+    def seconds(self) -> float:
+        """Seconds since the start: the in-memory store's clock (leases)."""
+        return (self.current - self.start).total_seconds()
+
+    def move_to(self, when: datetime) -> None:
+        self.current = max(self.current, when)
+
+
+_Key = tuple[Kind, str, int, int]
+"""(step or rollback, step name, count, attempt): what an injected failure replaces."""
+
+
+class SagaTestEnv:
+    """Run a ``SagaApp``'s sagas in this process, on a virtual clock; see the module.
+
+    ``start``: the virtual clock's first reading (now, by default).  ``seed``: the random
+    draws of failed attempts (a jittered delay), so a run is repeatable.  Use it as a context
+    manager, or call ``close()``: until then the ``SagaApp`` runs nothing anywhere else.
+    """
+
+    def __init__(self, sagas: SagaApp, *, start: datetime | None = None, seed: int = 0) -> None:
+        if not isinstance(sagas, SagaApp):
+            raise SagaConfigError(f"SagaTestEnv takes your SagaApp, got {sagas!r}")
+        self._sagas = sagas
+        self._clock = _Clock(start or datetime.now(UTC))
+        self._queue: list[_Queued] = []
+        self._seq = itertools.count()
+        self._injected: dict[_Key, Callable[[StepConfig], Body]] = {}
+        self._during: dict[_Key, list[Callable[[], object]]] = {}
+        self._body_errors: list[BaseException] = []
+        store = MemoryStore(clock=self._clock.seconds, retention_ms=None)
+        self._restore: Callable[[], None] | None = sagas._run_in_process(InProcess(
+            store=store, clock=self._clock.now, outlet=self._enqueue, body_hook=self._body,
+            draw=random.Random(seed).random))
+
+    # --- the environment's life ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Give the ``SagaApp`` its store, clock and broker back; messages still queued are
+        dropped."""
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+        self._queue.clear()
+
+    def __enter__(self) -> SagaTestEnv:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def now(self) -> datetime:
+        """The virtual clock's time."""
+        return self._clock.now()
+
+    # --- starting and driving sagas ------------------------------------------------------
+
+    def start(self, saga: SagaDefinition, *, saga_id: str | None = None,
+              params: JsonValue = None) -> SagaHandle:
+        """Start a run of ``saga`` (``saga.apply_async``): its first messages are queued, and
+        run by ``run_until_idle``, ``advance`` or ``run_next``."""
+        self._check_open()
+        if not isinstance(saga, SagaDefinition):
+            raise SagaConfigError(f"SagaTestEnv.start takes a saga (sagas.saga(...)), got "
+                                  f"{saga!r}")
+        return saga.apply_async(saga_id=saga_id, params=params)
+
+    def run_next(self) -> bool:
+        """Run the next message due (moving the clock to its due time); False if none is
+        queued."""
+        self._check_open()
+        if not self._queue:
+            return False
+        queued = heapq.heappop(self._queue)
+        self._clock.move_to(queued.due)
+        self._execute(queued.message)
+        return True
+
+    def run_until_idle(self, *, max_messages: int = MAX_MESSAGES) -> None:
+        """Run every queued message, and every one they send, however far in the future,
+        until none is left; the clock ends at the last one's time.  ``SagaError`` after
+        ``max_messages`` (a saga that never goes idle)."""
+        for _ in range(max_messages):
+            if not self.run_next():
+                return
+        raise SagaError(f"SagaTestEnv.run_until_idle: still busy after {max_messages} "
+                        f"messages; next: {self.pending()[:3]}")
+
+    def advance(self, duration: timedelta | str | int | float) -> None:
+        """Move the clock ``duration`` ahead (a ``timedelta``, ``"30 seconds"``, or a number
+        of milliseconds, as ``retries={"delay": ...}``), running every message that falls
+        due on the way, at its time."""
+        self._check_open()
+        until = self._clock.now() + _duration(duration)
+        for _ in range(MAX_MESSAGES):
+            due = self._next_due()
+            if due is None or due > until:
+                self._clock.move_to(until)
+                return
+            self.run_next()
+        raise SagaError(f"SagaTestEnv.advance: more than {MAX_MESSAGES} messages fell due")
+
+    def pending(self) -> list[PendingMessage]:
+        """The queued messages, the next due first."""
+        return [PendingMessage(due_at=q.due, saga_id=q.message.control.saga_id,
+                               kind=str(q.message.control.kind), step=q.message.control.step,
+                               count=q.message.control.count,
+                               attempt=q.message.control.attempt)
+                for q in sorted(self._queue)]
+
+    # --- failure injection ---------------------------------------------------------------
+
+    def fail(self, step: object, *, attempt: int | Iterable[int] = 1,
+             error: BaseException | None = None, count: int = 1) -> None:
+        """Attempt(s) ``attempt`` of ``step`` (its name or the step itself; its ``count``-th
+        occurrence in a saga) raise ``error`` instead of running the body.  The default
+        error is a ``RuntimeError`` naming the attempt."""
+        name = self._step_name(step, rollback=False)
+        for n in _attempts(attempt):
+            self._inject((Kind.STEP, name, count, n), _raising(error, name, n))
+
+    def fail_rollback(self, step: object, *, attempt: int | Iterable[int] = 1,
+                      error: BaseException | None = None, count: int = 1) -> None:
+        """Rollback attempt(s) ``attempt`` of ``step`` raise ``error`` instead of running its
+        handler."""
+        name = self._step_name(step, rollback=True)
+        for n in _attempts(attempt):
+            self._inject((Kind.ROLLBACK, name, count, n),
+                         _raising(error, f"rollback of {name}", n))
+
+    def timeout(self, step: object, *, attempt: int | Iterable[int] = 1, count: int = 1
+                ) -> None:
+        """Attempt(s) ``attempt`` of ``step`` run past the step's timeout: the attempt takes
+        the timeout's time on the virtual clock and fails with ``TimeoutError``."""
+        name = self._step_name(step, rollback=False)
+        for n in _attempts(attempt):
+            self._inject((Kind.STEP, name, count, n), self._timing_out)
+
+    def timeout_rollback(self, step: object, *, attempt: int | Iterable[int] = 1,
+                         count: int = 1) -> None:
+        """Rollback attempt(s) ``attempt`` of ``step`` run past the handler's timeout."""
+        name = self._step_name(step, rollback=True)
+        for n in _attempts(attempt):
+            self._inject((Kind.ROLLBACK, name, count, n), self._timing_out)
+
+    def while_running(self, step: object, action: Callable[[], object], *,
+                      attempt: int | Iterable[int] = 1, rollback: bool = False,
+                      count: int = 1) -> None:
+        """Call ``action`` while attempt(s) ``attempt`` of ``step`` (of its rollback, with
+        ``rollback``) run: after the start is recorded, before the body (or the failure
+        injected in its place).  ``env.run_next`` there runs another message with this
+        attempt in flight (a parallel sibling failing meanwhile); ``run.terminate`` stops the
+        saga under it."""
+        name = self._step_name(step, rollback=rollback)
+        kind = Kind.ROLLBACK if rollback else Kind.STEP
+        for n in _attempts(attempt):
+            _check_count(count, name)
+            self._during.setdefault((kind, name, count, n), []).append(action)
+
+    # --- inside ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._restore is None:
+            raise SagaConfigError("this SagaTestEnv is closed")
+
+    def _next_due(self) -> datetime | None:
+        """When the next thing falls due: a queued message (store timers join here)."""
+        return self._queue[0].due if self._queue else None
+
+    def _enqueue(self, messages: list[Message]) -> None:
+        """The outlet: what the library would publish, queued for its countdown."""
+        now = self._clock.now()
+        for m in messages:
+            due = now + timedelta(seconds=m.countdown)
+            heapq.heappush(self._queue, _Queued(due, next(self._seq), m))
+
+    def _execute(self, message: Message) -> None:
+        """Run one message as a worker would: through the task, arguments as JSON delivers
+        them.  The attempt's own failure was recorded by the runtime; anything else raised
+        is a fault to show, not to hide."""
+        task = self._sagas.app.tasks.get(message.task)
+        if task is None:
+            raise SagaError(f"saga message for task {message.task!r}, which is not "
+                            "registered in this app")
+        args, kwargs = json.loads(json.dumps([message.args, message.kwargs]))
+        self._body_errors.clear()
+        try:
+            task.apply(args=args, kwargs=kwargs, task_id=message.task_id,
+                       retries=message.retries, throw=True)
+        except Exception as exc:
+            if not self._attempt_failure(exc):
+                raise
+        finally:
+            self._body_errors.clear()
+
+    def _attempt_failure(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is an attempt's failure (recorded as such), not a fault."""
+        return (any(exc is e for e in self._body_errors) or is_timeout(exc)
+                or isinstance(exc, StepOutputError))
+
+    def _body(self, control: Control, config: StepConfig, body: Body) -> Body:
+        """The runtime's body hook: an injected failure in place of the body, and every
+        error raised in the body's place noted (``_attempt_failure``)."""
+        key = (control.kind, control.step, control.count, control.attempt)
+        injected = self._injected.get(key)
+        run = body if injected is None else injected(config)
+        actions = self._during.get(key, [])
+
+        def observed() -> Any:
+            for action in actions:
+                action()
+            try:
+                return run()
+            except BaseException as exc:
+                self._body_errors.append(exc)
+                raise
+
+        return observed
+
+    def _timing_out(self, config: StepConfig) -> Body:
+        def late() -> Any:
+            self._clock.move_to(self._clock.now() + config.timeout)
+            raise AttemptTimeout
+
+        return late
+
+    def _inject(self, key: _Key, body: Callable[[StepConfig], Body]) -> None:
+        _check_count(key[2], key[1])
+        self._injected[key] = body
+
+    def _step_name(self, step: object, *, rollback: bool) -> str:
+        """The name of a registered step (given as itself or its name); ``SagaConfigError``
+        for anything else, or, with ``rollback``, a step with no rollback handler."""
+        name = getattr(step, "name", step)
+        task = self._sagas.app.tasks.get(name) if isinstance(name, str) else None
+        if not isinstance(task, SagaStepTask):
+            raise SagaConfigError(f"{step!r} is not a saga step of this app (give the step "
+                                  "or its name)")
+        if rollback and not isinstance(type(task).saga_rollback, SagaRollbackTask):
+            raise SagaConfigError(f"step {task.name!r} has no rollback handler to fail",
+                                  step=task.name)
+        return str(task.name)
+
+
+def _check_count(count: int, step: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SagaConfigError(f"count must be 1 or more, not {count!r}", step=step)
+
+
+def _attempts(attempt: int | Iterable[int]) -> list[int]:
+    numbers = [attempt] if isinstance(attempt, int) else list(attempt)
+    bad = [n for n in numbers if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+    if bad or not numbers:
+        raise SagaConfigError(f"attempt numbers start at 1; got {attempt!r}")
+    return numbers
+
+
+def _raising(error: BaseException | None, what: str, attempt: int
+             ) -> Callable[[StepConfig], Body]:
+    if error is not None and not isinstance(error, Exception):
+        raise SagaConfigError(f"error= must be an exception instance, got {error!r}")
+    chosen = error or RuntimeError(f"injected failure of {what}, attempt {attempt}")
+
+    def body(config: StepConfig) -> Body:
+        def fail() -> Any:
+            raise chosen
+
+        return fail
+
+    return body
+
+
+def _duration(value: timedelta | str | int | float) -> timedelta:
+    try:
+        return parse_duration(value)  # never negative: the clock only goes forward
+    except ValueError as exc:
+        raise SagaConfigError(f"SagaTestEnv.advance: {exc}") from exc
