@@ -264,12 +264,21 @@ class SagaPage(_OneSaga):
                     steps=step_lines(state, events, flower_url=flower), outcomes=OUTCOMES,
                     running=state["status"] not in TERMINAL, refresh_ms=REFRESH_MS,
                     api=f"/api/sagas/{tornado.escape.url_escape(saga_id, plus=False)}",
-                    event_fields=_event_fields, error_text=_error_line)
+                    event_fields=_event_fields, error_text=_error_line,
+                    short_time=_short_time)
 
 
 def _event_fields(event: Mapping[str, Any]) -> str:
     rest = {k: v for k, v in event.items() if k not in ("type", "saga_id", "timestamp")}
     return json.dumps(rest, separators=(", ", ": "), default=str)
+
+
+def _short_time(stamp: Any) -> str:
+    """``12:04:05.123`` of an event's ISO timestamp (the whole stamp is its cell's title)."""
+    try:
+        return datetime.fromisoformat(str(stamp)).strftime("%H:%M:%S.%f")[:-3]
+    except ValueError:
+        return str(stamp or "")
 
 
 def _error_line(error: Any) -> str:

@@ -84,20 +84,29 @@ def test_the_json_api_serves_state_events_and_the_list(
 def test_flower_links_name_the_tasks_the_worker_ran(
         shop: ModuleType, shop_worker: WorkerProcess, dashboard: Dashboard,
         saga_id: str) -> None:
-    """Each step's and each rollback's link is ``<flower>/task/<id>`` with the id of the
-    Celery task the worker received for it, rollback retries included."""
-    shop.order.apply_async(saga_id=saga_id, params={
-        "fail": {"shop.ticket": "nonretryable"}, "rollback_fail": {"shop.charge": "times:1"},
-    }).wait(timeout=60)
+    """Each step's and each rollback budget's link is ``<flower>/task/<id>`` with the id of
+    the Celery task the worker received for it: retries keep a task's id, and
+    ``retry_rollback()`` opens a new budget, so a new task, and a new link."""
+    run = shop.order.apply_async(saga_id=saga_id, params={
+        "fail": {"shop.ticket": "nonretryable"}, "rollback_fail": {"shop.charge": "times:3"},
+    })
+    failed = run.wait(timeout=60)
+    assert failed.rollback is not None and failed.rollback.outcome == "failed"
+    run.retry_rollback()
+    assert run.wait(timeout=60).rollback.outcome == "complete"  # type: ignore[union-attr]
+
     status, _, page = dashboard.get(f"/sagas/{saga_id}")
     assert status == 200
     links = set(re.findall(re.escape(FLOWER) + r"/task/([0-9a-f-]{36})", page))
     received = set(re.findall(r"Task (shop\.[a-z.]+)\[([0-9a-f-]{36})\] received",
                               shop_worker.log()))
-    mine = {task for name, task in received if task in links}
-    # reserve, charge, ticket, and the rollbacks of ticket, charge and reserve
-    assert len(links) == 6
-    assert mine == links
+    linked = sorted(name for name, task in received if task in links)
+    # the three steps; ticket's and reserve's rollbacks; charge's rollback twice (two budgets)
+    assert linked == ["shop.charge", "shop.charge.rollback", "shop.charge.rollback",
+                      "shop.reserve", "shop.reserve.rollback", "shop.ticket",
+                      "shop.ticket.rollback"]
+    assert len(links) == 7
+    assert "rollback from #4" in page
 
 
 def test_bad_input_gets_a_clear_answer(shop: ModuleType, dashboard: Dashboard) -> None:
