@@ -11,6 +11,7 @@ when ``$CI`` is set (``.ci/run`` installs it) and is skipped otherwise.
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import shutil
 import tempfile
@@ -145,7 +146,7 @@ def test_a_rolled_back_saga_in_a_real_browser(shop: ModuleType, shop_worker: Wor
     # One time axis: each bar starts at or after the one before it in the order things ran,
     # and the rollback lane lies beneath the steps.
     ran = forward + rollback
-    assert all(a["left"] <= b["left"] + 1 for a, b in zip(ran, ran[1:], strict=False))
+    assert all(a["left"] <= b["left"] + 1 for a, b in itertools.pairwise(ran))
     assert min(b["top"] for b in rollback) > max(b["top"] for b in forward)
     assert all(b["right"] > b["left"] for b in ran)
 

@@ -168,7 +168,8 @@ def test_list_rows_say_how_long_a_saga_took() -> None:
     """A list row has the saga's times to the second, and how long it took once it ended."""
     row = list_row(saga_id="s", name="n", status="complete", rollback=None, created_at=T0,
                    ended_at=T0 + timedelta(seconds=2.5))
-    assert (row.rollback, row.duration, row.ended_at) == ("-", "2.50 s", "2026-01-02T03:04:07+00:00")
+    assert (row.rollback, row.duration) == ("-", "2.50 s")
+    assert row.ended_at == "2026-01-02T03:04:07+00:00"
 
 
 def test_basic_auth_users_read_as_flowers() -> None:
