@@ -109,6 +109,23 @@ def test_flower_links_name_the_tasks_the_worker_ran(
     assert "rollback from #4" in page
 
 
+def test_an_id_with_slashes_and_colons_has_its_page(
+        shop: ModuleType, shop_worker: WorkerProcess, dashboard: Dashboard,
+        saga_id: str) -> None:
+    """Saga ids may hold ``/``, ``:`` and ``@``: the list links to the id quoted whole, and
+    the page and the JSON answer for it."""
+    odd = f"{saga_id}/eu:order@42"
+    shop.order.apply_async(saga_id=odd).wait(timeout=60)
+    _, _, listing = dashboard.get("/?q=" + saga_id)
+    [href] = re.findall(r'<a href="(/sagas/[^"]+)">', listing)
+    assert "/" not in href.removeprefix("/sagas/")
+    status, _, page = dashboard.get(href)
+    assert status == 200
+    assert f'<span id="saga-id">{odd}</span>' in page
+    assert dashboard.json("/api" + href)["id"] == odd
+    assert dashboard.json("/api" + href + "/events")[0]["saga_id"] == odd
+
+
 def test_bad_input_gets_a_clear_answer(shop: ModuleType, dashboard: Dashboard) -> None:
     """An unknown saga is a 404 naming it (page and JSON); an unknown status a 400 listing
     the statuses; the server keeps serving."""
