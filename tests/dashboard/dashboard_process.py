@@ -62,12 +62,14 @@ class Dashboard:
             self.popen.stdout.close()
 
 
-def start_dashboard(shop: ModuleType, *extra: str, log_dir: Path) -> Dashboard:
-    """``saga-celery --redis-url <shop's> --prefix <shop's> dashboard --port 0 ...``, returned
-    once it says where it listens."""
+def start_dashboard(store: ModuleType | tuple[str, str], *extra: str,
+                    log_dir: Path) -> Dashboard:
+    """``saga-celery --redis-url URL --prefix P dashboard --port 0 ...`` on the shop's store
+    (or on ``(URL, P)``), returned once it says where it listens."""
+    url, prefix = store if isinstance(store, tuple) else (store.URL, store.PREFIX)
     script = Path(sys.executable).parent / "saga-celery"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "saga_celery.cli"]
-    command += ["--redis-url", shop.URL, "--prefix", shop.PREFIX, "dashboard", "--port", "0",
+    command += ["--redis-url", url, "--prefix", prefix, "dashboard", "--port", "0",
                 "--basic-auth", f"{USER}:{PASSWORD}", "--flower-url", FLOWER, *extra]
     stderr = (log_dir / "dashboard.stderr").open("w")
     popen = subprocess.Popen(command, cwd=REPO_ROOT, env=worker_env(), text=True,

@@ -17,6 +17,7 @@ import pytest
 from saga_celery import SagaState
 from tests.dashboard.dashboard_process import FLOWER, USER, Dashboard, start_dashboard
 from tests.integration.harness import WorkerProcess
+from tests.redis_servers import Server, free_ports, running
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +141,31 @@ def test_bad_input_gets_a_clear_answer(shop: ModuleType, dashboard: Dashboard) -
     assert "rolling_back" in json.loads(body)["error"]
     assert dashboard.get("/api/sagas?page=x")[0] == 400
     assert dashboard.get("/")[0] == 200
+
+
+def test_a_store_that_goes_away_is_a_503_naming_it_and_then_comes_back(tmp_path: Path) -> None:
+    """With its Redis gone the dashboard answers 503 with one message saying Redis cannot be
+    reached (the page and the JSON), keeps running, and serves again once Redis is back."""
+    [port] = free_ports(1, range(23700, 23800))
+    server = Server("dashboard-redis", port, tmp_path, [])
+    with running(lambda: server):
+        server.wait_ready()
+        board = start_dashboard((f"redis://127.0.0.1:{port}/0", "saga:"), log_dir=tmp_path)
+        try:
+            assert board.json("/api/sagas")["sagas"] == []
+            assert "no sagas found" in board.get("/")[2]
+            server.kill()
+
+            status, _, body = board.get("/api/sagas")
+            assert status == 503
+            assert f"127.0.0.1:{port}" in json.loads(body)["error"]
+            status, _, page = board.get("/sagas/any-saga")
+            assert status == 503
+            assert 'id="error-message"' in page and "Traceback" not in page
+
+            server.start()
+            server.wait_ready()
+            assert board.json("/api/sagas")["sagas"] == []
+            assert board.popen.poll() is None
+        finally:
+            board.stop()
