@@ -47,6 +47,8 @@ __all__ = ["PER_PAGE", "SEARCH_WINDOW", "Settings", "make_app", "parse_users", "
 
 PER_PAGE = 25
 """Sagas on one page of the list."""
+MAX_OFFSET = 10_000
+"""How deep the list pages: each page reads the sagas before it again."""
 SEARCH_WINDOW = 1000
 """A search by part of an id looks among this many of the newest sagas (an exact id: all)."""
 REFRESH_MS = 1500
@@ -113,8 +115,8 @@ class _Base(tornado.web.RequestHandler):
         message = HTTPStatus(status_code).phrase if status_code in _KNOWN else "Error"
         if isinstance(exc, SagaError):
             message = str(exc)
-        elif isinstance(exc, tornado.web.HTTPError) and exc.reason:
-            message = exc.reason
+        elif isinstance(exc, BadQuery):
+            message = exc.message
         if self.request.path.startswith("/api/"):
             self.finish({"error": message, "status": status_code})
         else:
@@ -147,6 +149,14 @@ def _authorized(header: str | None, users: Mapping[str, str]) -> bool:
     return expected is not None and hmac.compare_digest(expected.encode(), password.encode())
 
 
+class BadQuery(tornado.web.HTTPError):
+    """A 400 whose message says what is wrong with the query."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(400)
+        self.message = message
+
+
 @dataclass(frozen=True, kw_only=True)
 class _Query:
     status: str | None
@@ -165,12 +175,15 @@ class _Listing(_Base):
     def query(self) -> _Query:
         status = self.get_argument("status", "") or None
         if status is not None and status not in {s.value for s in SagaStatus}:
-            raise tornado.web.HTTPError(400, reason=f"unknown status {status!r}: one of "
-                                        + ", ".join(s.value for s in SagaStatus))
+            raise BadQuery(f"unknown status {status!r}: one of "
+                           + ", ".join(s.value for s in SagaStatus))
         try:
             page = max(int(self.get_argument("page", "0") or 0), 0)
         except ValueError:
-            raise tornado.web.HTTPError(400, reason="page must be a number") from None
+            raise BadQuery("page must be a number") from None
+        if page * self.settings_.per_page >= MAX_OFFSET:
+            raise BadQuery(f"page {page} is past the {MAX_OFFSET} newest sagas the list "
+                           "pages through: narrow it with status, name or id")
         return _Query(status=status, name=self.get_argument("name", "") or None,
                       q=(self.get_argument("q", "") or "").strip() or None, page=page)
 

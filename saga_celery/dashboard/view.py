@@ -276,13 +276,15 @@ def _spans(state: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> lis
     saga_id = str(state["id"])
     terminal = str(state.get("status")) in TERMINAL
     entries = list(state.get("steps") or [])
-    forward = sorted((e for e in entries if _first_start(e, rollback=False) is not None),
-                     key=lambda e: (_first_start(e, rollback=False), e.get("start_seq") or 0))
+    begun = [(start, e.get("start_seq") or 0, n, e) for n, e in enumerate(entries)
+             if (start := _first_start(e, rollback=False)) is not None]
+    forward = [e for *_, e in sorted(begun, key=lambda item: item[:3])]
     spans = [s for row, e in enumerate(forward)
              for s in _entry_spans(e, row, saga_id, terminal=terminal)]
     # The rollback beneath, in the order it ran: by each handler's first attempt.
-    handlers = sorted((e for e in entries if _first_start(e, rollback=True) is not None),
-                      key=lambda e: _first_start(e, rollback=True))  # type: ignore[arg-type,return-value]
+    started = [(start, n, e) for n, e in enumerate(entries)
+               if (start := _first_start(e, rollback=True)) is not None]
+    handlers = [e for _, _, e in sorted(started, key=lambda item: (item[0], item[1]))]
     budgets = rollback_budgets(events)
     for row, entry in enumerate(handlers):
         who = (str(entry["name"]), int(entry.get("count") or 1))

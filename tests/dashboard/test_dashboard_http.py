@@ -139,7 +139,11 @@ def test_bad_input_gets_a_clear_answer(shop: ModuleType, dashboard: Dashboard) -
     status, _, body = dashboard.get("/api/sagas?status=sleepy")
     assert status == 400
     assert "rolling_back" in json.loads(body)["error"]
-    assert dashboard.get("/api/sagas?page=x")[0] == 400
+    status, _, body = dashboard.get("/api/sagas?page=x")
+    assert (status, json.loads(body)["error"]) == (400, "page must be a number")
+    status, _, page = dashboard.get("/?page=100000")
+    assert status == 400
+    assert "narrow it with status, name or id" in page
     assert dashboard.get("/")[0] == 200
 
 
