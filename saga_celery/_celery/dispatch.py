@@ -71,10 +71,17 @@ def build_message(run: SagaRun, dispatch: Dispatch, now: datetime,
         assert spec.rollback_task is not None
         task, args, kwargs = spec.rollback_task, [], {CONTROL_KEY: control.as_kwarg()}
     budget = dispatch.attempt - dispatch.retries
-    task_id = uuid.uuid5(_TASK_ID_NS, f"{run.id}|{dispatch.kind}|{spec.key}|{budget}")
     countdown = max((dispatch.due_at - now).total_seconds(), 0.0)
     return Message(task=task, args=args, kwargs=kwargs, control=control, countdown=countdown,
-                   task_id=str(task_id), retries=dispatch.retries)
+                   task_id=task_id(run.id, dispatch.kind, spec.key, budget),
+                   retries=dispatch.retries)
+
+
+def task_id(saga_id: str, kind: Kind, key: str, budget: int) -> str:
+    """The Celery task id of every message of one retry budget of a step or rollback
+    (``budget``: the attempt that opened it): retries keep it, so Flower shows one task per
+    budget, and the dashboard links to it without asking anyone."""
+    return str(uuid.uuid5(_TASK_ID_NS, f"{saga_id}|{kind}|{key}|{budget}"))
 
 
 def step_call(run: SagaRun, spec: StepSpec) -> tuple[list[Any], dict[str, Any]]:
