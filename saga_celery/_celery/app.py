@@ -33,6 +33,7 @@ from saga_celery._celery.tasks import (
     time_limits,
     unwrap,
 )
+from saga_celery._celery.timers import Countdowns, TimerPoller, fire_due, timer_step
 from saga_celery._celery.typed import (
     Duration,
     P,
@@ -68,6 +69,9 @@ class SagaApp:
     can run again).  ``retention`` is how long a finished saga's state is kept.
     ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
     and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
+    ``max_countdown`` is the longest delay sent as a Celery countdown; a longer one waits as
+    a timer in the saga store (default: a quarter of the Redis transport's visibility
+    timeout, at most 5 minutes; SPEC section 8).
     ``write_format`` is the format new sagas are created in (README "Upgrading"): the newest when
     None; 1 while processes of 0.1.0 may still run, so they can read every saga.
     """
@@ -90,6 +94,7 @@ class SagaApp:
         redis: StoreClient | None = None,
         durable_replicas: int = 0,
         durable_timeout: object = "1 second",
+        max_countdown: object = None,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
         self.app = app
@@ -105,8 +110,9 @@ class SagaApp:
             store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
                                         retention_ms=retention_ms, durability=durability)
         self._store = store
-        self._engine = Engine(store, clock=utcnow)
-        self._dispatcher = Dispatcher(app, utcnow)
+        self._countdowns = Countdowns(app, _max_countdown_s(max_countdown))
+        self._engine = Engine(store, clock=utcnow, max_countdown_s=self._countdowns)
+        self._dispatcher = Dispatcher(app, utcnow, self._countdowns)
         self._runtime = Runtime(self._engine, self._dispatcher, RuntimeSettings(
             lease_ttl_ms=_positive_ms("lease_ttl", lease_ttl), max_output_bytes=max_output_bytes))
         self._coordinator = Coordinator(self._engine, self._dispatcher,
@@ -120,6 +126,8 @@ class SagaApp:
             milliseconds=_positive_ms("recovery_interval", recovery_interval))
         self._register_recovery(self.recovery_interval.total_seconds())
         app.steps["worker"].add(_worker_check(self._check_worker))
+        app.steps["worker"].add(timer_step(lambda: TimerPoller(
+            lambda: fire_due(self._engine, self._dispatcher))))
 
     def _register_recovery(self, interval_s: float) -> None:
         """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""
@@ -234,6 +242,7 @@ class SagaApp:
         saga task against the visibility timeout again; ``SagaConfigError`` stops the worker."""
         restore_defaults(self.app)
         warn_if_restore_is_slow(self.app)
+        self._countdowns.refresh()
         for task in list(self.app.tasks.values()):
             if isinstance(task, SagaTask) and task.saga_runtime is self._runtime:
                 owner = (_rollback_of(task.saga_step_name)
@@ -328,6 +337,11 @@ def _durability(replicas: int, timeout: object) -> Durability | None:
     if replicas == 0:
         return None
     return Durability(replicas=replicas, timeout_ms=_positive_ms("durable_timeout", timeout))
+
+
+def _max_countdown_s(value: object) -> float | None:
+    """``SagaApp(max_countdown=...)`` in seconds; None: the default (``timers.py``)."""
+    return None if value is None else _positive_ms("max_countdown", value) / 1000
 
 
 def _positive_ms(field: str, value: object) -> int:

@@ -234,6 +234,8 @@ class Runtime:
                               delay_ms=delay_ms)
         transition = self.engine.handle(control.saga_id, ended, lease=lease)
         retry = _own_retry(transition, control)
+        if retry is not None and self.dispatcher.is_timer(retry):
+            retry = None  # waits as a timer in the store: the task just ends, failed
         self.dispatcher.send(transition.run, [d for d in transition.dispatches if d is not retry])
         if retry is not None:
             self._retry(task, transition.run, retry, exc)

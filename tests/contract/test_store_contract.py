@@ -667,7 +667,7 @@ def test_an_event_that_is_not_json_is_refused(store: SagaStore) -> None:
 def test_exported_members() -> None:
     """The store package exports exactly its public names, sorted."""
     expected = ["CorruptRecord", "LeaseAction", "LeaseChange", "MemoryStore", "RedisStore",
-                "SagaStore", "Snapshot", "SweepRecord", "active_pages"]
+                "SagaStore", "Snapshot", "SweepRecord", "Timer", "active_pages"]
     assert store_package.__all__ == expected
 
 
@@ -919,7 +919,7 @@ def test_the_commit_script_refuses_a_malformed_header(redis_backend: Backend) ->
     state = f"{redis_backend.prefix}{{{run.id}}}:state"
     events = f"{redis_backend.prefix}{{{run.id}}}:events"
     before = client.hgetall(state)
-    for header in ("1|2|acquire|30000|0||x", "1|2", "one|2||||d", "1|2|||2||d"):
+    for header in ("1|2|acquire|30000|0||x", "1|2", "one|2||||d", "1|2|||2||d", "1|2|||0||d|"):
         with pytest.raises(redis.ResponseError, match="malformed header"):
             client.evalsha(store._commit.sha, 2, state, events, header, "", "{}")
     assert client.hgetall(state) == before
