@@ -24,7 +24,7 @@ from celery import Celery, bootsteps
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.routing import visibility_timeout
 from saga_celery._engine import Engine, epoch_ms
-from saga_celery._errors import SagaError, SagaNotFoundError
+from saga_celery._errors import SagaConfigError, SagaError, SagaNotFoundError
 from saga_celery._store.base import Timer
 
 log = structlog.get_logger("saga_celery")
@@ -51,7 +51,8 @@ class Countdowns:
     def __init__(self, app: Celery, explicit_s: float | None) -> None:
         self._app = app
         self._explicit_s = explicit_s
-        self._limit_s: float | None = explicit_s
+        self._limit_s: float | None = None
+        self.refresh()
 
     def __call__(self) -> float:
         if self._limit_s is None:
@@ -59,6 +60,15 @@ class Countdowns:
         return self._limit_s
 
     def refresh(self) -> None:
+        """Read the settings again; ``SagaConfigError`` if an explicit ``max_countdown`` is
+        not below the Redis transport's visibility timeout (its messages would come back)."""
+        limit = visibility_timeout(self._app)
+        if self._explicit_s is not None and limit is not None and self._explicit_s >= limit:
+            raise SagaConfigError(
+                f"SagaApp(max_countdown=...) is {self._explicit_s:g} s, not below the Redis "
+                f"transport's visibility_timeout ({limit:g} s): Redis would deliver a "
+                "waiting message twice. Leave max_countdown unset (a quarter of the "
+                "visibility timeout) or lower it.")
         self._limit_s = self._explicit_s
 
 

@@ -1,0 +1,122 @@
+"""Timers in the store on real prefork workers and real Redis (SPEC section 8).
+
+The app's Redis transport redelivers a message held longer than 5 s; its retry delays are
+20 s.  Each retry waits as a timer in the saga store and a worker's timer poller sends it
+when due: exactly the configured attempts, each started within 2 s of its due time, also
+when the worker that recorded the timer is SIGKILLed while it is pending.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from itertools import pairwise
+from types import ModuleType
+from typing import Any
+
+import pytest
+import redis
+
+from saga_celery import SagaState
+from tests.integration.harness import WorkerFactory, WorkerProcess, import_copy, wait_until
+
+pytestmark = pytest.mark.integration
+
+APP = "tests.integration.waiting_app"
+ON_TIME = timedelta(seconds=2)
+"""How late after its due time a timer's attempt may start (SPEC section 8)."""
+
+
+@pytest.fixture
+def env(redis_url: str, prefix: str) -> dict[str, str]:
+    return {"SAGA_TEST_REDIS_URL": redis_url, "SAGA_TEST_PREFIX": prefix}
+
+
+@pytest.fixture
+def waiting(env: dict[str, str], prefix: str) -> Iterator[ModuleType]:
+    """The app module, imported in this process with the workers' settings."""
+    spec = importlib.util.find_spec(APP)
+    assert spec is not None and spec.origin is not None
+    module = import_copy(spec.origin, f"{APP}_{prefix.strip(':')}", env)
+    yield module
+    module.ledger.close()
+
+
+def _start(factory: WorkerFactory, env: dict[str, str], prefix: str) -> WorkerProcess:
+    return factory(APP, env=env, concurrency=2,
+                   queues=[f"{prefix}steps", f"{prefix}rollbacks", f"{prefix}default"])
+
+
+def _ledger(waiting: ModuleType, saga_id: str) -> list[dict[str, Any]]:
+    raw = waiting.ledger.lrange(waiting.ledger_key(saga_id), 0, -1)
+    return [json.loads(entry) for entry in raw]
+
+
+def _assert_on_time(state: SagaState, step: str, delay: timedelta) -> None:
+    """Each attempt after the first started within ``ON_TIME`` of its due time: ``delay``
+    after the attempt before it ended."""
+    attempts = state.step(step).attempts
+    for before, after in pairwise(attempts):
+        assert before.ended_at is not None
+        due = before.ended_at + delay
+        assert due <= after.started_at <= due + ON_TIME, (before, after)
+
+
+def _timers(client: redis.Redis, prefix: str) -> int:
+    return int(client.zcard(f"{prefix}timers"))
+
+
+def test_a_retry_delay_four_times_the_visibility_timeout_fires_each_attempt_on_time(
+        waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str], prefix: str,
+        redis_client: redis.Redis) -> None:
+    """A constant 20 s retry delay under a 5 s visibility timeout: exactly 3 attempts (limit
+    2), each started within 2 s of its due time, then the rollback; no timer left over."""
+    _start(worker_factory, env, prefix)
+    saga_id = f"t-{uuid.uuid4().hex[:10]}"
+    state = waiting.retrying.apply_async(saga_id=saga_id).wait(timeout=90)
+    assert state.status == "errored"
+    assert [a.attempt for a in state.step("waiting.flaky").attempts] == [1, 2, 3]
+    _assert_on_time(state, "waiting.flaky", timedelta(seconds=waiting.RETRY_DELAY_S))
+    runs = [e for e in _ledger(waiting, saga_id) if e["kind"] == "flaky"]
+    assert [e["attempt"] for e in runs] == [1, 2, 3]  # each body ran once: no redelivery
+    assert [e["kind"] for e in _ledger(waiting, saga_id)][-1] == "unbook"
+    assert _timers(redis_client, prefix) == 0
+
+
+def test_a_pending_timer_survives_the_worker_that_recorded_it(
+        waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str], prefix: str,
+        redis_client: redis.Redis) -> None:
+    """The only worker is SIGKILLed (its whole process group) while the first retry's timer
+    is pending; a new worker fires it and the next within 2 s of due: still 3 attempts."""
+    first = _start(worker_factory, env, prefix)
+    saga_id = f"t-{uuid.uuid4().hex[:10]}"
+    handle = waiting.retrying.apply_async(saga_id=saga_id)
+    assert wait_until(lambda: _timers(redis_client, prefix) == 1, timeout=30)
+    first.kill()
+    _start(worker_factory, env, prefix)
+    state = handle.wait(timeout=90)
+    assert state.status == "errored"
+    assert [a.attempt for a in state.step("waiting.flaky").attempts] == [1, 2, 3]
+    _assert_on_time(state, "waiting.flaky", timedelta(seconds=waiting.RETRY_DELAY_S))
+    runs = [e for e in _ledger(waiting, saga_id) if e["kind"] == "flaky"]
+    assert [e["attempt"] for e in runs] == [1, 2, 3]
+    assert _timers(redis_client, prefix) == 0
+
+
+def test_retry_later_sets_the_next_delay(
+        waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str],
+        prefix: str) -> None:
+    """``RetryLater("15 seconds")`` in place of the policy's 1 s: the retry starts within 2 s
+    of 15 s after the first attempt ended (a timer, past max_countdown), and completes."""
+    _start(worker_factory, env, prefix)
+    saga_id = f"t-{uuid.uuid4().hex[:10]}"
+    state = waiting.called_back.apply_async(saga_id=saga_id).wait(timeout=60)
+    assert state.status == "complete"
+    assert state.output == 8
+    later = state.step("waiting.later").attempts
+    assert [a.attempt for a in later] == [1, 2]
+    assert later[0].error is not None and later[0].error.type == "RetryLater"
+    _assert_on_time(state, "waiting.later", timedelta(seconds=waiting.LATER_DELAY_S))
