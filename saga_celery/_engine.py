@@ -109,6 +109,9 @@ class Engine:
                                 now=self.clock(), format=format)
         events = _with_ids(transition.events, saga_id, 1)
         if self.store.create(transition.run, events):
+            # A saga that starts with a waiting stage: its timer right after the creation
+            # (the recovery sweep puts it back if a crash falls between the two).
+            self.store.add_timers(self.timers_of(transition))
             _log(events)
             return transition, True
         existing = self.load(saga_id).run
@@ -248,8 +251,10 @@ class Engine:
     def timers_of(self, transition: Transition) -> list[Timer]:
         """The timers to record with ``transition``: its messages due later than a Celery
         countdown may wait (SPEC section 8)."""
-        limit = self.max_countdown_s() if transition.dispatches else None
-        if limit is None:
+        if not transition.dispatches:
+            return []
+        limit = self.max_countdown_s()
+        if limit is None and not transition.run.plan.waits:
             return []
         run, now = transition.run, self.clock()
         return [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in transition.dispatches
@@ -267,7 +272,10 @@ def epoch_ms(when: datetime) -> int:
 
 
 def is_long(dispatch: Dispatch, now: datetime, max_countdown_s: float | None) -> bool:
-    """Whether ``dispatch`` is due later than a Celery countdown may wait: a timer's, then."""
+    """Whether ``dispatch`` waits as a timer in the store: a waiting stage's wake-up always
+    (it is no message), a message when due later than a Celery countdown may wait."""
+    if dispatch.kind == Kind.WAKE:
+        return True
     return (max_countdown_s is not None
             and (dispatch.due_at - now).total_seconds() > max_countdown_s)
 

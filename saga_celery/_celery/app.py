@@ -10,7 +10,7 @@ from celery import Celery, bootsteps
 from kombu import Queue
 
 from saga_celery._celery.coordinator import Coordinator, SagaReader
-from saga_celery._celery.definition import SagaDefinition
+from saga_celery._celery.definition import SagaDefinition, WaitStage, sleep_stage, wait_stage
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.recovery import recover
@@ -274,6 +274,18 @@ class SagaApp:
         return SagaDefinition(name, stages, tasks=self.app.tasks,
                               coordinator=self._coordinator, reader=self.reader,
                               rollback_mode=rollback_mode, on_rollback_error=on_rollback_error)
+
+    def sleep(self, duration: Duration, *, name: str = "sleep") -> WaitStage:
+        """A stage that waits ``duration`` (SPEC section 8), passing the previous stage's
+        output on: ``sagas.saga("order", [charge.s(), sagas.sleep("1 day"), ship.s()])``."""
+        return sleep_stage(duration, name)
+
+    def wait_for_event(self, event_type: str, *, timeout: Duration | None = None,
+                       name: str | None = None) -> WaitStage:
+        """A stage that waits for ``run.send_event(event_type, payload)``; its output is the
+        payload.  With ``timeout``, the saga fails (``EventTimeoutError``) and rolls back when
+        no such event came in time."""
+        return wait_stage(event_type, timeout, name)
 
     def run(self, saga_id: str) -> SagaHandle:
         """A handle on an existing saga; ``SagaNotFoundError`` if there is none."""

@@ -63,6 +63,14 @@ class SagaHandle:
         return self._coordinator.request(self.id, TerminateRequested(rollback=rollback,
                                                                      reason=reason))
 
+    def send_event(self, event_type: str, payload: Any = None,
+                   event_id: str | None = None) -> SagaState:
+        """Send an event to the saga (SPEC section 8): the ``wait_for_event`` stage waiting
+        for ``event_type`` ends with ``payload`` as its output; sent before that wait began,
+        it is kept for it (per type, oldest first).  The same ``event_id`` twice counts once.
+        ``SagaNotFoundError`` for an unknown id, ``SagaStateError`` once the saga ended."""
+        return self._coordinator.send_event(self.id, event_type, payload, event_id)
+
     def retry_rollback(self) -> SagaState:
         """Resume a rollback whose outcome is ``failed``, each handler with a fresh budget."""
         return self._coordinator.request(self.id, RetryRollbackRequested())

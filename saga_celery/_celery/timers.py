@@ -9,7 +9,9 @@ outbox entries.  One claim per timer: a claimer that dies before sending leaves 
 again when the claim lapses; a receiver drops any duplicate, as it always does.  No beat.
 
 A timer names an outbox entry; when the saga has moved on (the entry started, was cancelled,
-or the saga ended), firing it sends nothing and forgets it.
+or the saga ended), firing it sends nothing and forgets it.  A waiting stage's ``wake``
+entry is no message: firing its timer applies the wake-up to the saga (the sleep ends, or
+the wait times out) and sends what that decides.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from celery import Celery, bootsteps
 
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.routing import visibility_timeout
+from saga_celery._core.events import WakeUp
+from saga_celery._core.model import Kind
 from saga_celery._engine import Engine, epoch_ms
 from saga_celery._errors import SagaConfigError, SagaError, SagaNotFoundError
 from saga_celery._store.base import Timer
@@ -100,8 +104,12 @@ def _fire(engine: Engine, dispatcher: Dispatcher, timer: Timer) -> int:
         engine.store.drop_timer(timer)
         return 0
     dispatch = None if run.is_terminal else run.outbox.get(timer.dispatch_id)
-    if dispatch is not None:
+    if dispatch is not None and dispatch.kind == Kind.WAKE:  # a sleep or a wait's timeout
+        woken = engine.handle(run.id, WakeUp(key=dispatch.key, attempt=dispatch.attempt))
+        dispatcher.send(woken.run, woken.dispatches)
+    elif dispatch is not None:
         dispatcher.send(run, [dispatch])
+    if dispatch is not None:
         log.info("saga.timer_fired", saga_id=run.id, message=timer.dispatch_id,
                  late_ms=epoch_ms(engine.clock()) - timer.due_ms)
     engine.store.drop_timer(timer)

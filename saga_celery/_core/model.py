@@ -51,6 +51,16 @@ class Kind(StrEnum):
 
     STEP = "step"
     ROLLBACK = "rollback"
+    WAKE = "wake"
+    """Not a task message: the end of a sleep or of a wait's timeout (SPEC section 8),
+    always a timer in the store, applied by the worker that fires it."""
+
+
+class WaitKind(StrEnum):
+    """A stage that waits instead of running a task (SPEC section 8)."""
+
+    SLEEP = "sleep"
+    WAIT = "wait"
 
 
 class Backoff(StrEnum):
@@ -102,6 +112,16 @@ class Policy(_Frozen):
     timeout_ms: float
 
 
+class WaitSpec(_Frozen):
+    """What a waiting stage waits for: time (``sleep``) or an event (``wait_for_event``)."""
+
+    kind: WaitKind
+    duration_ms: float | None = None
+    """A sleep's duration, or a wait's timeout (None: a wait without one)."""
+    event_type: str | None = None
+    """The event type a wait ends on."""
+
+
 class StepSpec(_Frozen):
     """One step of the plan: what to run, with which arguments, and how to undo it."""
 
@@ -122,6 +142,8 @@ class StepSpec(_Frozen):
     policy: Policy
     rollback_task: str | None = None
     rollback_policy: Policy | None = None
+    wait: WaitSpec | None = None
+    """Set for a waiting stage (no task runs; ``task`` is empty).  Only in format 3."""
 
 
 class Plan(_Frozen):
@@ -132,6 +154,11 @@ class Plan(_Frozen):
     def spec(self, key: str) -> StepSpec:
         """The step of the plan with this key; ``KeyError`` if there is none."""
         return self.specs_by_key[key]
+
+    @cached_property
+    def waits(self) -> bool:
+        """Whether a stage of this plan waits (sleep or event): the saga is format 3."""
+        return any(s.wait is not None for stage in self.stages for s in stage)
 
     @cached_property
     def specs_by_key(self) -> dict[str, StepSpec]:
@@ -225,9 +252,14 @@ class Termination(_Record):
 
 
 FORMAT = 2
-"""The newest saga format this release writes (``SagaProgress.format``)."""
+"""The saga format this release writes by default (``SagaProgress.format``)."""
 
-FORMATS: frozenset[int] = frozenset({1, 2})
+WAIT_FORMAT = 3
+"""The format of a saga whose plan waits (SPEC section 8): format 2 plus waiting stages,
+buffered events and ``wake`` timers.  Written only for such sagas, so a saga that does not
+wait stays readable by a release that reads format 2."""
+
+FORMATS: frozenset[int] = frozenset({1, 2, 3})
 """The saga formats this release reads and runs."""
 
 
@@ -252,6 +284,11 @@ class SagaProgress(_Record):
     rollback: RollbackProgress | None = None
     terminate: Termination | None = None
     outbox: dict[str, Dispatch] = Field(default_factory=dict)
+    inbox: dict[str, list[JsonValue]] = Field(default_factory=dict)
+    """Events sent before a wait for their type began: payloads per type, oldest first
+    (format 3; left out of the stored JSON while empty)."""
+    event_ids: list[str] = Field(default_factory=list)
+    """The ``event_id`` of every event taken so far: the same id again counts once."""
     format: int = 1
     """The format the saga was created in, kept for its life (CHANGELOG.md): 1 is 0.1.0's
     (idempotency keys joined with ':', a rollback's lease apart from its step's); 2 escapes
@@ -294,4 +331,10 @@ EventType = Literal[
     "rollback_completed",
     "rollback_errored",
     "terminate_requested",
+    "sleep_started",
+    "sleep_completed",
+    "wait_started",
+    "wait_completed",
+    "wait_timed_out",
+    "event_received",
 ]

@@ -47,7 +47,13 @@ from saga_celery._store.base import (
 )
 from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
 from saga_celery._store.durability import Durability
-from saga_celery._store.encoding import decode_sweep, encode_progress, encode_sweep, with_plan
+from saga_celery._store.encoding import (
+    decode_sweep,
+    encode_plan,
+    encode_progress,
+    encode_sweep,
+    with_plan,
+)
 from saga_celery._store.journal import count_entries, replay
 from saga_celery._store.keys import (
     DATA_FIELD,
@@ -142,7 +148,7 @@ class RedisStore:
 
     def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
-        args: list[str | bytes] = [encode_progress(run), run.plan.model_dump_json(),
+        args: list[str | bytes] = [encode_progress(run), encode_plan(run.plan),
                                    *_encode_events(run.id, events)]
         score = {run.id: index_score(run)}
 
