@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 
 from saga_celery._errors import SagaError
 from saga_celery._extras import MissingExtraError
-from saga_celery.cli import acting, health, reading, serving
+from saga_celery.cli import acting, health, reading, serving, waiting
 from saga_celery.cli.target import DEFAULT_REDIS_URL, Target, redact
 
 __all__ = ["Target", "main", "redact"]
@@ -82,5 +82,5 @@ def main(ctx: click.Context, app_path: str | None, redis_url: str, broker_url: s
 
 for _command in (reading.status, reading.list_, reading.events, acting.terminate,
                  acting.retry_rollback, acting.recover, serving.metrics, serving.demo,
-                 health.health):
+                 health.health, waiting.send_event):
     main.add_command(_command)

@@ -495,3 +495,37 @@ def test_sigterm_stops_the_metrics_command_like_ctrl_c() -> None:
         time.sleep(5)  # the handler interrupts this
 
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- send-event (SPEC section 8) --------------------------------------------------------
+
+
+def _awaiting_approval(sagas: SagaApp, saga_id: str) -> None:
+    reserve = sagas.app.tasks["cli.reserve"]
+    sagas.saga("approved", [reserve.s("sku-1"), sagas.wait_for_event("approval")]
+               ).apply_async(saga_id=saga_id)
+
+
+def test_send_event_delivers_its_json_payload_once_per_event_id(sagas: SagaApp) -> None:
+    """``send-event ID TYPE --payload JSON --event-id X`` ends the wait with the payload;
+    sent again with the same id it changes nothing."""
+    _awaiting_approval(sagas, "e-1")
+    drive(sagas, "e-1")
+    result = cli("send-event", "e-1", "approval", "--payload", '{"by": "ann"}',
+                 "--event-id", "mail-7")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "saga e-1: event 'approval' sent; status now complete"
+    assert sagas.run("e-1").status().output == {"by": "ann"}
+    again = cli("send-event", "e-1", "approval", "--event-id", "mail-7")
+    assert again.exit_code == 1
+    assert "is already complete" in again.stderr
+
+
+def test_send_event_refuses_a_payload_that_is_not_json_and_an_unknown_saga(
+        sagas: SagaApp) -> None:
+    """A payload that is not JSON is a usage error (2); an unknown saga exits 1."""
+    _awaiting_approval(sagas, "e-2")
+    bad = cli("send-event", "e-2", "approval", "--payload", "{nope")
+    assert bad.exit_code == 2 and "not JSON" in bad.stderr
+    unknown = cli("send-event", "nope", "approval")
+    assert unknown.exit_code == 1 and "no saga with id 'nope'" in unknown.stderr
