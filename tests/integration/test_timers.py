@@ -120,3 +120,64 @@ def test_retry_later_sets_the_next_delay(
     assert [a.attempt for a in later] == [1, 2]
     assert later[0].error is not None and later[0].error.type == "RetryLater"
     _assert_on_time(state, "waiting.later", timedelta(seconds=waiting.LATER_DELAY_S))
+
+
+def test_a_thirty_second_sleep_survives_its_worker_and_ends_on_time(
+        waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str], prefix: str,
+        redis_client: redis.Redis) -> None:
+    """A 30 s sleep under a 5 s visibility timeout, its only worker SIGKILLed while it
+    sleeps: a new worker ends it within 2 s of due, the next step gets the output from
+    before the sleep, and every step ran once."""
+    first = _start(worker_factory, env, prefix)
+    saga_id = f"t-{uuid.uuid4().hex[:10]}"
+    handle = waiting.sleeping.apply_async(saga_id=saga_id)
+    assert wait_until(lambda: handle.status().step("cool-off").status == "running",
+                      timeout=30)
+    first.kill()
+    _start(worker_factory, env, prefix)
+    state = handle.wait(timeout=90)
+    assert (state.status, state.output) == ("complete", 9)
+    slept = state.step("cool-off")
+    assert slept.kind == "sleep"
+    (attempt,) = slept.attempts
+    assert attempt.ended_at is not None
+    due = attempt.started_at + timedelta(seconds=waiting.SLEEP_S)
+    assert due <= attempt.ended_at <= due + ON_TIME
+    kinds = [(e["kind"], e.get("got")) for e in _ledger(waiting, saga_id)]
+    assert kinds == [("book", None), ("ship", 9)]
+    assert _timers(redis_client, prefix) == 0
+
+
+def test_an_event_sent_before_its_wait_and_twice_with_one_id_counts_once(
+        waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str],
+        prefix: str) -> None:
+    """Sent right after the start (before the wait began) and again with the same
+    ``event_id``: the wait takes it once, and the next step gets its payload."""
+    _start(worker_factory, env, prefix)
+    saga_id = f"t-{uuid.uuid4().hex[:10]}"
+    handle = waiting.approval.apply_async(saga_id=saga_id)
+    handle.send_event("approval", {"by": "ann"}, event_id="mail-1")
+    handle.send_event("approval", {"by": "ann"}, event_id="mail-1")
+    state = handle.wait(timeout=30)
+    assert (state.status, state.output) == ("complete", {"by": "ann"})
+    assert [e["type"] for e in handle.events()].count("event_received") == 1
+
+
+def test_an_event_that_never_comes_times_out_and_rolls_back(
+        waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str],
+        prefix: str) -> None:
+    """No event within the 8 s timeout: ``EventTimeoutError``, the booked step is undone, and
+    an event sent to the ended saga is refused with ``SagaStateError``."""
+    from saga_celery import SagaStateError
+
+    _start(worker_factory, env, prefix)
+    saga_id = f"t-{uuid.uuid4().hex[:10]}"
+    handle = waiting.approval.apply_async(saga_id=saga_id)
+    state = handle.wait(timeout=40)
+    assert state.status == "errored"
+    assert state.error is not None and state.error.type == "EventTimeoutError"
+    wait = state.step("wait:approval")
+    assert (wait.kind, wait.status) == ("wait", "errored")
+    assert [e["kind"] for e in _ledger(waiting, saga_id)] == ["book", "unbook"]
+    with pytest.raises(SagaStateError):
+        handle.send_event("approval", "too late")

@@ -74,5 +74,19 @@ def later(order: int) -> int:
     return order
 
 
+@sagas.step(name="waiting.ship", timeout="2 seconds")
+def ship(previous: Any) -> Any:
+    record(kind="ship", got=previous)
+    return previous
+
+
+SLEEP_S = 30.0
+
 retrying = sagas.saga("waiting.retrying", [book.s(7), flaky.s()])
+sleeping = sagas.saga("waiting.sleeping", [book.s(9), sagas.sleep(f"{SLEEP_S} seconds",
+                                                                   name="cool-off"),
+                                           ship.s()])
+approval = sagas.saga("waiting.approval", [book.s(10),
+                                           sagas.wait_for_event("approval", timeout="8 seconds"),
+                                           ship.s()])
 called_back = sagas.saga("waiting.called_back", [book.s(8), later.s()])
