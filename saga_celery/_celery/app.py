@@ -269,11 +269,16 @@ class SagaApp:
     # --- sagas -----------------------------------------------------------------------
 
     def saga(self, name: str, stages: Sequence[Any], *, rollback_mode: str = "sequential",
-             on_rollback_error: str = "halt") -> SagaDefinition:
-        """Declare a saga: a list of stages, each a step signature or a ``group`` of them."""
+             on_rollback_error: str = "halt", on_failure: str = "rollback",
+             hold_timeout: Duration | None = None) -> SagaDefinition:
+        """Declare a saga: a list of stages, each a step signature or a ``group`` of them
+        (or a ``sleep`` / ``wait_for_event``).  ``on_failure="hold"``: a step failing for
+        good holds the saga for ``redrive()`` or ``rollback()`` (at most ``hold_timeout``,
+        then it rolls back) instead of rolling it back (SPEC section 8)."""
         return SagaDefinition(name, stages, tasks=self.app.tasks,
                               coordinator=self._coordinator, reader=self.reader,
-                              rollback_mode=rollback_mode, on_rollback_error=on_rollback_error)
+                              rollback_mode=rollback_mode, on_rollback_error=on_rollback_error,
+                              on_failure=on_failure, hold_timeout=hold_timeout)
 
     def sleep(self, duration: Duration, *, name: str = "sleep") -> WaitStage:
         """A stage that waits ``duration`` (SPEC section 8), passing the previous stage's

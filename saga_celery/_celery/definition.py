@@ -18,6 +18,7 @@ from saga_celery._celery.tasks import SagaStepTask
 from saga_celery._core.durations import parse_duration
 from saga_celery._core.model import (
     Backoff,
+    OnFailure,
     OnRollbackError,
     Plan,
     Policy,
@@ -36,14 +37,22 @@ class SagaDefinition:
 
     def __init__(self, name: str, stages: Sequence[Any], *, tasks: Mapping[str, Any],
                  coordinator: Coordinator, reader: SagaReader, rollback_mode: str,
-                 on_rollback_error: str) -> None:
+                 on_rollback_error: str, on_failure: str = "rollback",
+                 hold_timeout: object = None) -> None:
         self._coordinator = coordinator
         self._reader = reader
         self.name = name
+        failure = _choice(OnFailure, "on_failure", on_failure)
+        if hold_timeout is not None and failure != OnFailure.HOLD:
+            raise SagaDefinitionError(f"saga {name!r}: hold_timeout applies to "
+                                      "on_failure='hold' only")
         self.plan = Plan(stages=_stages(tasks, name, stages),
                          rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
                          on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
-                                                   on_rollback_error))
+                                                   on_rollback_error),
+                         on_failure=failure,
+                         hold_timeout_ms=None if hold_timeout is None
+                         else _positive_ms(hold_timeout, f"hold_timeout of saga {name!r}"))
 
     def apply_async(self, *, saga_id: str | None = None, params: Any = None) -> SagaHandle:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
@@ -68,7 +77,7 @@ def _checked_id(saga_id: str | None) -> str:
     return saga_id
 
 
-_E = TypeVar("_E", RollbackMode, OnRollbackError)
+_E = TypeVar("_E", RollbackMode, OnRollbackError, OnFailure)
 
 
 def _choice(enum: type[_E], field: str, value: str) -> _E:
@@ -176,8 +185,9 @@ class WaitStage:
 
 def sleep_stage(duration: object, name: str) -> WaitStage:
     """``sagas.sleep(duration, name=...)``: SagaDefinitionError for a bad duration or name."""
-    return WaitStage(WaitSpec(kind=WaitKind.SLEEP, duration_ms=_positive_ms(duration, name)),
-                     _stage_name(name))
+    stage = _stage_name(name)
+    return WaitStage(WaitSpec(kind=WaitKind.SLEEP,
+                              duration_ms=_positive_ms(duration, f"sleep {stage!r}")), stage)
 
 
 def wait_stage(event_type: str, timeout: object, name: str | None) -> WaitStage:
@@ -186,7 +196,7 @@ def wait_stage(event_type: str, timeout: object, name: str | None) -> WaitStage:
         raise SagaDefinitionError(f"wait_for_event: event_type must be a non-empty string of "
                                   f"at most 200 characters, not {event_type!r}")
     stage = _stage_name(name if name is not None else f"wait:{event_type}")
-    limit = None if timeout is None else _positive_ms(timeout, stage)
+    limit = None if timeout is None else _positive_ms(timeout, f"timeout of {stage!r}")
     return WaitStage(WaitSpec(kind=WaitKind.WAIT, duration_ms=limit, event_type=event_type),
                      stage)
 
@@ -198,12 +208,11 @@ def _stage_name(name: object) -> str:
     return name
 
 
-def _positive_ms(value: object, owner: object) -> float:
+def _positive_ms(value: object, owner: str) -> float:
     try:
         duration = parse_duration(value)
     except ValueError as exc:
-        raise SagaDefinitionError(f"waiting stage {owner!r}: {exc}") from exc
+        raise SagaDefinitionError(f"{owner}: {exc}") from exc
     if duration.total_seconds() <= 0:
-        raise SagaDefinitionError(f"waiting stage {owner!r}: the duration must be positive, "
-                                  f"got {value!r}")
+        raise SagaDefinitionError(f"{owner}: the duration must be positive, got {value!r}")
     return duration.total_seconds() * 1000

@@ -75,6 +75,14 @@ class EventSent(_Event):
     event_id: str | None = None
 
 
+class RedriveRequested(_Event):
+    """``redrive()``: a held saga runs its failed steps again, with a fresh retry budget."""
+
+
+class RollbackRequested(_Event):
+    """``rollback()``: a held saga rolls back as for a failure."""
+
+
 class RecoverySwept(_Event):
     """The recovery sweep looked at this saga: re-send what is overdue, and record it."""
 
@@ -85,7 +93,7 @@ class RecoverySwept(_Event):
 
 Event = (
     AttemptStarted | AttemptSucceeded | AttemptFailed | TerminateRequested | RetryRollbackRequested
-    | RecoverySwept | WakeUp | EventSent
+    | RecoverySwept | WakeUp | EventSent | RedriveRequested | RollbackRequested
 )
 
 

@@ -33,12 +33,15 @@ from saga_celery._core.events import (
     Event,
     EventSent,
     RecoverySwept,
+    RedriveRequested,
     RetryRollbackRequested,
+    RollbackRequested,
     TerminateRequested,
     Transition,
     WakeUp,
     error_fields,
 )
+from saga_celery._core.holding import HOLD_KEY, hold, holds, is_hold_timer, redrive, release
 from saga_celery._core.model import (
     FORMAT,
     AttemptRecord,
@@ -111,7 +114,15 @@ def apply_owned(run: SagaRun, event: Event, *, now: datetime) -> Transition:
         if not ctx.run.is_terminal:
             sweep(ctx, event)
         return ctx.transition()
+    if isinstance(event, RedriveRequested):
+        return _refused_or(ctx, redrive(ctx))
+    if isinstance(event, RollbackRequested):
+        return _on_rollback_requested(ctx)
     return _on_retry_rollback(ctx, event)
+
+
+def _refused_or(ctx: Ctx, refusal: str | None) -> Transition:
+    return ctx.transition() if refusal is None else _refuse(ctx.run, refusal)
 
 
 def _refuse(run: SagaRun, reason: str) -> Transition:
@@ -275,7 +286,10 @@ def _after_step(ctx: Ctx, step: StepRun, error: ErrorInfo | None = None) -> None
         advance_rollback(ctx)
         maybe_finish(ctx)
     elif error is not None:
-        fail_saga(ctx, error)
+        if holds(ctx, error):
+            hold(ctx, error)
+        else:
+            fail_saga(ctx, error)
     elif all(run.steps[s.key].status == StepStatus.COMPLETE for s in run.plan.stages[step.stage]):
         if step.stage + 1 < len(run.plan.stages):
             _send_stage(ctx, step.stage + 1)
@@ -308,7 +322,12 @@ def _begin_wait(ctx: Ctx, step: StepRun) -> None:
 
 
 def _on_wake(ctx: Ctx, ev: WakeUp) -> Transition:
-    """A waiting stage's timer fired: the sleep is over, or the wait timed out."""
+    """A waiting stage's timer fired: the sleep is over, or the wait timed out; or a held
+    saga's hold timeout passed: it rolls back."""
+    if ev.key == HOLD_KEY:
+        if is_hold_timer(ev.key, ev.attempt, ctx):
+            _roll_back_held(ctx)
+        return ctx.transition()
     if ctx.run.is_terminal or ev.key not in ctx.run.steps:
         return ctx.transition()
     ended = wake(ctx, ev)
@@ -356,10 +375,27 @@ def _ids(step: StepRun, attempt: int) -> dict[str, Any]:
 # --- requests from the saga's owner ------------------------------------------------------
 
 
+def _on_rollback_requested(ctx: Ctx) -> Transition:
+    """``rollback()`` of a held saga: the rollback starts as for a failure."""
+    if not _roll_back_held(ctx):
+        return _refuse(ctx.run, f"saga {ctx.run.id!r} is {ctx.run.status}: only a held saga "
+                                "can be rolled back with rollback()")
+    return ctx.transition()
+
+
+def _roll_back_held(ctx: Ctx) -> bool:
+    error = release(ctx)
+    if error is None:
+        return False
+    fail_saga(ctx, error)
+    return True
+
+
 def _on_terminate(ctx: Ctx, ev: TerminateRequested) -> Transition:
     run = ctx.run
     if run.is_terminal:
         return _refuse(run, f"saga {run.id!r} is already {run.status}: nothing to terminate")
+    release(ctx)  # a held saga is terminated as a running one
     if run.error is not None:  # already stopping: recorded, and the rollback goes on as it is
         ctx.emit("terminate_requested", rollback=ev.rollback, reason=ev.reason)
         return ctx.transition()

@@ -21,6 +21,9 @@ class SagaStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     ROLLING_BACK = "rolling_back"
+    HELD = "held"
+    """A step failed for good and the saga's ``on_failure`` is ``"hold"``: nothing is undone
+    until ``redrive()``, ``rollback()``, ``terminate()`` or the hold timeout (format 3)."""
     COMPLETE = "complete"
     ERRORED = "errored"
     TERMINATED = "terminated"
@@ -72,6 +75,13 @@ class Backoff(StrEnum):
 class RollbackMode(StrEnum):
     SEQUENTIAL = "sequential"
     PARALLEL = "parallel"
+
+
+class OnFailure(StrEnum):
+    """What a saga does when a step fails for good (SPEC section 8)."""
+
+    ROLLBACK = "rollback"
+    HOLD = "hold"
 
 
 class OnRollbackError(StrEnum):
@@ -150,6 +160,10 @@ class Plan(_Frozen):
     stages: list[list[StepSpec]]
     rollback_mode: RollbackMode = RollbackMode.SEQUENTIAL
     on_rollback_error: OnRollbackError = OnRollbackError.HALT
+    on_failure: OnFailure = OnFailure.ROLLBACK
+    """``hold``: a step failing for good holds the saga instead of rolling it back (format 3)."""
+    hold_timeout_ms: float | None = None
+    """How long a held saga waits for ``redrive()`` or ``rollback()`` before it rolls back."""
 
     def spec(self, key: str) -> StepSpec:
         """The step of the plan with this key; ``KeyError`` if there is none."""
@@ -157,8 +171,10 @@ class Plan(_Frozen):
 
     @cached_property
     def waits(self) -> bool:
-        """Whether a stage of this plan waits (sleep or event): the saga is format 3."""
-        return any(s.wait is not None for stage in self.stages for s in stage)
+        """Whether the plan waits (SPEC section 8: a sleep or event stage, or hold on
+        failure): its sagas are written in format 3."""
+        return self.on_failure == OnFailure.HOLD or any(
+            s.wait is not None for stage in self.stages for s in stage)
 
     @cached_property
     def specs_by_key(self) -> dict[str, StepSpec]:
@@ -204,6 +220,8 @@ class StepRun(_Record):
     next_attempt: int | None = None
     """The attempt a message has been sent for and that has not started yet."""
     rollback: RollbackRun | None = None
+    budget_base: int = 1
+    """Attempt number that opened the current retry budget (``redrive()`` opens a new one)."""
 
 
 class RollbackProgress(_Record):
@@ -246,6 +264,15 @@ def dispatch_id(kind: Kind, key: str, attempt: int) -> str:
     return f"{kind.value}:{key}:{attempt}"
 
 
+class Hold(_Record):
+    """Why and since when a saga is held (SPEC section 8)."""
+
+    error: ErrorInfo
+    since: datetime
+    count: int = 1
+    """How many times the saga was held: its hold timer's attempt number."""
+
+
 class Termination(_Record):
     rollback: bool
     error: ErrorInfo
@@ -283,6 +310,8 @@ class SagaProgress(_Record):
     next_seq: int = 1
     rollback: RollbackProgress | None = None
     terminate: Termination | None = None
+    held: Hold | None = None
+    """Set while the saga is held (status ``held``), and kept after for its count."""
     outbox: dict[str, Dispatch] = Field(default_factory=dict)
     inbox: dict[str, list[JsonValue]] = Field(default_factory=dict)
     """Events sent before a wait for their type began: payloads per type, oldest first
@@ -337,4 +366,6 @@ EventType = Literal[
     "wait_completed",
     "wait_timed_out",
     "event_received",
+    "saga_held",
+    "saga_redriven",
 ]

@@ -113,7 +113,9 @@ def to_state(run: SagaRun) -> SagaState:
                                 completed_steps=progress.completed_steps)
     return SagaState(
         id=run.id, name=run.name, status=run.status, params=run.params, output=run.output,
-        error=run.error, created_at=run.created_at, started_at=run.started_at,
+        error=run.error or (run.held.error if run.status == SagaStatus.HELD and run.held
+                            else None),
+        created_at=run.created_at, started_at=run.started_at,
         ended_at=run.ended_at, rollback=rollback,
         steps=[_step(run.steps[spec.key], spec.wait) for stage in run.plan.stages
                for spec in stage],

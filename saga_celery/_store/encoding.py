@@ -30,7 +30,8 @@ def encode_progress(run: SagaRun) -> str:
     return run.model_dump_json(exclude=_PLAN, exclude_defaults=True)
 
 
-_NO_WAIT: dict[str, object] = {"stages": {"__all__": {"__all__": {"wait"}}}}
+_NO_WAIT: dict[str, object] = {"stages": {"__all__": {"__all__": {"wait"}}},
+                               "on_failure": True, "hold_timeout_ms": True}
 
 
 def encode_plan(plan: Plan) -> str:

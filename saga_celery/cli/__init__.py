@@ -82,5 +82,5 @@ def main(ctx: click.Context, app_path: str | None, redis_url: str, broker_url: s
 
 for _command in (reading.status, reading.list_, reading.events, acting.terminate,
                  acting.retry_rollback, acting.recover, serving.metrics, serving.demo,
-                 health.health, waiting.send_event):
+                 health.health, waiting.send_event, waiting.redrive, waiting.rollback):
     main.add_command(_command)

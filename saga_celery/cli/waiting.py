@@ -1,4 +1,5 @@
-"""The commands of sagas that wait (SPEC section 8): ``send-event``.
+"""The commands of sagas that wait (SPEC section 8): ``send-event``, ``redrive`` and
+``rollback``.
 
 What they send goes through the loaded app's dispatcher, so it follows the app's routes.
 """
@@ -13,7 +14,7 @@ import click
 from saga_celery._celery.app import SagaApp
 from saga_celery.cli.target import with_sagas
 
-__all__ = ["send_event"]
+__all__ = ["redrive", "rollback", "send_event"]
 
 
 def _payload(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
@@ -42,3 +43,25 @@ def send_event(sagas: SagaApp, saga_id: str, event_type: str, payload: Any,
     """
     state = sagas.run(saga_id).send_event(event_type, payload, event_id=event_id)
     click.echo(f"saga {saga_id}: event {event_type!r} sent; status now {state.status}")
+
+
+@click.command()
+@click.argument("saga_id")
+@with_sagas
+def redrive(sagas: SagaApp, saga_id: str) -> None:
+    """Run a held saga's failed steps again, with a fresh retry budget.
+
+    The steps run as their tasks are registered now (deploy the fix first); completed steps
+    never run again.  Exit 1 unless the saga is held.
+    """
+    state = sagas.run(saga_id).redrive()
+    click.echo(f"saga {saga_id}: redriven; status now {state.status}")
+
+
+@click.command()
+@click.argument("saga_id")
+@with_sagas
+def rollback(sagas: SagaApp, saga_id: str) -> None:
+    """Roll a held saga back, as for a failure.  Exit 1 unless the saga is held."""
+    state = sagas.run(saga_id).rollback()
+    click.echo(f"saga {saga_id}: rollback started; status now {state.status}")

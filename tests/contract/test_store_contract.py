@@ -18,7 +18,7 @@ from redis import crc
 from redis.cluster import RedisCluster
 
 import saga_celery._store as store_package
-from saga_celery._core.model import SagaRun, SagaStatus
+from saga_celery._core.model import Plan, SagaRun, SagaStatus
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -750,7 +750,11 @@ def test_the_plan_is_written_once(redis_backend: Backend) -> None:
     store.create(run, [])
     state = f"{redis_backend.prefix}{{{run.id}}}:state"
     plan = client.hget(state, "p")
-    assert plan is not None and json.loads(plan) == run.plan.model_dump(mode="json")
+    assert plan is not None and Plan.model_validate_json(plan) == run.plan
+    # A plan that does not wait is stored without SPEC section 8's fields (format 2 readers).
+    assert json.loads(plan) == run.plan.model_dump(
+        mode="json", exclude={"on_failure": True, "hold_timeout_ms": True,
+                              "stages": {"__all__": {"__all__": {"wait"}}}})
     moved = run.model_copy(update={"name": "renamed"})
     assert store.commit(moved, version=1, events=[]) is True
     progress = json.loads(client.hget(state, "d") or b"{}")

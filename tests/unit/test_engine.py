@@ -24,12 +24,13 @@ from saga_celery._core.events import (
     Decision,
     Event,
     EventSent,
+    RedriveRequested,
     RetryRollbackRequested,
     TerminateRequested,
     Transition,
     WakeUp,
 )
-from saga_celery._core.model import ErrorInfo, EventType, Kind, Plan
+from saga_celery._core.model import ErrorInfo, EventType, Kind, OnFailure, Plan
 from saga_celery._engine import BEHIND_PAUSES_S, Engine, Lease, lease_name
 from saga_celery._store.base import Snapshot
 from saga_celery._store.memory import MemoryStore
@@ -143,6 +144,11 @@ def drive_every_event_type(engine: Engine) -> None:
     timed_out.run("a", "A")
     timed_out.feed(WakeUp(key="wait:ok#1"))              # wait_timed_out
 
+    held = submit(engine, "held", plan("a").model_copy(update={"on_failure": OnFailure.HOLD}))
+    held.start("a")
+    held.fail("a", retryable=False)                      # saga_held
+    held.feed(RedriveRequested())                        # saga_redriven
+
 
 def with_waits(base: Plan, *waits: WaitStage) -> Plan:
     """``base`` with waiting stages appended."""
@@ -235,7 +241,7 @@ def test_every_lifecycle_event_is_logged_with_saga_id_and_type() -> None:
         drive_every_event_type(engine)
 
     saga_logs = [entry for entry in logs if entry["event"].startswith("saga.")]
-    events = [e for saga_id in ("happy", "failing", "stopped", "waiting", "timed-out")
+    events = [e for saga_id in ("happy", "failing", "stopped", "waiting", "timed-out", "held")
               for e in stored_events(store, saga_id)]
     assert len(saga_logs) == len(events)
     by_id = {entry["event_id"]: entry for entry in saga_logs}

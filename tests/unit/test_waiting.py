@@ -211,3 +211,123 @@ def test_a_saga_that_does_not_wait_is_stored_as_before(sagas: SagaApp,
     stored = sagas._store.load("p1")
     assert stored is not None and stored.run.format == FORMAT
     assert '"wait"' not in encode_plan(saga.plan)
+
+
+# --- hold and redrive ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def flaky(sagas: SagaApp) -> Any:
+    @sagas.step(name="w.flaky", retries={"limit": 1, "delay": "1 second"})
+    def flaky(previous: Any) -> None:
+        raise RuntimeError("down")
+
+    return flaky
+
+
+def fail_for_good(sagas: SagaApp, saga_id: str, key: str, attempts: range) -> None:
+    from saga_celery._core.events import AttemptFailed
+    from saga_celery._core.model import ErrorInfo
+
+    for n in attempts:
+        sagas._engine.handle(saga_id, AttemptStarted(kind=Kind.STEP, key=key, attempt=n))
+        sagas._engine.handle(saga_id, AttemptFailed(kind=Kind.STEP, key=key, attempt=n,
+                                                    error=ErrorInfo(type="E", message="down")))
+
+
+def held_saga(sagas: SagaApp, steps: dict[str, Any], flaky: Any, saga_id: str,
+              **options: Any) -> Any:
+    saga = sagas.saga("w.held", [steps["reserve"].s(5), flaky.s(), steps["ship"].s()],
+                      on_failure="hold", **options)
+    handle = saga.apply_async(saga_id=saga_id)
+    run_step(sagas, saga_id, "w.reserve#1", {"order": 5})
+    fail_for_good(sagas, saga_id, "w.flaky#1", range(1, 3))
+    return handle
+
+
+def test_a_step_failing_for_good_holds_the_saga_and_nothing_is_undone(
+        sagas: SagaApp, steps: dict[str, Any], flaky: Any, clock: Clock) -> None:
+    """Retries spent under ``on_failure="hold"``: status ``held`` with the step's error, no
+    rollback sent, ``saga_held`` recorded."""
+    handle = held_saga(sagas, steps, flaky, "h1")
+    state = handle.status()
+    assert state.status == "held"
+    assert state.error is not None and state.error.type == "E"
+    assert state.rollback is None and steps["undone"] == []
+    stored = sagas._store.load("h1")
+    assert stored is not None and not stored.run.outbox
+    assert "saga_held" in types(sagas, "h1")
+
+
+def test_redrive_runs_the_failed_step_with_a_fresh_budget_and_attempts_going_on(
+        sagas: SagaApp, steps: dict[str, Any], flaky: Any, clock: Clock) -> None:
+    """``redrive()`` sends attempt 3 with a fresh budget of two; it succeeds and the saga
+    goes on forward, the completed step never running again."""
+    handle = held_saga(sagas, steps, flaky, "h2")
+    state = handle.redrive()
+    assert state.status == "running"
+    stored = sagas._store.load("h2")
+    assert stored is not None and list(stored.run.outbox) == ["step:w.flaky#1:3"]
+    assert stored.run.outbox["step:w.flaky#1:3"].retries == 0
+    fail_for_good(sagas, "h2", "w.flaky#1", range(3, 4))  # retried within the new budget
+    stored = sagas._store.load("h2")
+    assert stored is not None and list(stored.run.outbox) == ["step:w.flaky#1:4"]
+    run_step_attempt = AttemptStarted(kind=Kind.STEP, key="w.flaky#1", attempt=4)
+    sagas._engine.handle("h2", run_step_attempt)
+    sagas._engine.handle("h2", AttemptSucceeded(kind=Kind.STEP, key="w.flaky#1", attempt=4,
+                                                output="fixed"))
+    run_step(sagas, "h2", "w.ship#1", "shipped")
+    final = handle.status()
+    assert (final.status, final.output) == ("complete", "shipped")
+    assert [a.attempt for a in final.step("w.reserve").attempts] == [1]
+    assert "saga_redriven" in types(sagas, "h2")
+
+
+def test_rollback_of_a_held_saga_compensates_as_for_a_failure(
+        sagas: SagaApp, steps: dict[str, Any], flaky: Any, clock: Clock) -> None:
+    """``rollback()`` starts the rollback; a second one, or a redrive, is refused."""
+    handle = held_saga(sagas, steps, flaky, "h3")
+    assert handle.rollback().status == "rolling_back"
+    with pytest.raises(SagaStateError, match="only a held saga"):
+        handle.rollback()
+    with pytest.raises(SagaStateError, match="only a held saga"):
+        handle.redrive()
+
+
+def test_a_hold_timing_out_rolls_back_by_itself(
+        sagas: SagaApp, steps: dict[str, Any], flaky: Any, clock: Clock) -> None:
+    """``hold_timeout="1 hour"`` passing with neither redrive nor rollback: its timer starts
+    the rollback."""
+    handle = held_saga(sagas, steps, flaky, "h4", hold_timeout="1 hour")
+    clock.now = T0 + timedelta(minutes=59)
+    fire_due(sagas._engine, sagas._dispatcher)
+    assert handle.status().status == "held"
+    clock.now = T0 + timedelta(hours=1, seconds=1)
+    assert fire_due(sagas._engine, sagas._dispatcher) == 1
+    assert handle.status().status == "rolling_back"
+
+
+def test_terminate_works_on_a_held_saga_and_a_redrive_leaves_the_hold_timer_idle(
+        sagas: SagaApp, steps: dict[str, Any], flaky: Any, clock: Clock) -> None:
+    """A held saga terminates as a running one; the hold timer firing later does nothing."""
+    handle = held_saga(sagas, steps, flaky, "h5", hold_timeout="1 hour")
+    assert handle.terminate().status == "terminated"
+    clock.now = T0 + timedelta(hours=2)
+    fire_due(sagas._engine, sagas._dispatcher)
+    assert handle.status().status == "terminated"
+
+
+def test_output_errors_never_hold(sagas: SagaApp, steps: dict[str, Any], clock: Clock) -> None:
+    """An output that cannot be stored rolls back even under ``hold``."""
+    from saga_celery._core.events import AttemptFailed
+    from saga_celery._core.model import ErrorInfo
+
+    saga = sagas.saga("w.output", [steps["reserve"].s(1), steps["ship"].s()],
+                      on_failure="hold")
+    saga.apply_async(saga_id="h6")
+    run_step(sagas, "h6", "w.reserve#1", 1)
+    sagas._engine.handle("h6", AttemptStarted(kind=Kind.STEP, key="w.ship#1", attempt=1))
+    sagas._engine.handle("h6", AttemptFailed(
+        kind=Kind.STEP, key="w.ship#1", attempt=1, retryable=False,
+        error=ErrorInfo(type="OutputTooLargeError", message="too big")))
+    assert sagas.run("h6").status().status == "rolling_back"
