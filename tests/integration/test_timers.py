@@ -8,51 +8,23 @@ when the worker that recorded the timer is SIGKILLed while it is pending.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from itertools import pairwise
 from types import ModuleType
-from typing import Any
 
 import pytest
 import redis
 
 from saga_celery import SagaState
-from tests.integration.harness import WorkerFactory, WorkerProcess, import_copy, wait_until
+from tests.integration.harness import WorkerFactory, wait_until
+from tests.integration.waiting_fixtures import env, ledger, start, timers, waiting
 
 pytestmark = pytest.mark.integration
 
-APP = "tests.integration.waiting_app"
+__all__ = ["env", "waiting"]  # fixtures
 ON_TIME = timedelta(seconds=2)
 """How late after its due time a timer's attempt may start (SPEC section 8)."""
-
-
-@pytest.fixture
-def env(redis_url: str, prefix: str) -> dict[str, str]:
-    return {"SAGA_TEST_REDIS_URL": redis_url, "SAGA_TEST_PREFIX": prefix}
-
-
-@pytest.fixture
-def waiting(env: dict[str, str], prefix: str) -> Iterator[ModuleType]:
-    """The app module, imported in this process with the workers' settings."""
-    spec = importlib.util.find_spec(APP)
-    assert spec is not None and spec.origin is not None
-    module = import_copy(spec.origin, f"{APP}_{prefix.strip(':')}", env)
-    yield module
-    module.ledger.close()
-
-
-def _start(factory: WorkerFactory, env: dict[str, str], prefix: str) -> WorkerProcess:
-    return factory(APP, env=env, concurrency=2,
-                   queues=[f"{prefix}steps", f"{prefix}rollbacks", f"{prefix}default"])
-
-
-def _ledger(waiting: ModuleType, saga_id: str) -> list[dict[str, Any]]:
-    raw = waiting.ledger.lrange(waiting.ledger_key(saga_id), 0, -1)
-    return [json.loads(entry) for entry in raw]
 
 
 def _assert_on_time(state: SagaState, step: str, delay: timedelta) -> None:
@@ -65,25 +37,21 @@ def _assert_on_time(state: SagaState, step: str, delay: timedelta) -> None:
         assert due <= after.started_at <= due + ON_TIME, (before, after)
 
 
-def _timers(client: redis.Redis, prefix: str) -> int:
-    return int(client.zcard(f"{prefix}timers"))
-
-
 def test_a_retry_delay_four_times_the_visibility_timeout_fires_each_attempt_on_time(
         waiting: ModuleType, worker_factory: WorkerFactory, env: dict[str, str], prefix: str,
         redis_client: redis.Redis) -> None:
     """A constant 20 s retry delay under a 5 s visibility timeout: exactly 3 attempts (limit
     2), each started within 2 s of its due time, then the rollback; no timer left over."""
-    _start(worker_factory, env, prefix)
+    start(worker_factory, env, prefix)
     saga_id = f"t-{uuid.uuid4().hex[:10]}"
     state = waiting.retrying.apply_async(saga_id=saga_id).wait(timeout=90)
     assert state.status == "errored"
     assert [a.attempt for a in state.step("waiting.flaky").attempts] == [1, 2, 3]
     _assert_on_time(state, "waiting.flaky", timedelta(seconds=waiting.RETRY_DELAY_S))
-    runs = [e for e in _ledger(waiting, saga_id) if e["kind"] == "flaky"]
+    runs = [e for e in ledger(waiting, saga_id) if e["kind"] == "flaky"]
     assert [e["attempt"] for e in runs] == [1, 2, 3]  # each body ran once: no redelivery
-    assert [e["kind"] for e in _ledger(waiting, saga_id)][-1] == "unbook"
-    assert _timers(redis_client, prefix) == 0
+    assert [e["kind"] for e in ledger(waiting, saga_id)][-1] == "unbook"
+    assert timers(redis_client, prefix) == 0
 
 
 def test_a_pending_timer_survives_the_worker_that_recorded_it(
@@ -91,19 +59,19 @@ def test_a_pending_timer_survives_the_worker_that_recorded_it(
         redis_client: redis.Redis) -> None:
     """The only worker is SIGKILLed (its whole process group) while the first retry's timer
     is pending; a new worker fires it and the next within 2 s of due: still 3 attempts."""
-    first = _start(worker_factory, env, prefix)
+    first = start(worker_factory, env, prefix)
     saga_id = f"t-{uuid.uuid4().hex[:10]}"
     handle = waiting.retrying.apply_async(saga_id=saga_id)
-    assert wait_until(lambda: _timers(redis_client, prefix) == 1, timeout=30)
+    assert wait_until(lambda: timers(redis_client, prefix) == 1, timeout=30)
     first.kill()
-    _start(worker_factory, env, prefix)
+    start(worker_factory, env, prefix)
     state = handle.wait(timeout=90)
     assert state.status == "errored"
     assert [a.attempt for a in state.step("waiting.flaky").attempts] == [1, 2, 3]
     _assert_on_time(state, "waiting.flaky", timedelta(seconds=waiting.RETRY_DELAY_S))
-    runs = [e for e in _ledger(waiting, saga_id) if e["kind"] == "flaky"]
+    runs = [e for e in ledger(waiting, saga_id) if e["kind"] == "flaky"]
     assert [e["attempt"] for e in runs] == [1, 2, 3]
-    assert _timers(redis_client, prefix) == 0
+    assert timers(redis_client, prefix) == 0
 
 
 def test_retry_later_sets_the_next_delay(
@@ -111,7 +79,7 @@ def test_retry_later_sets_the_next_delay(
         prefix: str) -> None:
     """``RetryLater("15 seconds")`` in place of the policy's 1 s: the retry starts within 2 s
     of 15 s after the first attempt ended (a timer, past max_countdown), and completes."""
-    _start(worker_factory, env, prefix)
+    start(worker_factory, env, prefix)
     saga_id = f"t-{uuid.uuid4().hex[:10]}"
     state = waiting.called_back.apply_async(saga_id=saga_id).wait(timeout=60)
     assert state.status == "complete"
@@ -128,13 +96,13 @@ def test_a_thirty_second_sleep_survives_its_worker_and_ends_on_time(
     """A 30 s sleep under a 5 s visibility timeout, its only worker SIGKILLed while it
     sleeps: a new worker ends it within 2 s of due, the next step gets the output from
     before the sleep, and every step ran once."""
-    first = _start(worker_factory, env, prefix)
+    first = start(worker_factory, env, prefix)
     saga_id = f"t-{uuid.uuid4().hex[:10]}"
     handle = waiting.sleeping.apply_async(saga_id=saga_id)
     assert wait_until(lambda: handle.status().step("cool-off").status == "running",
                       timeout=30)
     first.kill()
-    _start(worker_factory, env, prefix)
+    start(worker_factory, env, prefix)
     state = handle.wait(timeout=90)
     assert (state.status, state.output) == ("complete", 9)
     slept = state.step("cool-off")
@@ -143,9 +111,9 @@ def test_a_thirty_second_sleep_survives_its_worker_and_ends_on_time(
     assert attempt.ended_at is not None
     due = attempt.started_at + timedelta(seconds=waiting.SLEEP_S)
     assert due <= attempt.ended_at <= due + ON_TIME
-    kinds = [(e["kind"], e.get("got")) for e in _ledger(waiting, saga_id)]
+    kinds = [(e["kind"], e.get("got")) for e in ledger(waiting, saga_id)]
     assert kinds == [("book", None), ("ship", 9)]
-    assert _timers(redis_client, prefix) == 0
+    assert timers(redis_client, prefix) == 0
 
 
 def test_an_event_sent_before_its_wait_and_twice_with_one_id_counts_once(
@@ -153,7 +121,7 @@ def test_an_event_sent_before_its_wait_and_twice_with_one_id_counts_once(
         prefix: str) -> None:
     """Sent right after the start (before the wait began) and again with the same
     ``event_id``: the wait takes it once, and the next step gets its payload."""
-    _start(worker_factory, env, prefix)
+    start(worker_factory, env, prefix)
     saga_id = f"t-{uuid.uuid4().hex[:10]}"
     handle = waiting.approval.apply_async(saga_id=saga_id)
     handle.send_event("approval", {"by": "ann"}, event_id="mail-1")
@@ -170,7 +138,7 @@ def test_an_event_that_never_comes_times_out_and_rolls_back(
     an event sent to the ended saga is refused with ``SagaStateError``."""
     from saga_celery import SagaStateError
 
-    _start(worker_factory, env, prefix)
+    start(worker_factory, env, prefix)
     saga_id = f"t-{uuid.uuid4().hex[:10]}"
     handle = waiting.approval.apply_async(saga_id=saga_id)
     state = handle.wait(timeout=40)
@@ -178,6 +146,6 @@ def test_an_event_that_never_comes_times_out_and_rolls_back(
     assert state.error is not None and state.error.type == "EventTimeoutError"
     wait = state.step("wait:approval")
     assert (wait.kind, wait.status) == ("wait", "errored")
-    assert [e["kind"] for e in _ledger(waiting, saga_id)] == ["book", "unbook"]
+    assert [e["kind"] for e in ledger(waiting, saga_id)] == ["book", "unbook"]
     with pytest.raises(SagaStateError):
         handle.send_event("approval", "too late")

@@ -80,12 +80,28 @@ def ship(previous: Any) -> Any:
     return previous
 
 
+FIXED = os.environ.get("WAITING_FIXED") == "1"
+"""A deploy with the bug fixed: ``waiting.fixable`` succeeds (a worker started with
+``$WAITING_FIXED=1``)."""
+
+
+@sagas.step(name="waiting.fixable", timeout="2 seconds", retries={"limit": 1, "delay": 200})
+def fixable(previous: Any) -> str:
+    record(kind="fixable", fixed=FIXED)
+    if not FIXED:
+        raise RuntimeError("a bug, fixed in the next deploy")
+    return "fixed"
+
+
 SLEEP_S = 30.0
 
 retrying = sagas.saga("waiting.retrying", [book.s(7), flaky.s()])
 sleeping = sagas.saga("waiting.sleeping", [book.s(9), sagas.sleep(f"{SLEEP_S} seconds",
                                                                    name="cool-off"),
                                            ship.s()])
+held = sagas.saga("waiting.held", [book.s(11), fixable.s(), ship.s()], on_failure="hold")
+held_briefly = sagas.saga("waiting.held_briefly", [book.s(12), fixable.s()],
+                          on_failure="hold", hold_timeout="6 seconds")
 approval = sagas.saga("waiting.approval", [book.s(10),
                                            sagas.wait_for_event("approval", timeout="8 seconds"),
                                            ship.s()])

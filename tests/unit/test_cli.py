@@ -529,3 +529,32 @@ def test_send_event_refuses_a_payload_that_is_not_json_and_an_unknown_saga(
     assert bad.exit_code == 2 and "not JSON" in bad.stderr
     unknown = cli("send-event", "nope", "approval")
     assert unknown.exit_code == 1 and "no saga with id 'nope'" in unknown.stderr
+
+
+# --- redrive / rollback (SPEC section 8) ------------------------------------------------
+
+
+def _held(sagas: SagaApp, saga_id: str) -> None:
+    reserve, charge = sagas.app.tasks["cli.reserve"], sagas.app.tasks["cli.charge"]
+    sagas.saga("held", [reserve.s("sku-1"), charge.s()], on_failure="hold").apply_async(
+        saga_id=saga_id, params={"fail": "cli.charge"})
+    assert drive(sagas, saga_id).status == "held"
+
+
+def test_redrive_runs_a_held_saga_s_failed_step_again(sagas: SagaApp) -> None:
+    """``redrive ID`` of a held saga: running again; of a running one: exit 1."""
+    _held(sagas, "h-1")
+    result = cli("redrive", "h-1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "saga h-1: redriven; status now running"
+    again = cli("redrive", "h-1")
+    assert again.exit_code == 1 and "only a held saga can be redriven" in again.stderr
+
+
+def test_rollback_rolls_a_held_saga_back(sagas: SagaApp) -> None:
+    """``rollback ID`` of a held saga starts the rollback."""
+    _held(sagas, "h-2")
+    result = cli("rollback", "h-2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "saga h-2: rollback started; status now rolling_back"
+    assert drive(sagas, "h-2").status == "errored"
