@@ -12,7 +12,8 @@ is not installed (one line on stderr, never a traceback), 2 a usage error.  Log 
 stderr, warnings only, so that standard output stays the command's own.
 
 The commands live by what they do: ``reading`` (status, list, events), ``acting``
-(terminate, retry-rollback, recover), ``serving`` (metrics, demo) and ``health`` (a probe:
+(terminate, retry-rollback, recover), ``waiting`` (send-event, redrive, rollback: sagas
+that wait), ``serving`` (metrics, demo) and ``health`` (a probe:
 exit 1 with one line saying why the sagas are not looked after); ``target`` loads the app
 they work on.
 """

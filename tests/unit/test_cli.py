@@ -481,7 +481,7 @@ def test_no_command_prints_usage_and_the_commands() -> None:
 
     assert result.exit_code in (0, 2)  # click >= 8.2 treats it as a usage error, 8.1 not
     for command in ("status", "list", "events", "terminate", "retry-rollback", "recover",
-                    "demo", "metrics", "health"):
+                    "demo", "metrics", "health", "send-event", "redrive", "rollback"):
         assert command in result.output
 
 
