@@ -99,3 +99,18 @@ def test_concurrent_claims_share_out_each_timer_once(backend: Backend) -> None:
     for t in pollers:
         t.join()
     assert sorted(got) == sorted(timers)
+
+
+def test_a_commit_taking_a_lease_records_its_timers_too(store: SagaStore) -> None:
+    """With a lease in the same commit (one more key for the script), the timer is recorded
+    and the lease taken."""
+    from saga_celery._store import LeaseAction, LeaseChange
+
+    run = make_run("order-t8")
+    assert store.create(run, [make_event(run, "saga_queued")])
+    timer = Timer(run.id, "step:reserve#1:2", NOW)
+    lease = LeaseChange("step:reserve#1", "token-1", LeaseAction.ACQUIRE, 30_000)
+    assert store.commit(run, version=1, events=[], lease=lease, timers=[timer])
+    loaded = store.load(run.id, lease="step:reserve#1")
+    assert loaded is not None and loaded.lease_holder == "token-1"
+    assert store.claim_timers(NOW, 30_000) == [timer]
