@@ -26,9 +26,9 @@ from saga_celery._core.events import (
     Transition,
 )
 from saga_celery._core.machine import apply_owned, start_saga
-from saga_celery._core.model import FORMAT, Kind, Plan, SagaRun, SagaStatus
+from saga_celery._core.model import FORMAT, Dispatch, Kind, Plan, SagaRun, SagaStatus
 from saga_celery._errors import SagaConflictError, SagaNotFoundError, SagaStoreError
-from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot
+from saga_celery._store.base import LeaseAction, LeaseChange, SagaStore, Snapshot, Timer
 from saga_celery._store.encoding import encode_progress
 from saga_celery._store.journal import MAX_ENTRIES, encode_entry
 
@@ -81,9 +81,12 @@ class Engine:
     """
 
     def __init__(self, store: SagaStore, *, clock: Callable[[], datetime] = utcnow,
-                 cache_size: int = 1024) -> None:
+                 cache_size: int = 1024,
+                 max_countdown_s: Callable[[], float | None] = lambda: None) -> None:
         self.store = store
         self.clock = clock
+        self.max_countdown_s = max_countdown_s
+        """The longest delay a Celery countdown may carry; None: no limit (no timers)."""
         self._local = threading.local()
         self._cache_size = cache_size
         self.on_ended: Callable[[SagaRun], None] | None = None
@@ -119,6 +122,9 @@ class Engine:
                                 now=self.clock(), format=format)
         events = _with_ids(transition.events, saga_id, 1)
         if self.store.create(transition.run, events):
+            # A saga that starts with a waiting stage: its timer right after the creation
+            # (the recovery sweep puts it back if a crash falls between the two).
+            self.store.add_timers(self.timers_of(transition))
             _log(events)
             return transition, True
         existing = self.load(saga_id).run
@@ -246,8 +252,14 @@ class Engine:
         version = snapshot.version
         events = _with_ids(transition.events, transition.run.id, version + 1)
         terminal = transition.run.is_terminal and not was_terminal
-        ok = self.store.commit(transition.run, version=version, events=events, lease=change,
-                               terminal=terminal, journal=journal)
+        timers = self.timers_of(transition)
+        if timers:
+            ok = self.store.commit(transition.run, version=version, events=events,
+                                   lease=change, terminal=terminal, journal=journal,
+                                   timers=timers)
+        else:  # the path of every saga that does not wait, exactly as before timers
+            ok = self.store.commit(transition.run, version=version, events=events,
+                                   lease=change, terminal=terminal, journal=journal)
         if ok:
             self._committed(Snapshot(transition.run, version + 1, None,
                                      snapshot.journal + 1 if journal else 0), transition)
@@ -260,11 +272,36 @@ class Engine:
                            Snapshot(transition.run, stored.version, None, stored.journal))
         _log(transition.events)  # ``_commit`` gave them their ids
 
+    def timers_of(self, transition: Transition) -> list[Timer]:
+        """The timers to record with ``transition``: its messages due later than a Celery
+        countdown may wait (SPEC section 8)."""
+        if not transition.dispatches:
+            return []
+        limit = self.max_countdown_s()
+        if limit is None and not transition.run.plan.waits:
+            return []
+        run, now = transition.run, self.clock()
+        return [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in transition.dispatches
+                if is_long(d, now, limit)]
+
     def release(self, saga_id: str, lease: Lease) -> None:
         self.store.release_lease(saga_id, lease.name, lease.token)
 
     def renew(self, saga_id: str, lease: Lease) -> bool:
         return self.store.renew_lease(saga_id, lease.name, lease.token, lease.ttl_ms)
+
+
+def epoch_ms(when: datetime) -> int:
+    return int(when.timestamp() * 1000)
+
+
+def is_long(dispatch: Dispatch, now: datetime, max_countdown_s: float | None) -> bool:
+    """Whether ``dispatch`` waits as a timer in the store: a waiting stage's wake-up always
+    (it is no message), a message when due later than a Celery countdown may wait."""
+    if dispatch.kind == Kind.WAKE:
+        return True
+    return (max_countdown_s is not None
+            and (dispatch.due_at - now).total_seconds() > max_countdown_s)
 
 
 def _of_format(lease: Lease | None, event: Event, format: int) -> Lease | None:

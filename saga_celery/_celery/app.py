@@ -11,7 +11,7 @@ from celery import Celery, bootsteps
 from kombu import Queue
 
 from saga_celery._celery.coordinator import Coordinator, SagaReader
-from saga_celery._celery.definition import SagaDefinition
+from saga_celery._celery.definition import SagaDefinition, WaitStage, sleep_stage, wait_stage
 from saga_celery._celery.dispatch import Dispatcher, Outlet
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.recovery import recover
@@ -34,6 +34,7 @@ from saga_celery._celery.tasks import (
     time_limits,
     unwrap,
 )
+from saga_celery._celery.timers import Countdowns, TimerPoller, fire_due, timer_step
 from saga_celery._celery.typed import (
     Duration,
     P,
@@ -85,6 +86,9 @@ class SagaApp:
     can run again).  ``retention`` is how long a finished saga's state is kept.
     ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
     and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
+    ``max_countdown`` is the longest delay sent as a Celery countdown; a longer one waits as
+    a timer in the saga store (default: a quarter of the Redis transport's visibility
+    timeout, at most 5 minutes; SPEC section 8).
     ``write_format`` is the format new sagas are created in (README "Upgrading"): the newest when
     None; 1 while processes of 0.1.0 may still run, so they can read every saga.
     """
@@ -107,6 +111,7 @@ class SagaApp:
         redis: StoreClient | None = None,
         durable_replicas: int = 0,
         durable_timeout: object = "1 second",
+        max_countdown: object = None,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
         self.app = app
@@ -122,8 +127,9 @@ class SagaApp:
             store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
                                         retention_ms=retention_ms, durability=durability)
         self._store = store
-        self._engine = Engine(store, clock=utcnow)
-        self._dispatcher = Dispatcher(app, utcnow)
+        self._countdowns = Countdowns(app, _max_countdown_s(max_countdown))
+        self._engine = Engine(store, clock=utcnow, max_countdown_s=self._countdowns)
+        self._dispatcher = Dispatcher(app, utcnow, self._countdowns)
         self._runtime = Runtime(self._engine, self._dispatcher, RuntimeSettings(
             lease_ttl_ms=_positive_ms("lease_ttl", lease_ttl), max_output_bytes=max_output_bytes))
         self._coordinator = Coordinator(self._engine, self._dispatcher,
@@ -137,6 +143,8 @@ class SagaApp:
             milliseconds=_positive_ms("recovery_interval", recovery_interval))
         self._register_recovery(self.recovery_interval.total_seconds())
         app.steps["worker"].add(_worker_check(self._check_worker))
+        app.steps["worker"].add(timer_step(lambda: TimerPoller(
+            lambda: fire_due(self._engine, self._dispatcher))))
 
     def _register_recovery(self, interval_s: float) -> None:
         """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""
@@ -251,6 +259,7 @@ class SagaApp:
         saga task against the visibility timeout again; ``SagaConfigError`` stops the worker."""
         restore_defaults(self.app)
         warn_if_restore_is_slow(self.app)
+        self._countdowns.refresh()
         for task in list(self.app.tasks.values()):
             if isinstance(task, SagaTask) and task.saga_runtime is self._runtime:
                 owner = (_rollback_of(task.saga_step_name)
@@ -277,11 +286,28 @@ class SagaApp:
     # --- sagas -----------------------------------------------------------------------
 
     def saga(self, name: str, stages: Sequence[Any], *, rollback_mode: str = "sequential",
-             on_rollback_error: str = "halt") -> SagaDefinition:
-        """Declare a saga: a list of stages, each a step signature or a ``group`` of them."""
+             on_rollback_error: str = "halt", on_failure: str = "rollback",
+             hold_timeout: Duration | None = None) -> SagaDefinition:
+        """Declare a saga: a list of stages, each a step signature or a ``group`` of them
+        (or a ``sleep`` / ``wait_for_event``).  ``on_failure="hold"``: a step failing for
+        good holds the saga for ``redrive()`` or ``rollback()`` (at most ``hold_timeout``,
+        then it rolls back) instead of rolling it back (SPEC section 8)."""
         return SagaDefinition(name, stages, tasks=self.app.tasks,
                               coordinator=self._coordinator, reader=self.reader,
-                              rollback_mode=rollback_mode, on_rollback_error=on_rollback_error)
+                              rollback_mode=rollback_mode, on_rollback_error=on_rollback_error,
+                              on_failure=on_failure, hold_timeout=hold_timeout)
+
+    def sleep(self, duration: Duration, *, name: str = "sleep") -> WaitStage:
+        """A stage that waits ``duration`` (SPEC section 8), passing the previous stage's
+        output on: ``sagas.saga("order", [charge.s(), sagas.sleep("1 day"), ship.s()])``."""
+        return sleep_stage(duration, name)
+
+    def wait_for_event(self, event_type: str, *, timeout: Duration | None = None,
+                       name: str | None = None) -> WaitStage:
+        """A stage that waits for ``run.send_event(event_type, payload)``; its output is the
+        payload.  With ``timeout``, the saga fails (``EventTimeoutError``) and rolls back when
+        no such event came in time."""
+        return wait_stage(event_type, timeout, name)
 
     def run(self, saga_id: str) -> SagaHandle:
         """A handle on an existing saga; ``SagaNotFoundError`` if there is none."""
@@ -366,6 +392,11 @@ def _durability(replicas: int, timeout: object) -> Durability | None:
     if replicas == 0:
         return None
     return Durability(replicas=replicas, timeout_ms=_positive_ms("durable_timeout", timeout))
+
+
+def _max_countdown_s(value: object) -> float | None:
+    """``SagaApp(max_countdown=...)`` in seconds; None: the default (``timers.py``)."""
+    return None if value is None else _positive_ms("max_countdown", value) / 1000
 
 
 def _positive_ms(field: str, value: object) -> int:

@@ -16,7 +16,8 @@ message in a newer one is refused (``SagaFormatError``), not misread."""
 
 _TEXT = ("saga_id", "key", "step")
 _NUMBERS = ("count", "attempt")
-_KINDS = {kind.value: kind for kind in Kind}
+_KINDS = {kind.value: kind for kind in (Kind.STEP, Kind.ROLLBACK)}
+"""What a task message runs (a ``wake`` is a timer's, never a message's: ``timers.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +81,9 @@ class Control:
         behind = value.get("behind", 0)
         if not isinstance(behind, int) or isinstance(behind, bool) or behind < 0:
             raise _invalid(value, "behind", "a non-negative integer or absent")
-        try:
-            kind = Kind(value["kind"])
-        except ValueError:
-            raise _invalid(value, "kind", f"one of {', '.join(k.value for k in Kind)}") from None
+        kind = _KINDS.get(value["kind"])
+        if kind is None:
+            raise _invalid(value, "kind", f"one of {', '.join(_KINDS)}")
         return cls(saga_id=value["saga_id"], kind=kind, key=value["key"], step=value["step"],
                    count=value["count"], attempt=value["attempt"], after=after, behind=behind)
 

@@ -8,17 +8,18 @@ them holds the app, the engine, the store or the dispatcher.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from pydantic import JsonValue
 
 from saga_celery._celery.dispatch import Dispatcher
-from saga_celery._core.events import Event
-from saga_celery._core.model import Plan, SagaRun
+from saga_celery._core.events import Event, EventSent
+from saga_celery._core.model import WAIT_FORMAT, Plan, SagaRun
 from saga_celery._core.state import SagaState, to_state
 from saga_celery._engine import Engine
-from saga_celery._errors import SagaNotFoundError, SagaStateError
+from saga_celery._errors import SagaError, SagaNotFoundError, SagaStateError
 from saga_celery._store.base import CorruptRecord, SagaStore, SweepRecord
 
 LIST_SCAN_FACTOR = 10
@@ -101,10 +102,38 @@ class Coordinator:
         """The largest JSON a saga's params may take (they are rewritten by every commit)."""
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue) -> None:
-        """Create the saga (or find it, with the same params) and send its first messages."""
+        """Create the saga (or find it, with the same params) and send its first messages.
+        A saga that waits is created in format 3 (``WAIT_FORMAT``), whatever the default."""
+        written = WAIT_FORMAT if plan.waits else self.write_format
         transition, _ = self._engine.submit(saga_id=saga_id, name=name, plan=plan,
-                                            params=params, format=self.write_format)
+                                            params=params, format=written)
         self._dispatcher.send(transition.run, transition.dispatches)
+
+    def send_event(self, saga_id: str, event_type: str, payload: object,
+                   event_id: str | None) -> SagaState:
+        """Deliver an event to the saga's waits (SPEC section 8); ``SagaNotFoundError`` for
+        an unknown id, ``SagaStateError`` for a terminal saga, ``SagaError`` for bad input."""
+        event = EventSent(event_type=_checked_name(event_type, "event_type"),
+                          payload=self._checked_payload(payload, saga_id),
+                          event_id=None if event_id is None else _checked_name(event_id,
+                                                                               "event_id"))
+        return self.request(saga_id, event)
+
+    def _checked_payload(self, payload: object, saga_id: str) -> JsonValue:
+        """The payload as the wait's output will hold it: JSON, at most ``max_params_bytes``."""
+        try:
+            text = json.dumps(payload, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise SagaError(f"the payload of an event for saga {saga_id!r} must be "
+                            f"JSON-serializable: {exc}", saga_id=saga_id) from exc
+        if len(text.encode()) > self.max_params_bytes:
+            raise SagaError(
+                f"the payload of an event for saga {saga_id!r} is {len(text.encode())} bytes "
+                f"of JSON, over the limit of {self.max_params_bytes} "
+                "(SagaApp(max_output_bytes=...)): send a reference to the data instead",
+                saga_id=saga_id)
+        value: JsonValue = json.loads(text)
+        return value
 
     def request(self, saga_id: str, event: Event) -> SagaState:
         """Apply an owner's request (terminate, retry the rollback); ``SagaStateError`` if
@@ -114,3 +143,14 @@ class Coordinator:
             raise SagaStateError(transition.refusal, saga_id=saga_id)
         self._dispatcher.send(transition.run, transition.dispatches)
         return to_state(transition.run)
+
+
+NAME_LIMIT = 200
+"""The longest event type or event id taken (they are stored with the saga)."""
+
+
+def _checked_name(value: object, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > NAME_LIMIT:
+        raise SagaError(f"{field} must be a non-empty string of at most {NAME_LIMIT} "
+                        f"characters, not {value!r}")
+    return value

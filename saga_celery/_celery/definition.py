@@ -15,7 +15,18 @@ from celery.canvas import Signature, chord, group
 from saga_celery._celery.coordinator import Coordinator, SagaReader
 from saga_celery._celery.handle import SagaHandle
 from saga_celery._celery.tasks import SagaStepTask
-from saga_celery._core.model import OnRollbackError, Plan, RollbackMode, StepSpec
+from saga_celery._core.durations import parse_duration
+from saga_celery._core.model import (
+    Backoff,
+    OnFailure,
+    OnRollbackError,
+    Plan,
+    Policy,
+    RollbackMode,
+    StepSpec,
+    WaitKind,
+    WaitSpec,
+)
 from saga_celery._errors import SagaDefinitionError, SagaError
 
 SAGA_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,199}$")
@@ -26,14 +37,22 @@ class SagaDefinition:
 
     def __init__(self, name: str, stages: Sequence[Any], *, tasks: Mapping[str, Any],
                  coordinator: Coordinator, reader: SagaReader, rollback_mode: str,
-                 on_rollback_error: str) -> None:
+                 on_rollback_error: str, on_failure: str = "rollback",
+                 hold_timeout: object = None) -> None:
         self._coordinator = coordinator
         self._reader = reader
         self.name = name
+        failure = _choice(OnFailure, "on_failure", on_failure)
+        if hold_timeout is not None and failure != OnFailure.HOLD:
+            raise SagaDefinitionError(f"saga {name!r}: hold_timeout applies to "
+                                      "on_failure='hold' only")
         self.plan = Plan(stages=_stages(tasks, name, stages),
                          rollback_mode=_choice(RollbackMode, "rollback_mode", rollback_mode),
                          on_rollback_error=_choice(OnRollbackError, "on_rollback_error",
-                                                   on_rollback_error))
+                                                   on_rollback_error),
+                         on_failure=failure,
+                         hold_timeout_ms=None if hold_timeout is None
+                         else _positive_ms(hold_timeout, f"hold_timeout of saga {name!r}"))
 
     def apply_async(self, *, saga_id: str | None = None, params: Any = None) -> SagaHandle:
         """Start a run (or return the existing one with this ``saga_id`` and params)."""
@@ -58,7 +77,7 @@ def _checked_id(saga_id: str | None) -> str:
     return saga_id
 
 
-_E = TypeVar("_E", RollbackMode, OnRollbackError)
+_E = TypeVar("_E", RollbackMode, OnRollbackError, OnFailure)
 
 
 def _choice(enum: type[_E], field: str, value: str) -> _E:
@@ -101,6 +120,9 @@ def _stages(tasks: Mapping[str, Any], name: str, stages: Sequence[Any]
     counts: Counter[str] = Counter()
     plan = []
     for index, item in enumerate(stages):
+        if isinstance(item, WaitStage):
+            plan.append([item.spec(index, counts)])
+            continue
         in_group = isinstance(item, group)
         members = list(item.tasks) if in_group else [item]
         if not members:
@@ -113,6 +135,9 @@ def _stages(tasks: Mapping[str, Any], name: str, stages: Sequence[Any]
 def _spec(tasks: Mapping[str, Any], saga: str, item: Any, stage: int, index: int,
           in_group: bool,
           counts: Counter[str]) -> StepSpec:
+    if isinstance(item, WaitStage):
+        raise SagaDefinitionError(f"saga {saga!r}, stage {stage}: {item!r} is in a group; a "
+                                  "sleep or wait_for_event is a stage of its own")
     sig = item.s() if isinstance(item, Task) else item
     if not isinstance(sig, Signature) or isinstance(sig, chord | group) or (
             sig.subtask_type == "chain"):  # a | b is no instance of the public ``chain``
@@ -134,3 +159,60 @@ def _spec(tasks: Mapping[str, Any], saga: str, item: Any, stage: int, index: int
         rollback_task=None if rollback is None else rollback.name,
         rollback_policy=None if rollback is None else rollback.saga_config.policy(),
     )
+
+
+_NO_RETRIES = Policy(limit=0, delay_ms=0.0, backoff=Backoff.CONSTANT, timeout_ms=0.0)
+"""A waiting stage's policy: it runs no task, and is never retried."""
+
+
+class WaitStage:
+    """A stage that waits (SPEC section 8): ``sagas.sleep(...)`` or
+    ``sagas.wait_for_event(...)``, placed in ``sagas.saga(name, [...])`` like a step."""
+
+    def __init__(self, wait: WaitSpec, name: str) -> None:
+        self.wait = wait
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<WaitStage {self.name!r} {self.wait.kind}>"
+
+    def spec(self, stage: int, counts: Counter[str]) -> StepSpec:
+        counts[self.name] += 1
+        count = counts[self.name]
+        return StepSpec(key=f"{self.name}#{count}", name=self.name, count=count, stage=stage,
+                        index=0, task="", policy=_NO_RETRIES, wait=self.wait)
+
+
+def sleep_stage(duration: object, name: str) -> WaitStage:
+    """``sagas.sleep(duration, name=...)``: SagaDefinitionError for a bad duration or name."""
+    stage = _stage_name(name)
+    return WaitStage(WaitSpec(kind=WaitKind.SLEEP,
+                              duration_ms=_positive_ms(duration, f"sleep {stage!r}")), stage)
+
+
+def wait_stage(event_type: str, timeout: object, name: str | None) -> WaitStage:
+    """``sagas.wait_for_event(event_type, timeout=..., name=...)``."""
+    if not isinstance(event_type, str) or not event_type or len(event_type) > 200:
+        raise SagaDefinitionError(f"wait_for_event: event_type must be a non-empty string of "
+                                  f"at most 200 characters, not {event_type!r}")
+    stage = _stage_name(name if name is not None else f"wait:{event_type}")
+    limit = None if timeout is None else _positive_ms(timeout, f"timeout of {stage!r}")
+    return WaitStage(WaitSpec(kind=WaitKind.WAIT, duration_ms=limit, event_type=event_type),
+                     stage)
+
+
+def _stage_name(name: object) -> str:
+    if not isinstance(name, str) or not name or len(name) > 200 or "#" in name:
+        raise SagaDefinitionError(f"a waiting stage's name must be a non-empty string of at "
+                                  f"most 200 characters without '#', not {name!r}")
+    return name
+
+
+def _positive_ms(value: object, owner: str) -> float:
+    try:
+        duration = parse_duration(value)
+    except ValueError as exc:
+        raise SagaDefinitionError(f"{owner}: {exc}") from exc
+    if duration.total_seconds() <= 0:
+        raise SagaDefinitionError(f"{owner}: the duration must be positive, got {value!r}")
+    return duration.total_seconds() * 1000

@@ -20,6 +20,7 @@ from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
+from saga_celery._engine import is_long
 from saga_celery._internals import kombu as kombu_internals
 from saga_celery._store.connections import ThreadConnections
 
@@ -101,9 +102,13 @@ class Dispatcher:
     messages are out; on any other transport it publishes through Celery's producer pool.
     """
 
-    def __init__(self, app: Celery, clock: Callable[[], datetime]) -> None:
+    def __init__(self, app: Celery, clock: Callable[[], datetime],
+                 max_countdown_s: Callable[[], float | None] = lambda: None) -> None:
         self.app = app
         self.clock = clock
+        self.max_countdown_s = max_countdown_s
+        """The longest countdown a message is sent with; a later one is a timer's, sent by
+        the timer poller when due (``timers.py``).  None: no limit."""
         self._local = threading.local()
         self._acks_in_task: bool | None = None
         self.outlet: Outlet | None = None
@@ -115,11 +120,22 @@ class Dispatcher:
 
     def send(self, run: SagaRun, dispatches: Sequence[Dispatch], *,
              after: int | None = None, ack: LateAck | None = None) -> None:
-        """Publish the messages of ``dispatches``, then send ``ack`` if still pending."""
+        """Publish the messages of ``dispatches``, then send ``ack`` if still pending.
+
+        A message due later than ``max_countdown_s`` is not sent: its timer is in the store,
+        recorded with the commit that decided it (``Engine.timers_of``)."""
         if dispatches:
             now = self.clock()
-            self._publish([build_message(run, d, now, after) for d in dispatches])
+            limit = self.max_countdown_s()
+            messages = [build_message(run, d, now, after) for d in dispatches
+                        if not is_long(d, now, limit)]
+            if messages:
+                self._publish(messages)
         self._ack(ack)
+
+    def is_timer(self, dispatch: Dispatch) -> bool:
+        """Whether ``dispatch`` waits as a timer in the store rather than as a countdown."""
+        return is_long(dispatch, self.clock(), self.max_countdown_s())
 
     def acks_in_task(self) -> bool:
         """Whether saga tasks acknowledge their own messages (``acks.py``); read once."""

@@ -6,7 +6,12 @@ import time
 from typing import Any
 
 from saga_celery._celery.coordinator import Coordinator, SagaReader
-from saga_celery._core.events import RetryRollbackRequested, TerminateRequested
+from saga_celery._core.events import (
+    RedriveRequested,
+    RetryRollbackRequested,
+    RollbackRequested,
+    TerminateRequested,
+)
 from saga_celery._core.state import SagaState
 
 WAIT_BLOCK_MS = 1000
@@ -62,6 +67,24 @@ class SagaHandle:
         """Stop the saga: no new step starts; with ``rollback=True`` compensate what started."""
         return self._coordinator.request(self.id, TerminateRequested(rollback=rollback,
                                                                      reason=reason))
+
+    def send_event(self, event_type: str, payload: Any = None,
+                   event_id: str | None = None) -> SagaState:
+        """Send an event to the saga (SPEC section 8): the ``wait_for_event`` stage waiting
+        for ``event_type`` ends with ``payload`` as its output; sent before that wait began,
+        it is kept for it (per type, oldest first).  The same ``event_id`` twice counts once.
+        ``SagaNotFoundError`` for an unknown id, ``SagaStateError`` once the saga ended."""
+        return self._coordinator.send_event(self.id, event_type, payload, event_id)
+
+    def redrive(self) -> SagaState:
+        """Run a held saga's failed steps again, with a fresh retry budget, as their tasks are
+        registered now (a fixed deploy is picked up); completed steps never run again.
+        ``SagaStateError`` unless the saga is ``held``."""
+        return self._coordinator.request(self.id, RedriveRequested())
+
+    def rollback(self) -> SagaState:
+        """Roll a held saga back, as for a failure; ``SagaStateError`` unless it is held."""
+        return self._coordinator.request(self.id, RollbackRequested())
 
     def retry_rollback(self) -> SagaState:
         """Resume a rollback whose outcome is ``failed``, each handler with a fresh budget."""

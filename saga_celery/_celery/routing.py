@@ -125,16 +125,16 @@ def visibility_timeout(app: Celery) -> float | None:
 
 
 def check_visibility_timeout(app: Celery, owner: str, config: StepConfig) -> None:
-    """Refuse (``SagaConfigError``) a saga task whose message Redis would redeliver while it
-    is still due: its longest retry delay plus timeout and hard-limit grace must stay below
-    the visibility timeout.  The one home of this rule: decoration and worker start call it.
+    """Refuse (``SagaConfigError``) a saga task whose running attempt Redis would redeliver:
+    its timeout plus hard-limit grace must stay below the visibility timeout.  Retry delays
+    are not limited: one longer than ``max_countdown`` waits as a timer in the saga store
+    (SPEC section 8).  The one home of this rule: decoration and worker start call it.
     """
     limit = visibility_timeout(app)
-    longest = config.longest_wait_s() + TIME_LIMIT_GRACE_S
+    longest = config.timeout.total_seconds() + TIME_LIMIT_GRACE_S
     if limit is not None and longest >= limit:
         raise SagaConfigError(
-            f"{owner!r}: its longest retry delay plus timeout and hard-limit grace "
-            f"({longest:g} s) must stay below the Redis transport's "
-            f"visibility_timeout ({limit:g} s), or Redis redelivers waiting messages. "
-            "Lower retries.delay / retries.max_delay / timeout, or raise "
+            f"{owner!r}: its timeout plus hard-limit grace ({longest:g} s) must stay below "
+            f"the Redis transport's visibility_timeout ({limit:g} s), or Redis redelivers "
+            "the message of a running attempt. Lower timeout, or raise "
             "broker_transport_options['visibility_timeout'].", step=owner)

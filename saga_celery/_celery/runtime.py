@@ -266,6 +266,8 @@ class Runtime:
         # Celery's retry publishes through the broker itself; with no broker (the dispatcher's
         # outlet, in process) the retry goes out as every other message, with its countdown.
         retry = _own_retry(transition, control) if self.dispatcher.outlet is None else None
+        if retry is not None and self.dispatcher.is_timer(retry):
+            retry = None  # waits as a timer in the store: the task just ends, failed
         self.dispatcher.send(transition.run, [d for d in transition.dispatches if d is not retry])
         if retry is not None:
             self._retry(task, transition.run, retry, exc)

@@ -39,7 +39,7 @@ def open_attempt(item: Item) -> AttemptRecord | None:
 
 
 def budget_base(item: Item) -> int:
-    return item.budget_base if isinstance(item, RollbackRun) else 1
+    return item.budget_base
 
 
 def policy_of(ctx: Ctx, kind: Kind, key: str) -> Policy:

@@ -61,18 +61,6 @@ class StepConfig(BaseModel):
             timeout_ms=_ms(self.timeout),
         )
 
-    def longest_wait_s(self) -> float:
-        """The longest retry delay plus the timeout: what a broker must keep a message for."""
-        r = self.retries
-        longest_delay = r.delay.total_seconds() if r.limit > 0 else 0.0
-        if r.backoff == Backoff.LINEAR:
-            longest_delay *= max(r.limit, 1)
-        elif r.backoff == Backoff.EXPONENTIAL:
-            longest_delay *= 2 ** max(r.limit - 1, 0)
-        if r.max_delay is not None:
-            longest_delay = min(longest_delay, r.max_delay.total_seconds())
-        return longest_delay + self.timeout.total_seconds()
-
 
 def _ms(value: timedelta) -> float:
     return value.total_seconds() * 1000.0

@@ -60,6 +60,29 @@ class RetryRollbackRequested(_Event):
     pass
 
 
+class WakeUp(_Event):
+    """A waiting stage's timer fired: a sleep ends, or a wait times out (SPEC section 8)."""
+
+    key: str
+    attempt: int = 1
+
+
+class EventSent(_Event):
+    """``send_event``: an event for the saga's waits, taken now or kept for a later one."""
+
+    event_type: str
+    payload: JsonValue = None
+    event_id: str | None = None
+
+
+class RedriveRequested(_Event):
+    """``redrive()``: a held saga runs its failed steps again, with a fresh retry budget."""
+
+
+class RollbackRequested(_Event):
+    """``rollback()``: a held saga rolls back as for a failure."""
+
+
 class RecoverySwept(_Event):
     """The recovery sweep looked at this saga: re-send what is overdue, and record it."""
 
@@ -70,7 +93,7 @@ class RecoverySwept(_Event):
 
 Event = (
     AttemptStarted | AttemptSucceeded | AttemptFailed | TerminateRequested | RetryRollbackRequested
-    | RecoverySwept
+    | RecoverySwept | WakeUp | EventSent | RedriveRequested | RollbackRequested
 )
 
 

@@ -31,12 +31,17 @@ from saga_celery._core.events import (
     Ctx,
     Decision,
     Event,
+    EventSent,
     RecoverySwept,
+    RedriveRequested,
     RetryRollbackRequested,
+    RollbackRequested,
     TerminateRequested,
     Transition,
+    WakeUp,
     error_fields,
 )
+from saga_celery._core.holding import HOLD_KEY, hold, holds, is_hold_timer, redrive, release
 from saga_celery._core.model import (
     FORMAT,
     AttemptRecord,
@@ -58,6 +63,7 @@ from saga_celery._core.rollback import (
     maybe_finish,
     resume_rollback,
 )
+from saga_celery._core.waiting import begin_wait, deliver, wake
 
 WORKER_LOST_LIMIT = 3
 """Worker losses on one attempt after which it counts as failed (``WorkerLost``)."""
@@ -100,11 +106,23 @@ def apply_owned(run: SagaRun, event: Event, *, now: datetime) -> Transition:
         return _on_failed(ctx, event)
     if isinstance(event, TerminateRequested):
         return _on_terminate(ctx, event)
+    if isinstance(event, WakeUp):
+        return _on_wake(ctx, event)
+    if isinstance(event, EventSent):
+        return _on_event(ctx, event)
     if isinstance(event, RecoverySwept):
         if not ctx.run.is_terminal:
             sweep(ctx, event)
         return ctx.transition()
+    if isinstance(event, RedriveRequested):
+        return _refused_or(ctx, redrive(ctx))
+    if isinstance(event, RollbackRequested):
+        return _on_rollback_requested(ctx)
     return _on_retry_rollback(ctx, event)
+
+
+def _refused_or(ctx: Ctx, refusal: str | None) -> Transition:
+    return ctx.transition() if refusal is None else _refuse(ctx.run, refusal)
 
 
 def _refuse(run: SagaRun, reason: str) -> Transition:
@@ -268,7 +286,10 @@ def _after_step(ctx: Ctx, step: StepRun, error: ErrorInfo | None = None) -> None
         advance_rollback(ctx)
         maybe_finish(ctx)
     elif error is not None:
-        fail_saga(ctx, error)
+        if holds(ctx, error):
+            hold(ctx, error)
+        else:
+            fail_saga(ctx, error)
     elif all(run.steps[s.key].status == StepStatus.COMPLETE for s in run.plan.stages[step.stage]):
         if step.stage + 1 < len(run.plan.stages):
             _send_stage(ctx, step.stage + 1)
@@ -278,7 +299,57 @@ def _after_step(ctx: Ctx, step: StepRun, error: ErrorInfo | None = None) -> None
 
 def _send_stage(ctx: Ctx, stage: int) -> None:
     for spec in ctx.run.plan.stages[stage]:
-        send_attempt(ctx, Kind.STEP, spec.key, ctx.run.steps[spec.key], 1)
+        if spec.wait is None:
+            send_attempt(ctx, Kind.STEP, spec.key, ctx.run.steps[spec.key], 1)
+        else:
+            _begin_wait(ctx, ctx.run.steps[spec.key])
+
+
+def _begin_wait(ctx: Ctx, step: StepRun) -> None:
+    """A waiting stage begins (SPEC section 8): no task runs; it ends on a timer or event."""
+    run = ctx.run
+    if run.status == SagaStatus.QUEUED:
+        run.status = SagaStatus.RUNNING
+        run.started_at = ctx.now
+        ctx.emit("saga_started")
+    step.start_seq = run.next_seq
+    run.next_seq += 1
+    spec = run.plan.spec(step.key)
+    assert spec.wait is not None
+    previous = stage_output(run, step.stage - 1) if step.stage > 0 else None
+    if begin_wait(ctx, step, spec.wait, previous):
+        _after_step(ctx, step)
+
+
+def _on_wake(ctx: Ctx, ev: WakeUp) -> Transition:
+    """A waiting stage's timer fired: the sleep is over, or the wait timed out; or a held
+    saga's hold timeout passed: it rolls back."""
+    if ev.key == HOLD_KEY:
+        if is_hold_timer(ev.key, ev.attempt, ctx):
+            _roll_back_held(ctx)
+        return ctx.transition()
+    if ctx.run.is_terminal or ev.key not in ctx.run.steps:
+        return ctx.transition()
+    ended = wake(ctx, ev)
+    if ended is not None:
+        step, error = ended
+        if error is not None:
+            ctx.emit("step_errored", step=step.name, count=step.count,
+                     error=error_fields(error))
+        _after_step(ctx, step, error)
+    return ctx.transition()
+
+
+def _on_event(ctx: Ctx, ev: EventSent) -> Transition:
+    """``send_event``: taken by the wait for its type, or kept for a later one."""
+    run = ctx.run
+    if run.is_terminal:
+        return _refuse(run, f"saga {run.id!r} is already {run.status}: it takes no more "
+                            f"events (got {ev.event_type!r})")
+    step = deliver(ctx, ev)
+    if step is not None:
+        _after_step(ctx, step)
+    return ctx.transition()
 
 
 def _complete(ctx: Ctx) -> None:
@@ -304,10 +375,27 @@ def _ids(step: StepRun, attempt: int) -> dict[str, Any]:
 # --- requests from the saga's owner ------------------------------------------------------
 
 
+def _on_rollback_requested(ctx: Ctx) -> Transition:
+    """``rollback()`` of a held saga: the rollback starts as for a failure."""
+    if not _roll_back_held(ctx):
+        return _refuse(ctx.run, f"saga {ctx.run.id!r} is {ctx.run.status}: only a held saga "
+                                "can be rolled back with rollback()")
+    return ctx.transition()
+
+
+def _roll_back_held(ctx: Ctx) -> bool:
+    error = release(ctx)
+    if error is None:
+        return False
+    fail_saga(ctx, error)
+    return True
+
+
 def _on_terminate(ctx: Ctx, ev: TerminateRequested) -> Transition:
     run = ctx.run
     if run.is_terminal:
         return _refuse(run, f"saga {run.id!r} is already {run.status}: nothing to terminate")
+    release(ctx)  # a held saga is terminated as a running one
     if run.error is not None:  # already stopping: recorded, and the rollback goes on as it is
         ctx.emit("terminate_requested", rollback=ev.rollback, reason=ev.reason)
         return ctx.transition()

@@ -21,6 +21,9 @@ class SagaStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     ROLLING_BACK = "rolling_back"
+    HELD = "held"
+    """A step failed for good and the saga's ``on_failure`` is ``"hold"``: nothing is undone
+    until ``redrive()``, ``rollback()``, ``terminate()`` or the hold timeout (format 3)."""
     COMPLETE = "complete"
     ERRORED = "errored"
     TERMINATED = "terminated"
@@ -51,6 +54,16 @@ class Kind(StrEnum):
 
     STEP = "step"
     ROLLBACK = "rollback"
+    WAKE = "wake"
+    """Not a task message: the end of a sleep or of a wait's timeout (SPEC section 8),
+    always a timer in the store, applied by the worker that fires it."""
+
+
+class WaitKind(StrEnum):
+    """A stage that waits instead of running a task (SPEC section 8)."""
+
+    SLEEP = "sleep"
+    WAIT = "wait"
 
 
 class Backoff(StrEnum):
@@ -62,6 +75,13 @@ class Backoff(StrEnum):
 class RollbackMode(StrEnum):
     SEQUENTIAL = "sequential"
     PARALLEL = "parallel"
+
+
+class OnFailure(StrEnum):
+    """What a saga does when a step fails for good (SPEC section 8)."""
+
+    ROLLBACK = "rollback"
+    HOLD = "hold"
 
 
 class OnRollbackError(StrEnum):
@@ -102,6 +122,16 @@ class Policy(_Frozen):
     timeout_ms: float
 
 
+class WaitSpec(_Frozen):
+    """What a waiting stage waits for: time (``sleep``) or an event (``wait_for_event``)."""
+
+    kind: WaitKind
+    duration_ms: float | None = None
+    """A sleep's duration, or a wait's timeout (None: a wait without one)."""
+    event_type: str | None = None
+    """The event type a wait ends on."""
+
+
 class StepSpec(_Frozen):
     """One step of the plan: what to run, with which arguments, and how to undo it."""
 
@@ -122,16 +152,29 @@ class StepSpec(_Frozen):
     policy: Policy
     rollback_task: str | None = None
     rollback_policy: Policy | None = None
+    wait: WaitSpec | None = None
+    """Set for a waiting stage (no task runs; ``task`` is empty).  Only in format 3."""
 
 
 class Plan(_Frozen):
     stages: list[list[StepSpec]]
     rollback_mode: RollbackMode = RollbackMode.SEQUENTIAL
     on_rollback_error: OnRollbackError = OnRollbackError.HALT
+    on_failure: OnFailure = OnFailure.ROLLBACK
+    """``hold``: a step failing for good holds the saga instead of rolling it back (format 3)."""
+    hold_timeout_ms: float | None = None
+    """How long a held saga waits for ``redrive()`` or ``rollback()`` before it rolls back."""
 
     def spec(self, key: str) -> StepSpec:
         """The step of the plan with this key; ``KeyError`` if there is none."""
         return self.specs_by_key[key]
+
+    @cached_property
+    def waits(self) -> bool:
+        """Whether the plan waits (SPEC section 8: a sleep or event stage, or hold on
+        failure): its sagas are written in format 3."""
+        return self.on_failure == OnFailure.HOLD or any(
+            s.wait is not None for stage in self.stages for s in stage)
 
     @cached_property
     def specs_by_key(self) -> dict[str, StepSpec]:
@@ -177,6 +220,8 @@ class StepRun(_Record):
     next_attempt: int | None = None
     """The attempt a message has been sent for and that has not started yet."""
     rollback: RollbackRun | None = None
+    budget_base: int = 1
+    """Attempt number that opened the current retry budget (``redrive()`` opens a new one)."""
 
 
 class RollbackProgress(_Record):
@@ -219,15 +264,29 @@ def dispatch_id(kind: Kind, key: str, attempt: int) -> str:
     return f"{kind.value}:{key}:{attempt}"
 
 
+class Hold(_Record):
+    """Why and since when a saga is held (SPEC section 8)."""
+
+    error: ErrorInfo
+    since: datetime
+    count: int = 1
+    """How many times the saga was held: its hold timer's attempt number."""
+
+
 class Termination(_Record):
     rollback: bool
     error: ErrorInfo
 
 
 FORMAT = 2
-"""The newest saga format this release writes (``SagaProgress.format``)."""
+"""The saga format this release writes by default (``SagaProgress.format``)."""
 
-FORMATS: frozenset[int] = frozenset({1, 2})
+WAIT_FORMAT = 3
+"""The format of a saga whose plan waits (SPEC section 8): format 2 plus waiting stages,
+buffered events and ``wake`` timers.  Written only for such sagas, so a saga that does not
+wait stays readable by a release that reads format 2."""
+
+FORMATS: frozenset[int] = frozenset({1, 2, 3})
 """The saga formats this release reads and runs."""
 
 
@@ -251,7 +310,14 @@ class SagaProgress(_Record):
     next_seq: int = 1
     rollback: RollbackProgress | None = None
     terminate: Termination | None = None
+    held: Hold | None = None
+    """Set while the saga is held (status ``held``), and kept after for its count."""
     outbox: dict[str, Dispatch] = Field(default_factory=dict)
+    inbox: dict[str, list[JsonValue]] = Field(default_factory=dict)
+    """Events sent before a wait for their type began: payloads per type, oldest first
+    (format 3; left out of the stored JSON while empty)."""
+    event_ids: list[str] = Field(default_factory=list)
+    """The ``event_id`` of every event taken so far: the same id again counts once."""
     format: int = 1
     """The format the saga was created in, kept for its life (CHANGELOG.md): 1 is 0.1.0's
     (idempotency keys joined with ':', a rollback's lease apart from its step's); 2 escapes
@@ -294,4 +360,12 @@ EventType = Literal[
     "rollback_completed",
     "rollback_errored",
     "terminate_requested",
+    "sleep_started",
+    "sleep_completed",
+    "wait_started",
+    "wait_completed",
+    "wait_timed_out",
+    "event_received",
+    "saga_held",
+    "saga_redriven",
 ]

@@ -1,5 +1,8 @@
 """What the recovery sweep re-sends, and how it backs off (pure).
 
+A waiting stage's ``wake`` entries are no messages: their timers fire them
+(``_celery/timers.py``), and the sweep only puts back a timer that is missing.
+
 A message recorded as due whose attempt has not started ``grace`` after its due time is
 re-sent; so is a running attempt whose lease lapsed (its worker is gone).  Each re-send is
 recorded, and the next one of the same message waits ``grace·2^resends`` (capped), so a
@@ -24,13 +27,16 @@ def _wait(grace: timedelta, resends: int) -> timedelta:
 
 def overdue(run: SagaRun, now: datetime, grace: timedelta) -> list[Dispatch]:
     """Outbox entries whose attempt has not started in time (backing off per re-send)."""
-    return [d for d in run.outbox.values() if d.due_at + _wait(grace, d.resends) <= now]
+    return [d for d in run.outbox.values()
+            if d.kind != Kind.WAKE and d.due_at + _wait(grace, d.resends) <= now]
 
 
 def stalled(run: SagaRun, now: datetime, grace: timedelta) -> list[tuple[Kind, str, int]]:
     """Running attempts old enough to be re-sent if their lease has lapsed."""
     found = []
     for step in run.steps.values():
+        if run.plan.spec(step.key).wait is not None:
+            continue  # a waiting stage runs no task: its timer, not a lease, ends it
         for kind, item in ((Kind.STEP, step), (Kind.ROLLBACK, step.rollback)):
             record = None if item is None else open_attempt(item)
             if record is not None and _since(record) + _wait(grace, record.resends) <= now:

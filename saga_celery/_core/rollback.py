@@ -17,6 +17,7 @@ from saga_celery._core.model import (
     StepRun,
     StepStatus,
 )
+from saga_celery._core.waiting import cancel_wait
 
 
 def fail_saga(ctx: Ctx, error: ErrorInfo, *, rollback: bool = True) -> None:
@@ -31,7 +32,9 @@ def fail_saga(ctx: Ctx, error: ErrorInfo, *, rollback: bool = True) -> None:
 
 
 def _stop_forward(ctx: Ctx, step: StepRun) -> None:
-    """Cancel what has not started; cancel pending retries; let running attempts finish."""
+    """Cancel what has not started, pending retries and waits; let running attempts finish."""
+    if cancel_wait(ctx, step):
+        return
     withdraw(ctx, Kind.STEP, step.key, step)
     if step.status == StepStatus.PENDING:
         step.status = StepStatus.CANCELLED

@@ -15,6 +15,7 @@ from saga_celery._core.model import (
     SagaStatus,
     StepRun,
     StepStatus,
+    WaitSpec,
 )
 
 
@@ -45,6 +46,8 @@ class StepView(_View):
     output: JsonValue
     attempts: list[AttemptView]
     rollback: StepRollbackView | None
+    kind: str = "step"
+    """``"step"``, or for a waiting stage (SPEC section 8) ``"sleep"`` or ``"wait"``."""
 
 
 class RollbackView(_View):
@@ -89,7 +92,7 @@ def _attempts(records: list[AttemptRecord]) -> list[AttemptView]:
     ]
 
 
-def _step(step: StepRun) -> StepView:
+def _step(step: StepRun, wait: WaitSpec | None) -> StepView:
     handler = step.rollback
     rollback = None
     if handler is not None:
@@ -97,7 +100,8 @@ def _step(step: StepRun) -> StepView:
                                     error=handler.error)
     return StepView(name=step.name, count=step.count, stage=step.stage,
                     start_seq=step.start_seq, status=step.status, output=step.output,
-                    attempts=_attempts(step.attempts), rollback=rollback)
+                    attempts=_attempts(step.attempts), rollback=rollback,
+                    kind="step" if wait is None else str(wait.kind))
 
 
 def to_state(run: SagaRun) -> SagaState:
@@ -109,7 +113,10 @@ def to_state(run: SagaRun) -> SagaState:
                                 completed_steps=progress.completed_steps)
     return SagaState(
         id=run.id, name=run.name, status=run.status, params=run.params, output=run.output,
-        error=run.error, created_at=run.created_at, started_at=run.started_at,
+        error=run.error or (run.held.error if run.status == SagaStatus.HELD and run.held
+                            else None),
+        created_at=run.created_at, started_at=run.started_at,
         ended_at=run.ended_at, rollback=rollback,
-        steps=[_step(run.steps[spec.key]) for stage in run.plan.stages for spec in stage],
+        steps=[_step(run.steps[spec.key], spec.wait) for stage in run.plan.stages
+               for spec in stage],
     )

@@ -7,6 +7,7 @@ from saga_celery._store.base import (
     SagaStore,
     Snapshot,
     SweepRecord,
+    Timer,
     active_pages,
 )
 from saga_celery._store.memory import MemoryStore
@@ -21,5 +22,6 @@ __all__ = [
     "SagaStore",
     "Snapshot",
     "SweepRecord",
+    "Timer",
     "active_pages",
 ]

@@ -8,6 +8,7 @@ fakeredis in fast tests) and ``MemoryStore`` (the in-memory twin).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
@@ -40,6 +41,36 @@ class LeaseChange(NamedTuple):
     token: str
     action: LeaseAction
     ttl_ms: int = 0
+
+
+class Timer(NamedTuple):
+    """A message that is due later than a Celery countdown may wait (SPEC section 8).
+
+    Recorded in the store with the commit that decided it; a worker's timer poller
+    (``_celery/timers.py``) claims it once due and sends the outbox entry it names."""
+
+    saga_id: str
+    dispatch_id: str
+    """The outbox entry to send (``Dispatch.id``)."""
+    due_ms: int
+    """When it is due, in epoch ms (for a claimed timer: when the claim lapses)."""
+
+
+def timer_member(timer: Timer) -> str:
+    """How a timer is named in a store's timer set: its saga id and outbox entry, as JSON
+    (either may hold any character)."""
+    return json.dumps([timer.saga_id, timer.dispatch_id], separators=(",", ":"))
+
+
+def timer_of(member: str, due_ms: int) -> Timer | None:
+    """The timer named ``member``; None for a member that is not one (not ours)."""
+    try:
+        saga_id, dispatch = json.loads(member)
+    except (TypeError, ValueError):
+        return None
+    if not isinstance(saga_id, str) or not isinstance(dispatch, str):
+        return None
+    return Timer(saga_id, dispatch, due_ms)
 
 
 class CorruptRecord(NamedTuple):
@@ -98,6 +129,7 @@ class SagaStore(Protocol):
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,
+        timers: Sequence[Timer] = (),
     ) -> bool:
         """Write ``run`` as version+1 if the stored version is still ``version``.
 
@@ -108,8 +140,21 @@ class SagaStore(Protocol):
         one ``create`` stored (it never changes).  ``journal``, given for a transition that
         leaves the saga running, is the transition as a journal line: the store may append
         it to the stored run's journal instead of writing the whole run
-        (``_store/journal.py``).
+        (``_store/journal.py``).  ``timers`` are recorded with the commit (only a
+        commit that decides a long delay has any); on Redis Cluster, right after it.
         """
+
+    def add_timers(self, timers: Sequence[Timer]) -> None:
+        """Record ``timers`` not recorded yet (one already there keeps its due time): the
+        recovery sweep's repair of a timer a Cluster commit recorded without."""
+
+    def claim_timers(self, now_ms: int, hold_ms: int, limit: int = 100) -> list[Timer]:
+        """Claim at most ``limit`` timers due at ``now_ms``, oldest first, atomically: each
+        is due again ``hold_ms`` later, so another claimer skips it and, if the claimer dies
+        before ``drop_timer``, it fires again then.  Returned with their original due time."""
+
+    def drop_timer(self, timer: Timer) -> None:
+        """Forget a timer whose message is sent (or no longer due)."""
 
     def renew_lease(self, saga_id: str, name: str, token: str, ttl_ms: int) -> bool:
         """Extend a lease this token holds; False if it no longer holds it."""

@@ -30,6 +30,18 @@ def encode_progress(run: SagaRun) -> str:
     return run.model_dump_json(exclude=_PLAN, exclude_defaults=True)
 
 
+_NO_WAIT: dict[str, object] = {"stages": {"__all__": {"__all__": {"wait"}}},
+                               "on_failure": True, "hold_timeout_ms": True}
+
+
+def encode_plan(plan: Plan) -> str:
+    """The JSON ``create`` stores for a plan: a plan without waiting stages leaves their
+    field out, and is stored as a release that reads only formats 1 and 2 reads it."""
+    if plan.waits:
+        return plan.model_dump_json()
+    return plan.model_dump_json(exclude=_NO_WAIT)  # type: ignore[arg-type]
+
+
 def decode_run(progress: str | bytes, plan: Plan) -> SagaRun:
     """The run from its stored progress JSON and its plan; ``ValidationError`` if unreadable."""
     return with_plan(SagaProgress.model_validate_json(progress), plan)

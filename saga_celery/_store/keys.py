@@ -18,6 +18,13 @@ Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster w
     <prefix>corrupt               zset    ids the recovery sweep could not read and moved
                                           out of ``active``, score = when, in epoch ms
     <prefix>corrupt:why           hash    id -> the error that reading it raised
+    <prefix>timers                zset    the timers (SPEC section 8): member = JSON
+                                          [saga id, outbox entry id], score = due time in
+                                          epoch ms (a claimed one: when its claim lapses).
+                                          On one Redis (or Sentinel) the commit script
+                                          writes it; on Cluster the commit's pipeline does
+                                          (another slot), and the recovery sweep repairs a
+                                          timer a failed pipeline left out
     <prefix>health                hash    what the last recovery sweep saw (``SweepRecord``),
                                           replaced by one HSET as each sweep ends:
                                           swept_at_ms, sagas, overdue (ints),
@@ -91,6 +98,10 @@ class KeySpace:
     @property
     def corrupt_why(self) -> str:
         return f"{self.prefix}corrupt:why"
+
+    @property
+    def timers(self) -> str:
+        return f"{self.prefix}timers"
 
     @property
     def health(self) -> str:

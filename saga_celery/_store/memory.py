@@ -25,6 +25,7 @@ from saga_celery._store.base import (
     LeaseChange,
     Snapshot,
     SweepRecord,
+    Timer,
 )
 from saga_celery._store.encoding import decode_run, encode_progress
 from saga_celery._store.keys import index_score
@@ -65,6 +66,7 @@ class MemoryStore:
         self._corrupt: dict[str, tuple[int, str]] = {}
         self._last_event = 0
         self._sweep: SweepRecord | None = None
+        self._timers: dict[tuple[str, str], int] = {}
 
     def ping(self) -> None:
         return None
@@ -99,8 +101,12 @@ class MemoryStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,  # always written in full here
+        timers: Sequence[Timer] = (),
     ) -> bool:
-        return self._commit(run, version, events, lease, terminal)
+        committed = self._commit(run, version, events, lease, terminal)
+        if committed:
+            self.add_timers(timers)
+        return committed
 
     def _commit(self, run: SagaRun, version: int, events: Sequence[EventDict],
                 lease: LeaseChange | None, terminal: bool) -> bool:
@@ -199,6 +205,25 @@ class MemoryStore:
             for saga_id in gone:
                 del self._index[saga_id]
         return len(gone)
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def add_timers(self, timers: Sequence[Timer]) -> None:
+        with self._changed:
+            for timer in timers:
+                self._timers.setdefault((timer.saga_id, timer.dispatch_id), timer.due_ms)
+
+    def claim_timers(self, now_ms: int, hold_ms: int, limit: int = 100) -> list[Timer]:
+        with self._changed:
+            due = sorted((due_ms, name) for name, due_ms in self._timers.items()
+                         if due_ms <= now_ms)[:max(limit, 0)]
+            for _, name in due:
+                self._timers[name] = now_ms + hold_ms
+        return [Timer(saga_id, dispatch, due_ms) for due_ms, (saga_id, dispatch) in due]
+
+    def drop_timer(self, timer: Timer) -> None:
+        with self._changed:
+            self._timers.pop((timer.saga_id, timer.dispatch_id), None)
 
     # -- helpers (called with the lock held) ----------------------------------------------
 

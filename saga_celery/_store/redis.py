@@ -41,10 +41,19 @@ from saga_celery._store.base import (
     LeaseChange,
     Snapshot,
     SweepRecord,
+    Timer,
+    timer_member,
+    timer_of,
 )
 from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
 from saga_celery._store.durability import Durability
-from saga_celery._store.encoding import decode_sweep, encode_progress, encode_sweep, with_plan
+from saga_celery._store.encoding import (
+    decode_sweep,
+    encode_plan,
+    encode_progress,
+    encode_sweep,
+    with_plan,
+)
 from saga_celery._store.journal import count_entries, replay
 from saga_celery._store.keys import (
     DATA_FIELD,
@@ -97,6 +106,7 @@ class RedisStore:
         self._commit = client.register_script(scripts.COMMIT)
         self._renew = client.register_script(scripts.RENEW_LEASE)
         self._release = client.register_script(scripts.RELEASE_LEASE)
+        self._claim = client.register_script(scripts.CLAIM_TIMERS)
         self._plans: dict[bytes | str, Plan] = {}
         self._raw = isinstance(client, redis.Redis)
         # A kept connection per thread on one Redis or a Sentinel master, never on Cluster.
@@ -138,7 +148,7 @@ class RedisStore:
 
     def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
-        args: list[str | bytes] = [encode_progress(run), run.plan.model_dump_json(),
+        args: list[str | bytes] = [encode_progress(run), encode_plan(run.plan),
                                    *_encode_events(run.id, events)]
         score = {run.id: index_score(run)}
 
@@ -181,10 +191,14 @@ class RedisStore:
         lease: LeaseChange | None = None,
         terminal: bool = False,
         journal: bytes | None = None,
+        timers: Sequence[Timer] = (),
     ) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
             keys.append(self._keys.lease(run.id, lease.name))
+        in_script = self._raw and bool(timers)  # Cluster: another slot, see ``keys.py``
+        if in_script:
+            keys.append(self._keys.timers)
         ends = terminal or run.is_terminal  # stays terminal: keep the retention clock
         data: str | bytes
         if journal is not None and not ends:
@@ -199,11 +213,15 @@ class RedisStore:
             action, token, ttl = lease.action.value, lease.token, str(lease.ttl_ms)
         retention = "" if not ends or self._retention_ms is None else str(self._retention_ms)
         args: list[str | bytes] = [
-            f"{version}|{version + 1}|{action}|{ttl}|{'1' if ends else '0'}|{retention}|{mode}",
+            f"{version}|{version + 1}|{action}|{ttl}|{'1' if ends else '0'}|{retention}|{mode}"
+            + (f"|{len(timers)}" if in_script else ""),
             token,
             data,
             *_encode_events(run.id, events),
+            *(_timer_args(timers) if in_script else ()),
         ]
+        if timers and not in_script:
+            return self._commit_beside(run, keys, args, timers, terminal)
         if not terminal:
             # One command: the saga is already in the active index, unless this commit
             # revived it (the script says so), which is rare enough for a second trip.
@@ -225,6 +243,25 @@ class RedisStore:
         if not committed:
             self._restore_active(run.id, score)
         return committed
+
+    def _commit_beside(self, run: SagaRun, keys: list[str], args: list[str | bytes],
+                       timers: Sequence[Timer], terminal: bool) -> bool:
+        """A commit with timers on Redis Cluster: the timers set is in another slot, so it
+        is written in the commit's pipeline, just after it (the recovery sweep puts back a
+        timer this leaves out: ``add_timers``).  A commit refused leaves a timer that finds
+        no outbox entry when it fires, and is dropped then."""
+        score = {run.id: index_score(run)}
+
+        def queue(pipe: Pipeline) -> None:
+            _queue_evalsha(pipe, self._commit, keys, args)
+            pipe.zadd(self._keys.timers, _timer_scores(timers), nx=True)
+            if terminal:
+                pipe.zrem(self._keys.active, run.id)
+
+        reply = int(self._pipeline(run.id, self._commit, queue)[0])
+        if reply == 2 or (terminal and reply == 0):
+            self._restore_active(run.id, score)
+        return reply != 0
 
     def _restore_active(self, saga_id: str, score: Mapping[str, float]) -> None:
         """Put a live saga back in the active index: a terminal commit's ZREM ran although
@@ -543,6 +580,27 @@ class RedisStore:
             return SagaStoreError(f"Redis at {self._where} failed: {exc}", saga_id=saga_id)
         return exc
 
+    # -- timers (SPEC section 8; ``_celery/timers.py`` polls them) -------------------------
+
+    def add_timers(self, timers: Sequence[Timer]) -> None:
+        if not timers:
+            return
+        with self._errors(key=self._keys.timers):
+            self._client.zadd(self._keys.timers, _timer_scores(timers), nx=True)
+
+    def claim_timers(self, now_ms: int, hold_ms: int, limit: int = 100) -> list[Timer]:
+        key = self._keys.timers
+        with self._errors(key=key):
+            reply = self._claim(keys=[key], args=[now_ms, now_ms + hold_ms, limit])
+        flat = cast(list[bytes | str], reply)
+        found = (timer_of(_str(member), int(float(_str(due))))
+                 for member, due in zip(flat[::2], flat[1::2], strict=True))
+        return [timer for timer in found if timer is not None]
+
+    def drop_timer(self, timer: Timer) -> None:
+        with self._errors(timer.saga_id, key=self._keys.timers):
+            self._client.zrem(self._keys.timers, timer_member(timer))
+
     # -- the recovery sweep's health record (``saga-celery health``) -------------------
 
     def record_sweep(self, record: SweepRecord) -> None:
@@ -623,6 +681,15 @@ def _queue_evalsha(pipe: Pipeline, script: Script, keys: list[str],
     the command itself is routed by its keys' slot on every version."""
     pipe.execute_command(  # type: ignore[no-untyped-call]
         "EVALSHA", script.sha, len(keys), *keys, *args)
+
+
+def _timer_scores(timers: Sequence[Timer]) -> dict[str, int]:
+    return {timer_member(timer): timer.due_ms for timer in timers}
+
+
+def _timer_args(timers: Sequence[Timer]) -> list[str]:
+    """A commit's timers as its script takes them: due time, member, due time, ..."""
+    return [part for timer in timers for part in (str(timer.due_ms), timer_member(timer))]
 
 
 def _encode_events(saga_id: str, events: Sequence[EventDict]) -> list[bytes]:

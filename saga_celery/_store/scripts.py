@@ -37,10 +37,14 @@ COMMIT = """
 --             this transition, else '0' | retention in ms of a terminal saga's state and
 --             events ('' keeps them forever) | 'd' if ARGV[3] is the progress (the journal
 --             is then emptied) or 'j' if it is a journal line to append
---             (``_store/journal.py``: the progress stays as it is)
+--             (``_store/journal.py``: the progress stays as it is) [ | the number n of
+--             timers recorded with it (SPEC section 8): left out, with its '|', by every
+--             commit that decides no long delay ]
 -- ARGV[2]   lease token (any text)
 -- ARGV[3]   the progress JSON (no plan), or a journal line
--- ARGV[4..] event JSONs, oldest first
+-- ARGV[4..] event JSONs, oldest first, then n pairs: a timer's due time (epoch ms) and
+--           its member (``keys.py``)
+-- KEYS[#KEYS] timers set  <prefix>timers, when n > 0 (after the lease key, if any)
 -- Returns 1 if committed, 2 if committed and the saga was terminal before (revived by
 -- retry_rollback), 0 on a version or lease conflict (nothing written).
 --
@@ -57,8 +61,13 @@ local function failed(reply)
   return type(reply) == 'table' and reply['err'] ~= nil
 end
 
-local expected, version, action, ttl, terminal, retention, mode = string.match(ARGV[1],
-  '^(%d+)|(%d+)|(%l*)|(%d*)|([01])|(%d*)|([dj])$')
+local expected, version, action, ttl, terminal, retention, mode, timers = string.match(
+  ARGV[1], '^(%d+)|(%d+)|(%l*)|(%d*)|([01])|(%d*)|([dj])|(%d+)$')
+if not expected then  -- no timers: the header of every commit that decides no long delay
+  timers = '0'
+  expected, version, action, ttl, terminal, retention, mode = string.match(ARGV[1],
+    '^(%d+)|(%d+)|(%l*)|(%d*)|([01])|(%d*)|([dj])$')
+end
 if not expected then
   return redis.error_reply('ERR saga_celery commit: malformed header ' .. ARGV[1])
 end
@@ -66,14 +75,19 @@ local state = redis.pcall('HMGET', KEYS[1], 'v', 't', 'j')
 if failed(state) then return refuse(KEYS[1], 'hash', state) end
 if state[1] ~= expected then return 0 end
 local holder = false
-if #KEYS == 3 then
+local last_event = #ARGV - 2 * tonumber(timers)
+if action ~= '' then
   holder = redis.pcall('GET', KEYS[3])
   if failed(holder) then return refuse(KEYS[3], 'string', holder) end
 end
 if action == 'acquire' and holder and holder ~= ARGV[2] then return 0 end
 
+if timers ~= '0' then
+  local counted = redis.pcall('ZCARD', KEYS[#KEYS])
+  if failed(counted) then return refuse(KEYS[#KEYS], 'zset', counted) end
+end
 -- Events first: a stream key of the wrong type fails the first XADD, before any write.
-for i = 4, #ARGV do
+for i = 4, last_event do
   local added = redis.pcall('XADD', KEYS[2], '*', 'e', ARGV[i])
   if failed(added) then return refuse(KEYS[2], 'stream', added) end
 end
@@ -88,6 +102,9 @@ if action == 'acquire' then
   redis.call('SET', KEYS[3], ARGV[2], 'PX', ttl)
 elseif action == 'release' and holder == ARGV[2] then
   redis.call('DEL', KEYS[3])
+end
+for i = last_event + 1, #ARGV, 2 do
+  redis.call('ZADD', KEYS[#KEYS], 'NX', ARGV[i], ARGV[i + 1])
 end
 local revived = state[2] == '1' and terminal == '0'
 if terminal == '1' and retention ~= '' then
@@ -122,4 +139,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+CLAIM_TIMERS = """
+-- Claim the timers that are due: each is due again when the claim lapses, so another
+-- worker's poll skips it and it fires again if this claimer dies before sending it.
+-- KEYS[1]  timers set   <prefix>timers
+-- ARGV[1]  now, epoch ms   ARGV[2] when the claim lapses, epoch ms   ARGV[3] at most this many
+-- Returns a flat list: member, original due time, member, due time, ...
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES',
+                       'LIMIT', 0, tonumber(ARGV[3]))
+for i = 1, #due, 2 do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[2], due[i])
+end
+return due
 """

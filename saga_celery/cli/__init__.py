@@ -12,7 +12,8 @@ is not installed (one line on stderr, never a traceback), 2 a usage error.  Log 
 stderr, warnings only, so that standard output stays the command's own.
 
 The commands live by what they do: ``reading`` (status, list, events), ``acting``
-(terminate, retry-rollback, recover), ``serving`` (metrics, demo) and ``health`` (a probe:
+(terminate, retry-rollback, recover), ``waiting`` (send-event, redrive, rollback: sagas
+that wait), ``serving`` (metrics, demo) and ``health`` (a probe:
 exit 1 with one line saying why the sagas are not looked after); ``target`` loads the app
 they work on.
 """
@@ -26,7 +27,7 @@ from kombu.exceptions import OperationalError
 
 from saga_celery._errors import SagaError
 from saga_celery._extras import MissingExtraError
-from saga_celery.cli import acting, dashboard, health, reading, serving
+from saga_celery.cli import acting, dashboard, health, reading, serving, waiting
 from saga_celery.cli.target import DEFAULT_REDIS_URL, Target, redact
 
 __all__ = ["Target", "main", "redact"]
@@ -82,5 +83,6 @@ def main(ctx: click.Context, app_path: str | None, redis_url: str, broker_url: s
 
 for _command in (reading.status, reading.list_, reading.events, acting.terminate,
                  acting.retry_rollback, acting.recover, serving.metrics, serving.demo,
-                 health.health, dashboard.dashboard):
+                 health.health, dashboard.dashboard, waiting.send_event, waiting.redrive,
+                 waiting.rollback):
     main.add_command(_command)

@@ -1,5 +1,5 @@
 """``saga-celery demo`` (``python -m saga_celery.demo``): two orders on a real worker, one
-rolled back.
+rolled back; then a third that waits for an approval event the demo sends.
 
 With ``SAGA_REDIS_URL`` set, the demo uses that Redis; unset, it serves an embedded
 Redis-protocol server in this process (``saga_celery.demo.embedded``).  It starts
@@ -133,9 +133,12 @@ def report(state: SagaState, events: list[dict[str, Any]],
     return "\n".join(lines)
 
 
-def problems(ok: SagaState, failed: SagaState) -> list[str]:
+def problems(ok: SagaState, failed: SagaState, approved: SagaState | None = None
+             ) -> list[str]:
     """Why the demo did not go as it should (empty when it did)."""
     found = []
+    if approved is not None and approved.status != "complete":
+        found.append(f"saga {approved.id} should be complete, it is {approved.status}")
     if ok.status != "complete":
         found.append(f"saga {ok.id} should be complete, it is {ok.status}")
     if failed.status != "errored":
@@ -174,8 +177,37 @@ def run_orders() -> list[str]:
         states.append(state)
         text = report(state, run.events(), shop.ledger.entries(state.id))
         print(f"\n== {label}\n{text}", flush=True)
+    approved = run_approved_order(shop, tag)
     print()
-    return problems(*states)
+    if isinstance(approved, str):
+        return [approved]
+    ok, failed = states
+    return problems(ok, failed, approved)
+
+
+def run_approved_order(shop: Any, tag: str) -> SagaState | str:
+    """A saga that waits for an approval event, which the demo then sends; its final state,
+    or what went wrong."""
+    from saga_celery.demo.shop import APPROVAL
+
+    print("\nPlacing an order that waits for a manager's approval (wait_for_event) before "
+          "anything runs.", flush=True)
+    run = shop.approved_order.apply_async(saga_id=f"order-{tag}-approved", params={})
+    deadline = time.monotonic() + SAGA_TIMEOUT_S
+    while run.status().step("manager-approval").status != "running":
+        if time.monotonic() > deadline:
+            return f"saga {run.id} never began waiting for its approval"
+        time.sleep(0.05)
+    print(f"  {run.id} is waiting for {APPROVAL!r}; the demo sends it now: "
+          f"run.send_event({APPROVAL!r}, {{'by': 'demo-manager'}})", flush=True)
+    run.send_event(APPROVAL, {"by": "demo-manager"}, event_id=f"approval-{tag}")
+    try:
+        state: SagaState = run.wait(timeout=SAGA_TIMEOUT_S)
+    except TimeoutError as exc:
+        return str(exc)
+    text = report(state, run.events(), shop.ledger.entries(state.id))
+    print(f"\n== an order approved by an event\n{text}", flush=True)
+    return state
 
 
 def demo(redis_url: str, *, embedded: bool) -> int:

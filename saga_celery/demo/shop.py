@@ -31,6 +31,9 @@ __all__ = ["DemoFailure", "Ledger", "Shop", "declare_shop"]
 STEP_RETRIES = {"limit": 1, "delay": 200, "backoff": "constant"}
 ROLLBACK_RETRIES = {"limit": 2, "delay": 200, "backoff": "linear"}
 TIMEOUT = "5 seconds"
+APPROVAL = "approval"
+"""The event type the ``approved-order`` saga waits for."""
+APPROVAL_TIMEOUT = "1 minute"
 LEDGER_TTL_S = 7 * 24 * 3600
 
 # KEYS[1] applied effects (hash: idempotency key -> entry), KEYS[2] the ledger (list)
@@ -76,6 +79,9 @@ class Shop:
     place_order: SagaDefinition
     """Reserve 2 x sku-42, charge 4200 (cents) for them, open a fulfilment ticket."""
     ledger: Ledger
+    approved_order: SagaDefinition
+    """Wait (at most a minute) for an ``approval`` event, then reserve 1 x sku-7, charge 990
+    (cents) and open a ticket (SPEC section 8: a saga that waits)."""
 
 
 def _keys(saga_id: str) -> list[str]:
@@ -167,4 +173,7 @@ def declare_shop(sagas: SagaApp, redis_url: str) -> Shop:
     reserve, charge, ticket = tasks
     order = sagas.saga("place-order", [reserve.s("sku-42", 2), charge.s(amount=4200),
                                        ticket.s()])
-    return Shop(order, ledger)
+    approved = sagas.saga("approved-order", [
+        sagas.wait_for_event(APPROVAL, timeout=APPROVAL_TIMEOUT, name="manager-approval"),
+        reserve.si("sku-7", 1), charge.s(amount=990), ticket.s()])
+    return Shop(order, ledger, approved)

@@ -51,6 +51,13 @@ STEP_TIMEOUT = "4 seconds"
 WORK_S = float(os.environ.get("CHAOS_WORK_S", "0.2"))
 """A body sleeps a random time up to this before its effect: a kill often lands mid-body."""
 
+SLEEP = "3 seconds"
+EVENT = "approval"
+EVENT_TIMEOUT = "6 seconds"
+"""The run sends a ``chaos.approval`` saga its event early, twice, late (within 3 s of the
+start) or never; never, the wait times out and the saga rolls back."""
+HOLD_TIMEOUT = "4 seconds"
+
 STEP_RETRIES = {"limit": 2, "delay": 200, "backoff": "constant"}
 ROLLBACK_RETRIES = {"limit": 4, "delay": 200, "backoff": "constant"}
 
@@ -176,5 +183,17 @@ SAGAS = {
                                 charge.s(), email.s()]),
     "chaos.repeat": sagas.saga("chaos.repeat",
                                [reserve.s(), charge.s(), reserve.s(), ship.s()]),
+    "chaos.sleepy": sagas.saga("chaos.sleepy",
+                               [reserve.s(), sagas.sleep(SLEEP, name="cool-off"), charge.s(),
+                                email.s()]),
+    "chaos.approval": sagas.saga("chaos.approval",
+                                 [reserve.s(), sagas.wait_for_event(EVENT, timeout=EVENT_TIMEOUT,
+                                                                    name="approval"),
+                                  ship.s()]),
+    "chaos.held": sagas.saga("chaos.held", [reserve.s(), charge.s(), ship.s()],
+                             on_failure="hold", hold_timeout=HOLD_TIMEOUT),
 }
-"""The saga shapes the run mixes: sequential, a parallel stage, a step used twice."""
+"""The saga shapes the run mixes: sequential, a parallel stage, a step used twice; and
+sagas that wait (SPEC section 8): a sleep, a wait for an event the run sends at a random
+time (or never: it times out and rolls back), and a saga that holds when a step fails for
+good, until its hold timeout rolls it back."""

@@ -111,6 +111,8 @@ def check_saga(planned: Planned, state: SagaState | None, ledger: Ledger, plan: 
 def _check_started(steps: dict[str, StepView], ledger: Ledger, v: list[str]) -> None:
     """Nothing ran, took effect or was compensated without a recorded start."""
     for key, step in steps.items():
+        if step.kind != "step":
+            continue  # a sleep or a wait: no body, no effect
         if step.start_seq is None:
             if ledger.ran("step", key) or ledger.of("step", key):
                 v.append(f"{key} has no recorded start, yet its body ran")
@@ -195,7 +197,7 @@ def _check_expected(planned: Planned, state: SagaState, steps: dict[str, StepVie
     failed as planned: only its error type differs.
     """
     params = planned.params
-    fail = params.get("fail")
+    fail = _first_failure(params, steps)
     error = state.error
     if error is not None and error.type in CHAOS_ERRORS:
         as_planned = (fail is not None and not params.get("nonretryable")
@@ -208,6 +210,8 @@ def _check_expected(planned: Planned, state: SagaState, steps: dict[str, StepVie
             verdict.violations.append(f"expected complete, got {state.status} ({error})")
     elif state.status != "errored" or error is None or error.step != fail.split("#")[0]:
         verdict.violations.append(f"expected to fail at {fail}, got {state.status} ({error})")
+    elif steps[fail].kind == "wait":
+        _check_timed_out(fail, error.type, steps[fail], verdict)
     else:
         _check_failing_attempts(fail, bool(params.get("nonretryable")), steps[fail], verdict)
     for key in params.get("flaky", ()):
@@ -219,6 +223,25 @@ def _check_expected(planned: Planned, state: SagaState, steps: dict[str, StepVie
         if handler is not None and handler.status == "complete" and (
                 len(handler.attempts) < 2 or handler.attempts[0].success):
             verdict.violations.append(f"rollback of {key} is flaky but succeeded at once")
+
+
+def _first_failure(params: dict[str, Any], steps: dict[str, StepView]) -> str | None:
+    """The step the saga should fail at: the planned ``fail``, or a wait for an event the
+    run never sends, whichever stage comes first."""
+    fail = params.get("fail")
+    if params.get("event") != "never":
+        return fail  # type: ignore[no-any-return]
+    wait = next((k for k, s in steps.items() if s.kind == "wait"), None)
+    if wait is None or (fail is not None and steps[fail].stage < steps[wait].stage):
+        return fail  # type: ignore[no-any-return]
+    return wait
+
+
+def _check_timed_out(key: str, error_type: str, step: StepView, verdict: Verdict) -> None:
+    """A wait whose event never came: one attempt, ended by ``EventTimeoutError``."""
+    if error_type != "EventTimeoutError" or step.status != "errored" or len(step.attempts) != 1:
+        verdict.violations.append(f"{key}: expected an EventTimeoutError, got {error_type} "
+                                  f"({step.status}, {len(step.attempts)} attempts)")
 
 
 def _check_failing_attempts(key: str, nonretryable: bool, step: StepView,

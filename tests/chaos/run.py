@@ -96,13 +96,15 @@ from typing import Any
 import redis
 from kombu.exceptions import OperationalError
 
-from saga_celery import SagaError
+from saga_celery import SagaError, SagaStateError
 from tests.chaos.chaos import Chaos
 from tests.chaos.check import Planned
 from tests.chaos.procs import Fleet, RedisServer, log
 from tests.chaos.report import evaluate
 from tests.integration.harness import WorkerStartError
 
+EVENT_TIMINGS = ("early", "twice", "late", "never")
+"""When the run sends a waiting saga its event (``never``: it times out)."""
 TRANSIENT = (SagaError, redis.RedisError, OperationalError, OSError)
 """What a call may raise while Redis restarts: try again later."""
 POLL_S = 0.3
@@ -122,7 +124,8 @@ def plan_sagas(shapes: dict[str, Any], count: int, rng: random.Random, tag: str
     planned = []
     for i in range(count):
         shape = rng.choice(sorted(shapes))
-        specs = [spec for stage in shapes[shape].plan.stages for spec in stage]
+        specs = [spec for stage in shapes[shape].plan.stages for spec in stage
+                 if spec.wait is None]  # a waiting stage runs no body to fail
         keys = [spec.key for spec in specs]
         params: dict[str, Any] = {}
         if rng.random() < 0.6:
@@ -133,6 +136,9 @@ def plan_sagas(shapes: dict[str, Any], count: int, rng: random.Random, tag: str
                 params["rollback_flaky"] = rng.sample(undoable, k=rng.randint(1, 2))
         if rng.random() < 0.25:
             params["flaky"] = [rng.choice([k for k in keys if k != params.get("fail")])]
+        if any(spec.wait is not None and spec.wait.event_type
+               for stage in shapes[shape].plan.stages for spec in stage):
+            params["event"] = rng.choice(EVENT_TIMINGS)
         planned.append(Planned(saga_id=f"chaos-{tag}-{i:05d}", shape=shape, params=params))
     return planned
 
@@ -145,6 +151,9 @@ class Driver:
 
     def __init__(self, chaos_app: ModuleType, planned: list[Planned], window: int) -> None:
         self.app = chaos_app
+        self.rng = random.Random(len(planned))
+        self.events: dict[str, tuple[float, int]] = {}
+        """Saga id -> (when to send its event, how many copies)."""
         self.total = len(planned)
         self.pending = deque(planned)
         self.window = window
@@ -183,9 +192,33 @@ class Driver:
             self.pending.popleft()
             self.inflight[planned.saga_id] = time.monotonic()
             self.submitted += 1
+            timing = planned.params.get("event")
+            if timing in ("early", "twice", "late"):
+                delay = self.rng.uniform(0.5, 3.0) if timing == "late" else 0.0
+                self.events[planned.saga_id] = (time.monotonic() + delay,
+                                                2 if timing == "twice" else 1)
+        self.send_events()
+
+    def send_events(self) -> None:
+        """Send the events that are due (``Planned.params["event"]``), once each; an
+        ``early`` or ``twice`` one right after the start, a ``late`` one up to 3 s after."""
+        now = time.monotonic()
+        for saga_id, (due, copies) in list(self.events.items()):
+            if due > now:
+                continue
+            try:
+                for _ in range(copies):  # twice: the same event_id, counted once
+                    self.app.sagas.run(saga_id).send_event(
+                        self.app.EVENT, {"approved": saga_id}, event_id=f"ev-{saga_id}")
+            except SagaStateError:
+                pass  # it ended first (failed before its wait): the event is refused
+            except TRANSIENT:
+                continue  # try again next poll
+            del self.events[saga_id]
 
     def poll(self) -> None:
-        """Forget the sagas that have ended."""
+        """Send the events that are due; forget the sagas that have ended."""
+        self.send_events()
         for saga_id in list(self.inflight):
             try:
                 snapshot = self.app.sagas._store.load(saga_id)

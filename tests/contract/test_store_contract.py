@@ -18,7 +18,7 @@ from redis import crc
 from redis.cluster import RedisCluster
 
 import saga_celery._store as store_package
-from saga_celery._core.model import SagaRun, SagaStatus
+from saga_celery._core.model import Plan, SagaRun, SagaStatus
 from saga_celery._errors import (
     SagaConfigError,
     SagaCorruptStateError,
@@ -667,7 +667,7 @@ def test_an_event_that_is_not_json_is_refused(store: SagaStore) -> None:
 def test_exported_members() -> None:
     """The store package exports exactly its public names, sorted."""
     expected = ["CorruptRecord", "LeaseAction", "LeaseChange", "MemoryStore", "RedisStore",
-                "SagaStore", "Snapshot", "SweepRecord", "active_pages"]
+                "SagaStore", "Snapshot", "SweepRecord", "Timer", "active_pages"]
     assert store_package.__all__ == expected
 
 
@@ -750,7 +750,11 @@ def test_the_plan_is_written_once(redis_backend: Backend) -> None:
     store.create(run, [])
     state = f"{redis_backend.prefix}{{{run.id}}}:state"
     plan = client.hget(state, "p")
-    assert plan is not None and json.loads(plan) == run.plan.model_dump(mode="json")
+    assert plan is not None and Plan.model_validate_json(plan) == run.plan
+    # A plan that does not wait is stored without SPEC section 8's fields (format 2 readers).
+    assert json.loads(plan) == run.plan.model_dump(
+        mode="json", exclude={"on_failure": True, "hold_timeout_ms": True,
+                              "stages": {"__all__": {"__all__": {"wait"}}}})
     moved = run.model_copy(update={"name": "renamed"})
     assert store.commit(moved, version=1, events=[]) is True
     progress = json.loads(client.hget(state, "d") or b"{}")
@@ -919,7 +923,7 @@ def test_the_commit_script_refuses_a_malformed_header(redis_backend: Backend) ->
     state = f"{redis_backend.prefix}{{{run.id}}}:state"
     events = f"{redis_backend.prefix}{{{run.id}}}:events"
     before = client.hgetall(state)
-    for header in ("1|2|acquire|30000|0||x", "1|2", "one|2||||d", "1|2|||2||d"):
+    for header in ("1|2|acquire|30000|0||x", "1|2", "one|2||||d", "1|2|||2||d", "1|2|||0||d|"):
         with pytest.raises(redis.ResponseError, match="malformed header"):
             client.evalsha(store._commit.sha, 2, state, events, header, "", "{}")
     assert client.hgetall(state) == before

@@ -302,14 +302,17 @@ def test_step_waiting_longer_than_the_visibility_timeout_is_refused() -> None:
     assert "bad.slow" not in sagas.app.tasks
 
 
-def test_long_retry_delays_count_against_the_visibility_timeout() -> None:
-    """Retry delays count: 3 s · 2^(3-1) = 12 s plus a 1 s timeout is refused at 10 s."""
+def test_long_retry_delays_fit_any_visibility_timeout() -> None:
+    """Retry delays do not count (SPEC section 8): one longer than max_countdown waits as a
+    timer in the store, so a day's delay is accepted under a 10 s visibility timeout."""
     sagas = SagaApp(redis_broker_app(10), store=MemoryStore())
-    with pytest.raises(SagaConfigError, match="visibility_timeout"):
-        @sagas.step(name="bad.retrying", timeout="1 second",
-                    retries={"limit": 3, "delay": "3 seconds", "backoff": "exponential"})
-        def retrying() -> None:
-            return None
+
+    @sagas.step(name="fine.retrying", timeout="1 second",
+                retries={"limit": 3, "delay": "1 day", "backoff": "exponential"})
+    def retrying() -> None:
+        return None
+
+    assert "fine.retrying" in sagas.app.tasks
 
 
 def test_defaults_are_refused_under_a_short_visibility_timeout() -> None:

@@ -481,7 +481,7 @@ def test_no_command_prints_usage_and_the_commands() -> None:
 
     assert result.exit_code in (0, 2)  # click >= 8.2 treats it as a usage error, 8.1 not
     for command in ("status", "list", "events", "terminate", "retry-rollback", "recover",
-                    "demo", "metrics", "health"):
+                    "demo", "metrics", "health", "send-event", "redrive", "rollback"):
         assert command in result.output
 
 
@@ -495,3 +495,66 @@ def test_sigterm_stops_the_metrics_command_like_ctrl_c() -> None:
         time.sleep(5)  # the handler interrupts this
 
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- send-event (SPEC section 8) --------------------------------------------------------
+
+
+def _awaiting_approval(sagas: SagaApp, saga_id: str) -> None:
+    reserve = sagas.app.tasks["cli.reserve"]
+    sagas.saga("approved", [reserve.s("sku-1"), sagas.wait_for_event("approval")]
+               ).apply_async(saga_id=saga_id)
+
+
+def test_send_event_delivers_its_json_payload_once_per_event_id(sagas: SagaApp) -> None:
+    """``send-event ID TYPE --payload JSON --event-id X`` ends the wait with the payload;
+    sent again with the same id it changes nothing."""
+    _awaiting_approval(sagas, "e-1")
+    drive(sagas, "e-1")
+    result = cli("send-event", "e-1", "approval", "--payload", '{"by": "ann"}',
+                 "--event-id", "mail-7")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "saga e-1: event 'approval' sent; status now complete"
+    assert sagas.run("e-1").status().output == {"by": "ann"}
+    again = cli("send-event", "e-1", "approval", "--event-id", "mail-7")
+    assert again.exit_code == 1
+    assert "is already complete" in again.stderr
+
+
+def test_send_event_refuses_a_payload_that_is_not_json_and_an_unknown_saga(
+        sagas: SagaApp) -> None:
+    """A payload that is not JSON is a usage error (2); an unknown saga exits 1."""
+    _awaiting_approval(sagas, "e-2")
+    bad = cli("send-event", "e-2", "approval", "--payload", "{nope")
+    assert bad.exit_code == 2 and "not JSON" in bad.stderr
+    unknown = cli("send-event", "nope", "approval")
+    assert unknown.exit_code == 1 and "no saga with id 'nope'" in unknown.stderr
+
+
+# --- redrive / rollback (SPEC section 8) ------------------------------------------------
+
+
+def _held(sagas: SagaApp, saga_id: str) -> None:
+    reserve, charge = sagas.app.tasks["cli.reserve"], sagas.app.tasks["cli.charge"]
+    sagas.saga("held", [reserve.s("sku-1"), charge.s()], on_failure="hold").apply_async(
+        saga_id=saga_id, params={"fail": "cli.charge"})
+    assert drive(sagas, saga_id).status == "held"
+
+
+def test_redrive_runs_a_held_saga_s_failed_step_again(sagas: SagaApp) -> None:
+    """``redrive ID`` of a held saga: running again; of a running one: exit 1."""
+    _held(sagas, "h-1")
+    result = cli("redrive", "h-1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "saga h-1: redriven; status now running"
+    again = cli("redrive", "h-1")
+    assert again.exit_code == 1 and "only a held saga can be redriven" in again.stderr
+
+
+def test_rollback_rolls_a_held_saga_back(sagas: SagaApp) -> None:
+    """``rollback ID`` of a held saga starts the rollback."""
+    _held(sagas, "h-2")
+    result = cli("rollback", "h-2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "saga h-2: rollback started; status now rolling_back"
+    assert drive(sagas, "h-2").status == "errored"

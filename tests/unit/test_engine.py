@@ -7,6 +7,7 @@ them when its tasks start and end.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
@@ -15,17 +16,21 @@ import pytest
 import structlog
 
 from saga_celery import SagaNotFoundError
+from saga_celery._celery.definition import WaitStage, sleep_stage, wait_stage
 from saga_celery._core.events import (
     AttemptFailed,
     AttemptStarted,
     AttemptSucceeded,
     Decision,
     Event,
+    EventSent,
+    RedriveRequested,
     RetryRollbackRequested,
     TerminateRequested,
     Transition,
+    WakeUp,
 )
-from saga_celery._core.model import ErrorInfo, EventType, Kind, Plan
+from saga_celery._core.model import ErrorInfo, EventType, Kind, OnFailure, Plan
 from saga_celery._engine import BEHIND_PAUSES_S, Engine, Lease, lease_name
 from saga_celery._store.base import Snapshot
 from saga_celery._store.memory import MemoryStore
@@ -128,6 +133,30 @@ def drive_every_event_type(engine: Engine) -> None:
     stopped.run("a", "A")
     stopped.feed(TerminateRequested(rollback=False, reason="customer cancelled"))
 
+    waiting = submit(engine, "waiting", with_waits(plan("a"), sleep_stage(60, "nap"),
+                                                   wait_stage("ok", 60_000, None)))
+    waiting.run("a", "A")                                # sleep_started
+    waiting.feed(WakeUp(key="nap#1"))                    # sleep_completed, wait_started
+    waiting.feed(EventSent(event_type="ok", payload=1))  # event_received, wait_completed
+
+    timed_out = submit(engine, "timed-out", with_waits(plan("a"),
+                                                       wait_stage("ok", 60_000, None)))
+    timed_out.run("a", "A")
+    timed_out.feed(WakeUp(key="wait:ok#1"))              # wait_timed_out
+
+    held = submit(engine, "held", plan("a").model_copy(update={"on_failure": OnFailure.HOLD}))
+    held.start("a")
+    held.fail("a", retryable=False)                      # saga_held
+    held.feed(RedriveRequested())                        # saga_redriven
+
+
+def with_waits(base: Plan, *waits: WaitStage) -> Plan:
+    """``base`` with waiting stages appended."""
+    stages = [*base.stages]
+    for stage in waits:
+        stages.append([stage.spec(len(stages), Counter())])
+    return base.model_copy(update={"stages": stages})
+
 
 # --- a whole saga -----------------------------------------------------------------------------
 
@@ -212,7 +241,7 @@ def test_every_lifecycle_event_is_logged_with_saga_id_and_type() -> None:
         drive_every_event_type(engine)
 
     saga_logs = [entry for entry in logs if entry["event"].startswith("saga.")]
-    events = [e for saga_id in ("happy", "failing", "stopped")
+    events = [e for saga_id in ("happy", "failing", "stopped", "waiting", "timed-out", "held")
               for e in stored_events(store, saga_id)]
     assert len(saga_logs) == len(events)
     by_id = {entry["event_id"]: entry for entry in saga_logs}

@@ -123,5 +123,5 @@ def test_an_unknown_write_format_is_refused_naming_the_ones_there_are(app: Any) 
     """``write_format`` must be one this release writes."""
     from saga_celery import SagaConfigError
 
-    with pytest.raises(SagaConfigError, match=r"write_format=3.*\[1, 2\]"):
-        SagaApp(app, store=MemoryStore(), write_format=3)
+    with pytest.raises(SagaConfigError, match=r"write_format=4.*\[1, 2, 3\]"):
+        SagaApp(app, store=MemoryStore(), write_format=4)

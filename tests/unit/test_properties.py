@@ -31,9 +31,13 @@ from saga_celery._core.events import (
     AttemptSucceeded,
     Decision,
     Event,
+    EventSent,
+    RedriveRequested,
     RetryRollbackRequested,
+    RollbackRequested,
     TerminateRequested,
     Transition,
+    WakeUp,
 )
 from saga_celery._core.machine import WORKER_LOST_LIMIT, apply, stage_output
 from saga_celery._core.model import (
@@ -609,3 +613,188 @@ def test_idempotency_keys_are_injective_over_arbitrary_text(
         assert key != step_idempotency_key(*second, key_format=2)
         assert rollback != rollback_idempotency_key(*second, key_format=2)
     assert key != rollback_idempotency_key(*second, key_format=2)
+
+
+# --- sagas that wait (SPEC section 8): sleep, wait_for_event, hold --------------------------
+
+WAIT_TYPES = ("x", "y")
+EVENT_IDS = (None, "e1", "e2", "e3")
+
+
+@st.composite
+def waiting_plans(draw: st.DrawFn) -> Plan:
+    """2-5 stages mixing steps (with handlers), sleeps and waits for "x" or "y" (some with a
+    timeout), rolling back or holding on failure (some with a hold timeout)."""
+    from saga_celery._core.model import OnFailure, WaitKind, WaitSpec
+
+    kinds = draw(st.lists(st.sampled_from(["step", "sleep", "wait"]), min_size=2, max_size=5))
+    seen: Counter[str] = Counter()
+    rows = []
+    for i, kind in enumerate(kinds):
+        name = {"step": "a", "sleep": "nap", "wait": "w"}[kind]
+        seen[name] += 1
+        key = f"{name}#{seen[name]}"
+        if kind == "step":
+            rows.append([StepSpec(key=key, name=name, count=seen[name], stage=i, index=0,
+                                  task=name, policy=policy(draw(st.integers(0, 1))),
+                                  rollback_task="a.rollback", rollback_policy=policy(1))])
+            continue
+        wait = (WaitSpec(kind=WaitKind.SLEEP, duration_ms=1000.0) if kind == "sleep" else
+                WaitSpec(kind=WaitKind.WAIT, event_type=draw(st.sampled_from(WAIT_TYPES)),
+                         duration_ms=draw(st.sampled_from([None, 5000.0]))))
+        rows.append([StepSpec(key=key, name=name, count=seen[name], stage=i, index=0, task="",
+                              policy=policy(0), wait=wait)])
+    hold = draw(st.booleans())
+    return Plan(stages=rows, on_failure=OnFailure.HOLD if hold else OnFailure.ROLLBACK,
+                hold_timeout_ms=draw(st.sampled_from([None, 60_000.0])) if hold else None)
+
+
+@dataclass
+class WaitingWorld:
+    """A saga that waits, fed at random: messages, outcomes, timers firing, events (with
+    repeated ids, for types nobody waits for, before their wait began), redrives,
+    rollbacks and a terminate."""
+
+    sim: Sim
+    data: st.DataObject
+    pending: list[Msg] = field(default_factory=list)
+    running: list[Msg] = field(default_factory=list)
+    taken_ids: set[str] = field(default_factory=set)
+    received: int = 0
+
+    @property
+    def run(self) -> SagaRun:
+        return self.sim.run
+
+    def feed(self, event: Event) -> Transition:
+        before = self.run
+        t = self.sim.feed(event)
+        assert before.model_dump_json() != "" and (t.changed or t.run == before)
+        if t.refusal is None and not _counts_twice(event):
+            again = apply(t.run, _replayed(event), now=self.sim.now + timedelta(seconds=1))
+            assert not again.changed, f"applying {event!r} twice changed the saga"
+        self.pending.extend((d.kind, d.key, d.attempt) for d in t.dispatches
+                            if d.kind != Kind.WAKE)
+        self.received += sum(e["type"] == "event_received" for e in t.events)
+        check_waiting_run(t.run)
+        return t
+
+    def wakes(self) -> list[str]:
+        return [d.id for d in self.run.outbox.values() if d.kind == Kind.WAKE]
+
+    def step(self, chaos: bool) -> bool:
+        moves = ["deliver"] * 3 * bool(self.pending) + ["end"] * 3 * bool(self.running)
+        moves += ["wake"] * 2 * bool(self.wakes())
+        moves += ["event"] * 2 * (not self.run.is_terminal and self.waiting_for() is not None)
+        if self.run.status == SagaStatus.HELD:
+            moves += ["redrive", "rollback"]
+        if chaos:
+            moves += ["event", "stray_wake", "terminate"]
+        if not moves:
+            return False
+        self.move(self.data.draw(st.sampled_from(moves)), chaos)
+        return True
+
+    def waiting_for(self) -> str | None:
+        for step in self.run.steps.values():
+            spec = self.run.plan.spec(step.key)
+            if spec.wait is not None and spec.wait.event_type and open_attempt(step):
+                return spec.wait.event_type
+        return None
+
+    def move(self, move: str, chaos: bool) -> None:
+        draw = self.data.draw
+        if move == "deliver":
+            msg = draw(st.sampled_from(self.pending))
+            self.pending.remove(msg)
+            t = self.feed(AttemptStarted(kind=msg[0], key=msg[1], attempt=msg[2]))
+            if t.decision == Decision.RUN:
+                self.running.append(msg)
+        elif move == "end":
+            msg = draw(st.sampled_from(self.running))
+            self.running.remove(msg)
+            fail = chaos and draw(st.booleans())
+            self.feed(AttemptFailed(kind=msg[0], key=msg[1], attempt=msg[2],
+                                    error=ErrorInfo(type="Boom", message="b")) if fail else
+                      AttemptSucceeded(kind=msg[0], key=msg[1], attempt=msg[2],
+                                       output=f"{msg[1]}@{msg[2]}"))
+        elif move in ("wake", "stray_wake"):
+            choices = self.wakes() if move == "wake" else ["wake:nap#1:1", "wake:hold:1"]
+            _, key, attempt = draw(st.sampled_from(choices)).rsplit(":", 2)[-3:]
+            self.feed(WakeUp(key=key.split("wake:")[-1], attempt=int(attempt)))
+        elif move == "event":
+            wanted = self.waiting_for()
+            kind = wanted if wanted and not chaos else draw(st.sampled_from([*WAIT_TYPES, "z"]))
+            event_id = draw(st.sampled_from(EVENT_IDS))
+            ended = self.run.is_terminal
+            t = self.feed(EventSent(event_type=kind, payload={"n": len(self.sim.log)},
+                                    event_id=event_id))
+            assert (t.refusal is not None) == ended
+            if event_id is not None and t.refusal is None:
+                assert t.changed == (event_id not in self.taken_ids)
+                self.taken_ids.add(event_id)
+        elif move == "terminate":
+            self.feed(TerminateRequested(rollback=draw(st.booleans())))
+        else:
+            t = self.feed(RedriveRequested() if move == "redrive" else RollbackRequested())
+            assert t.refusal is None
+
+    def play(self, chaos_turns: int) -> None:
+        turn = 0
+        while not (self.run.is_terminal and turn >= chaos_turns) and self.step(
+                chaos=turn < chaos_turns):
+            turn += 1
+            assert turn < 2000, "the saga does not converge"
+
+
+def _counts_twice(event: Event) -> bool:
+    """Events whose repetition legitimately changes the saga (or is refused)."""
+    return isinstance(event, TerminateRequested | RedriveRequested | RollbackRequested) or (
+        isinstance(event, EventSent) and event.event_id is None)
+
+
+def check_waiting_run(run: SagaRun) -> None:
+    """A waiting stage is running exactly while its attempt is open; a wake timer exists
+    only for a running wait, a hold timer only while held; held means nothing undone yet."""
+    for step in run.steps.values():
+        spec = run.plan.spec(step.key)
+        if spec.wait is None:
+            continue
+        is_open = open_attempt(step) is not None
+        assert (step.status == "running") == is_open, (step.key, step.status)
+        assert len(step.attempts) <= 1
+        wake = dispatch_id(Kind.WAKE, step.key, 1) in run.outbox
+        assert not wake or is_open
+        if is_open and spec.wait.duration_ms is not None:
+            assert wake, f"{step.key} waits with no timer to end it"
+    holds = [d for d in run.outbox.values() if d.kind == Kind.WAKE and d.key == "hold"]
+    assert not holds or run.status == SagaStatus.HELD
+    if run.status == SagaStatus.HELD:
+        assert run.error is None and run.rollback is None and run.held is not None
+    if run.is_terminal:
+        assert not run.outbox and all(open_attempt(s) is None for s in run.steps.values())
+
+
+@PROPERTY
+@given(plan=waiting_plans(), data=st.data(), chaos=st.integers(0, 30))
+def test_sleeps_waits_and_holds_keep_their_promises_under_any_event_order(
+        plan: Plan, data: st.DataObject, chaos: int) -> None:
+    """Whatever the order of messages, timers, events (early, repeated, unwanted) and owner
+    requests, every transition keeps the waiting invariants, an event id counts once, and a
+    saga driven on to the end by progress alone ends terminal with its outputs chained."""
+    world = WaitingWorld(Sim.start(plan), data)
+    world.pending.extend((d.kind, d.key, d.attempt) for d in world.sim.log[0].dispatches
+                         if d.kind != Kind.WAKE)
+    world.play(chaos)
+    run = world.run
+    assert run.is_terminal, f"the saga stopped {run.status} with nothing left to do"
+    kept = sum(len(payloads) for payloads in run.inbox.values())
+    taken = sum(1 for s in run.steps.values()
+                if run.plan.spec(s.key).wait is not None and s.output is not None
+                and run.plan.spec(s.key).wait.kind == "wait")  # type: ignore[union-attr]
+    assert kept + taken <= world.received
+    if run.status == SagaStatus.COMPLETE:
+        for i, stage in enumerate(run.plan.stages):
+            spec = stage[0]
+            if spec.wait is not None and spec.wait.kind == "sleep":
+                assert run.steps[spec.key].output == (stage_output(run, i - 1) if i else None)
