@@ -10,7 +10,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import structlog
@@ -89,6 +89,7 @@ class Engine:
         """The longest delay a Celery countdown may carry; None: no limit (no timers)."""
         self._local = threading.local()
         self._cache_size = cache_size
+        self._horizon = Horizon()
         self.on_ended: Callable[[SagaRun], None] | None = None
         """Called with a saga's run once this process committed its terminal status
         (``saga_celery.otel``: the saga's root span); never raises into the engine."""
@@ -280,9 +281,9 @@ class Engine:
         limit = self.max_countdown_s()
         if limit is None and not transition.run.plan.waits:
             return []
-        run, now = transition.run, self.clock()
+        run, horizon, clock = transition.run, self._horizon, self.clock
         return [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in transition.dispatches
-                if is_long(d, now, limit)]
+                if horizon.is_long(d, clock, limit)]
 
     def release(self, saga_id: str, lease: Lease) -> None:
         self.store.release_lease(saga_id, lease.name, lease.token)
@@ -302,6 +303,33 @@ def is_long(dispatch: Dispatch, now: datetime, max_countdown_s: float | None) ->
         return True
     return (max_countdown_s is not None
             and (dispatch.due_at - now).total_seconds() > max_countdown_s)
+
+
+class Horizon:
+    """``is_long`` without reading the clock for a message due no later than a past reading
+    of it plus the limit: the clock only moves on, so such a message is due no later than
+    now plus the limit either.  Only a message due later reads the clock (and moves the
+    horizon): a saga that does not wait pays for no clock reading and no date arithmetic."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        # One attribute, replaced whole: threads sharing it never see a mixed pair.
+        self._last: tuple[Callable[[], datetime], float, datetime] | None = None
+
+    def is_long(self, dispatch: Dispatch, clock: Callable[[], datetime],
+                max_countdown_s: float | None) -> bool:
+        if dispatch.kind == Kind.WAKE:
+            return True
+        if max_countdown_s is None:
+            return False
+        last = self._last
+        if (last is not None and dispatch.due_at <= last[2] and last[1] == max_countdown_s
+                and last[0] == clock):
+            return False
+        at = clock() + timedelta(seconds=max_countdown_s)
+        self._last = (clock, max_countdown_s, at)
+        return dispatch.due_at > at
 
 
 def _of_format(lease: Lease | None, event: Event, format: int) -> Lease | None:

@@ -20,7 +20,7 @@ from saga_celery._celery.acks import LateAck, acks_in_task, late_ack, send_ack
 from saga_celery._celery.control import CONTROL_KEY, Control
 from saga_celery._core.machine import stage_output
 from saga_celery._core.model import Dispatch, Kind, SagaRun, StepSpec
-from saga_celery._engine import is_long
+from saga_celery._engine import Horizon
 from saga_celery._internals import kombu as kombu_internals
 from saga_celery._store.connections import ThreadConnections
 
@@ -110,6 +110,7 @@ class Dispatcher:
         """The longest countdown a message is sent with; a later one is a timer's, sent by
         the timer poller when due (``timers.py``).  None: no limit."""
         self._local = threading.local()
+        self._horizon = Horizon()
         self._acks_in_task: bool | None = None
         self.outlet: Outlet | None = None
         """Where messages go instead of the broker, when set: the in-process harness's
@@ -125,17 +126,16 @@ class Dispatcher:
         A message due later than ``max_countdown_s`` is not sent: its timer is in the store,
         recorded with the commit that decided it (``Engine.timers_of``)."""
         if dispatches:
-            now = self.clock()
-            limit = self.max_countdown_s()
+            now, limit, horizon = self.clock(), self.max_countdown_s(), self._horizon
             messages = [build_message(run, d, now, after) for d in dispatches
-                        if not is_long(d, now, limit)]
+                        if not horizon.is_long(d, self.clock, limit)]
             if messages:
                 self._publish(messages)
         self._ack(ack)
 
     def is_timer(self, dispatch: Dispatch) -> bool:
         """Whether ``dispatch`` waits as a timer in the store rather than as a countdown."""
-        return is_long(dispatch, self.clock(), self.max_countdown_s())
+        return self._horizon.is_long(dispatch, self.clock, self.max_countdown_s())
 
     def acks_in_task(self) -> bool:
         """Whether saga tasks acknowledge their own messages (``acks.py``); read once."""

@@ -233,3 +233,37 @@ def test_the_recovery_sweep_puts_back_a_timer_a_cluster_commit_left_out(
     clock.now = T0 + timedelta(minutes=20)
     assert fire_due(engine, sent) == 1  # type: ignore[arg-type]
     assert sent.sent == [("repaired", f"step:{KEY}:2")]
+
+
+def _due(at: datetime, kind: Kind = Kind.STEP) -> Dispatch:
+    return Dispatch(kind=kind, key=KEY, attempt=1, due_at=at, retries=0, origin="saga")
+
+
+def test_the_horizon_reads_the_clock_only_for_a_message_that_may_be_a_timer() -> None:
+    """``Horizon.is_long`` answers as ``is_long`` does; a message due no later than a past
+    reading of the clock plus the limit is answered without reading it again."""
+    from saga_celery._engine import Horizon, is_long
+
+    reads = [0]
+    now = [T0]
+
+    def clock() -> datetime:
+        reads[0] += 1
+        return now[0]
+
+    horizon = Horizon()
+    assert not horizon.is_long(_due(T0), clock, 60.0)  # first use reads the clock
+    assert reads == [1]
+    now[0] = T0 + timedelta(seconds=30)
+    assert not horizon.is_long(_due(T0 + timedelta(seconds=30)), clock, 60.0)
+    assert reads == [1]  # due before the horizon (T0 + 60 s): no reading
+    assert not horizon.is_long(_due(T0 + timedelta(seconds=80)), clock, 60.0)
+    assert reads == [2]  # past the horizon: read again (now + 60 s = T0 + 90 s)
+    assert horizon.is_long(_due(T0 + timedelta(seconds=91)), clock, 60.0)
+    assert horizon.is_long(_due(T0, Kind.WAKE), clock, 60.0)  # a wake-up always is
+    assert not horizon.is_long(_due(T0 + timedelta(days=9)), clock, None)  # no limit
+    # another limit, or another clock (the harness's virtual one), is a new horizon
+    assert horizon.is_long(_due(T0 + timedelta(seconds=50)), clock, 10.0)
+    assert horizon.is_long(_due(T0 + timedelta(seconds=50)), lambda: T0, 10.0)
+    for due in (T0, T0 + timedelta(seconds=89), T0 + timedelta(seconds=95)):
+        assert Horizon().is_long(_due(due), clock, 60.0) == is_long(_due(due), now[0], 60.0)
