@@ -650,8 +650,8 @@ def test_a_hold_that_times_out_rolls_back_by_itself(sagas: SagaApp, env: SagaTes
     while run.status().status != "held":
         assert env.run_next(), "ran out of work before the saga was held"
     held_at = env.now
-    assert [p.kind for p in env.pending()] == ["wake"]
-    assert env.pending()[0].due_at == held_at + timedelta(days=1)
+    assert env.pending() == [PendingMessage(due_at=held_at + timedelta(days=1), saga_id="h-3",
+                                            kind="wake", step="hold", count=1, attempt=1)]
     env.run_until_idle()
     state = run.status()
     assert state.status == "errored"
