@@ -531,6 +531,24 @@ def test_run_until_idle_sleeps_through_and_stops_at_a_wait_without_timeout(
     assert env.pending() == []
 
 
+def test_terminating_a_sleeping_saga_cancels_the_sleep_and_moves_no_clock(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """Terminated (with rollback) during its day's sleep, the saga undoes the booking at
+    once; the sleep's timer fires nothing, so it is not pending and the clock stays put."""
+    waiting = Waiting(sagas)
+    run = env.start(waiting.sleeping, saga_id="s-4")
+    env.advance("1 hour")
+    run.terminate(rollback=True, reason="customer withdrew")
+    assert env.pending()[0].kind == "rollback"
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "terminated"
+    assert state.step("cool-off").status == "cancelled"
+    assert waiting.names() == ["book", "unbook"]
+    assert env.now == T0 + timedelta(hours=1)
+    assert env.pending() == []
+
+
 def test_an_event_sent_while_the_saga_waits_ends_the_wait(
         sagas: SagaApp, env: SagaTestEnv) -> None:
     """An hour into a two-day wait, ``env.send_event`` ends it: the payload is the wait's
