@@ -17,10 +17,13 @@ is a ``TimeoutError`` attempt whose duration is the configured timeout).  Attemp
 at a time, each from its start to its end; ``while_running`` acts between the two (runs
 another message, terminates), which is how a sibling in flight is staged.
 
-Waiting stages (``sleep``, ``wait_for_event``, hold timeouts: SPEC section 8) are not in the
-library yet; when they come, their timers in the store join the queued messages as the
-things that fall due on the virtual clock (``_next_due``), and ``send_event`` goes through
-the same requests a ``SagaHandle`` sends.
+Waiting (SPEC section 8) is virtual too.  A delay longer than the app's ``max_countdown`` (a
+long retry delay or ``RetryLater``, a sleep, a wait's timeout, a hold's timeout) is a timer
+in the in-memory store, recorded by the engine's own commit; the store's timers join the
+queued messages as the things that fall due on the virtual clock, and each, at its due time,
+is fired by the app's own timer code (``timers.fire_due``, what the worker bootstep runs).
+``send_event``, ``redrive`` and ``rollback`` are the ``SagaHandle``'s own requests, whose
+messages come to the environment's queue like every other.
 """
 
 from __future__ import annotations
@@ -47,8 +50,11 @@ from saga_celery._celery.tasks import SagaRollbackTask, SagaStepTask
 from saga_celery._celery.timeouts import AttemptTimeout, is_timeout
 from saga_celery._core.config import StepConfig
 from saga_celery._core.durations import parse_duration
-from saga_celery._core.model import Kind
+from saga_celery._core.model import Dispatch, Kind, SagaRun
+from saga_celery._core.state import SagaState
+from saga_celery._engine import epoch_ms
 from saga_celery._errors import SagaConfigError, SagaError, StepOutputError
+from saga_celery._store.base import Timer
 from saga_celery._store.memory import MemoryStore
 
 __all__ = ["PendingMessage", "SagaTestEnv"]
@@ -97,6 +103,8 @@ class _Clock:
         self.current = max(self.current, when)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 _Key = tuple[Kind, str, int, int]
 """(step or rollback, step name, count, attempt): what an injected failure replaces."""
 
@@ -119,7 +127,7 @@ class SagaTestEnv:
         self._injected: dict[_Key, Callable[[StepConfig], Body]] = {}
         self._during: dict[_Key, list[Callable[[], object]]] = {}
         self._body_errors: list[BaseException] = []
-        store = MemoryStore(clock=self._clock.seconds, retention_ms=None)
+        self._store = store = MemoryStore(clock=self._clock.seconds, retention_ms=None)
         self._restore: Callable[[], None] | None = sagas._run_in_process(InProcess(
             store=store, clock=self._clock.now, outlet=self._enqueue, body_hook=self._body,
             draw=random.Random(seed).random))
@@ -159,14 +167,20 @@ class SagaTestEnv:
         return saga.apply_async(saga_id=saga_id, params=params)
 
     def run_next(self) -> bool:
-        """Run the next message due (moving the clock to its due time); False if none is
-        queued."""
+        """Run the next thing due, moving the clock to its due time: a queued message, or the
+        store's timers due then (fired as a worker fires them: a sleep ends, a wait or a
+        hold times out, a long delay's message is queued).  False if nothing is left."""
         self._check_open()
-        if not self._queue:
+        timer = self._next_timer()
+        if self._queue and (timer is None or self._queue[0].due <= timer):
+            queued = heapq.heappop(self._queue)
+            self._clock.move_to(queued.due)
+            self._execute(queued.message)
+            return True
+        if timer is None:
             return False
-        queued = heapq.heappop(self._queue)
-        self._clock.move_to(queued.due)
-        self._execute(queued.message)
+        self._clock.move_to(timer)
+        self._sagas._fire_timers()
         return True
 
     def run_until_idle(self, *, max_messages: int = MAX_MESSAGES) -> None:
@@ -177,12 +191,12 @@ class SagaTestEnv:
             if not self.run_next():
                 return
         raise SagaError(f"SagaTestEnv.run_until_idle: still busy after {max_messages} "
-                        f"messages; next: {self.pending()[:3]}")
+                        f"messages and timers; next: {self.pending()[:3]}")
 
     def advance(self, duration: timedelta | str | int | float) -> None:
         """Move the clock ``duration`` ahead (a ``timedelta``, ``"30 seconds"``, or a number
-        of milliseconds, as ``retries={"delay": ...}``), running every message that falls
-        due on the way, at its time."""
+        of milliseconds, as ``retries={"delay": ...}``), running every message and firing
+        every timer that falls due on the way, at its time."""
         self._check_open()
         until = self._clock.now() + _duration(duration)
         for _ in range(MAX_MESSAGES):
@@ -194,12 +208,27 @@ class SagaTestEnv:
         raise SagaError(f"SagaTestEnv.advance: more than {MAX_MESSAGES} messages fell due")
 
     def pending(self) -> list[PendingMessage]:
-        """The queued messages, the next due first."""
-        return [PendingMessage(due_at=q.due, saga_id=q.message.control.saga_id,
-                               kind=str(q.message.control.kind), step=q.message.control.step,
-                               count=q.message.control.count,
-                               attempt=q.message.control.attempt)
-                for q in sorted(self._queue)]
+        """The queued messages and the store's timers, the next due first (a timer as the
+        outbox entry it fires: ``kind="wake"`` for a sleep's end, a wait's or a hold's
+        timeout)."""
+        queued = [PendingMessage(due_at=q.due, saga_id=q.message.control.saga_id,
+                                 kind=str(q.message.control.kind), step=q.message.control.step,
+                                 count=q.message.control.count,
+                                 attempt=q.message.control.attempt)
+                  for q in sorted(self._queue)]
+        timers = [p for p in map(self._pending_timer, self._store.timers()) if p is not None]
+        return sorted(queued + timers, key=lambda p: p.due_at)
+
+    # --- requests a test sends ------------------------------------------------------------
+
+    def send_event(self, saga_id: str, event_type: str, payload: JsonValue = None,
+                   event_id: str | None = None) -> SagaState:
+        """Send an event to saga ``saga_id``: ``sagas.run(saga_id).send_event(...)``, the
+        handle's own request (a waiting stage ends with ``payload``; one sent early is kept;
+        the same ``event_id`` counts once).  What it decides runs at the next
+        ``run_until_idle``, ``advance`` or ``run_next``."""
+        self._check_open()
+        return self._sagas.run(saga_id).send_event(event_type, payload, event_id=event_id)
 
     # --- failure injection ---------------------------------------------------------------
 
@@ -250,6 +279,15 @@ class SagaTestEnv:
             _check_count(count, name)
             self._during.setdefault((kind, name, count, n), []).append(action)
 
+    def fix(self, step: object, *, rollback: bool = False) -> None:
+        """Drop every failure injected for ``step`` (its rollback, with ``rollback``) in
+        attempts not run yet: the deploy that fixes it, before ``run.redrive()`` or
+        ``run.retry_rollback()``."""
+        name = self._step_name(step, rollback=rollback)
+        kind = Kind.ROLLBACK if rollback else Kind.STEP
+        for key in [k for k in self._injected if k[0] == kind and k[1] == name]:
+            del self._injected[key]
+
     # --- inside ---------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -257,8 +295,40 @@ class SagaTestEnv:
             raise SagaConfigError("this SagaTestEnv is closed")
 
     def _next_due(self) -> datetime | None:
-        """When the next thing falls due: a queued message (store timers join here)."""
-        return self._queue[0].due if self._queue else None
+        """When the next thing falls due: a queued message or a timer in the store."""
+        due = [t for t in (self._queue[0].due if self._queue else None, self._next_timer())
+               if t is not None]
+        return min(due, default=None)
+
+    def _next_timer(self) -> datetime | None:
+        """When the store's next live timer falls due.  A timer whose outbox entry is gone
+        (the event came, the saga was redriven or ended) would send nothing: it does not
+        move the clock, and ``fire_due`` drops it along with the next one that fires."""
+        for timer in self._store.timers():
+            live = self._live(timer)
+            if live is not None:
+                return _due(timer, live[1])
+        return None
+
+    def _live(self, timer: Timer) -> tuple[SagaRun, Dispatch] | None:
+        """The saga and the outbox entry ``timer`` names, if firing it would do something
+        (``timers._fire``'s test)."""
+        snapshot = self._store.load(timer.saga_id)
+        if snapshot is None or snapshot.run.is_terminal:
+            return None
+        entry = snapshot.run.outbox.get(timer.dispatch_id)
+        return None if entry is None else (snapshot.run, entry)
+
+    def _pending_timer(self, timer: Timer) -> PendingMessage | None:
+        """The outbox entry a live ``timer`` fires, as pending."""
+        live = self._live(timer)
+        if live is None:
+            return None
+        run, entry = live
+        spec = run.plan.specs_by_key.get(entry.key)  # none for a hold's timeout
+        return PendingMessage(due_at=_due(timer, entry), saga_id=timer.saga_id,
+                              kind=str(entry.kind), step=entry.key if spec is None else spec.name,
+                              count=1 if spec is None else spec.count, attempt=entry.attempt)
 
     def _enqueue(self, messages: list[Message]) -> None:
         """The outlet: what the library would publish, queued for its countdown."""
@@ -361,6 +431,14 @@ def _raising(error: BaseException | None, what: str, attempt: int
         return fail
 
     return body
+
+
+def _due(timer: Timer, entry: Dispatch) -> datetime:
+    """When ``timer`` fires: its entry's own due time, so the saga records the exact time
+    its delay ended, unless the timer is later (a claim not yet lapsed)."""
+    if epoch_ms(entry.due_at) >= timer.due_ms:
+        return entry.due_at
+    return _EPOCH + timedelta(milliseconds=timer.due_ms + 1)  # +1: claimable despite rounding
 
 
 def _duration(value: timedelta | str | int | float) -> timedelta:

@@ -25,7 +25,9 @@ from saga_celery import (
     SagaApp,
     SagaConfigError,
     SagaError,
+    SagaNotFoundError,
     SagaState,
+    SagaStateError,
     SagaStoreUnavailableError,
     current_step,
 )
@@ -436,6 +438,270 @@ def test_the_same_seed_draws_the_same_jittered_delays(sagas: SagaApp) -> None:
 
     assert delays(7) == delays(7)
     assert delays(7) != delays(8)
+
+
+# --- waiting: sleeps, events, holds (SPEC section 8) -----------------------------------------
+
+
+class Waiting:
+    """A booking step with a rollback, a step that may be made to fail, and a shipping step
+    that records what it got; sagas that sleep, wait for an event, or hold."""
+
+    def __init__(self, sagas: SagaApp) -> None:
+        self.ran: list[tuple[str, int, Any]] = []
+
+        @sagas.step(name="book", timeout="10 seconds")
+        def book(order: int) -> int:
+            self.ran.append(("book", current_step().attempt, order))
+            return order
+
+        @book.rollback()
+        def unbook(ctx: RollbackContext) -> None:
+            self.ran.append(("unbook", ctx.attempt, ctx.output))
+
+        @sagas.step(name="export", retries={"limit": 2, "delay": "1 minute",
+                                            "backoff": "constant"})
+        def export(previous: Any) -> str:
+            self.ran.append(("export", current_step().attempt, previous))
+            return "exported"
+
+        @sagas.step(name="ship")
+        def ship(previous: Any) -> Any:
+            self.ran.append(("ship", current_step().attempt, previous))
+            return previous
+
+        self.export = export
+        self.sleeping = sagas.saga("sleeping", [book.s(9), sagas.sleep("1 day",
+                                                                       name="cool-off"),
+                                                ship.s()])
+        self.approval = sagas.saga("approval", [
+            book.s(10), sagas.wait_for_event("approval", timeout="2 days", name="approve"),
+            ship.s()])
+        self.two_approvals = sagas.saga("two-approvals", [
+            book.s(11), sagas.wait_for_event("approval", name="first"),
+            sagas.wait_for_event("approval", name="second"), ship.s()])
+        self.held = sagas.saga("held", [book.s(12), export.s(), ship.s()], on_failure="hold")
+        self.held_briefly = sagas.saga("held-briefly", [book.s(13), export.s()],
+                                       on_failure="hold", hold_timeout="1 day")
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.ran]
+
+
+def event_types(run_events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in run_events]
+
+
+def test_a_one_day_sleep_passes_on_the_virtual_clock(sagas: SagaApp, env: SagaTestEnv) -> None:
+    """A day's sleep is a timer in the store: pending as a ``wake`` due a day later, not
+    over after 23 hours, over at the day, with the booking's output passed on, in
+    milliseconds of real time."""
+    waiting = Waiting(sagas)
+    began = time.perf_counter()
+    run = env.start(waiting.sleeping, saga_id="s-1")
+    env.advance(0)
+    assert env.pending() == [PendingMessage(due_at=T0 + timedelta(days=1), saga_id="s-1",
+                                            kind="wake", step="cool-off", count=1, attempt=1)]
+    env.advance("23 hours")
+    assert run.status().step("cool-off").status == "running"
+    assert waiting.names() == ["book"]
+    env.advance("1 hour")
+    state = run.status()
+    assert (state.status, state.output) == ("complete", 9)
+    assert state.ended_at == T0 + timedelta(days=1)
+    assert state.step("cool-off").kind == "sleep"
+    assert waiting.ran[-1] == ("ship", 1, 9)
+    assert {"sleep_started", "sleep_completed"} <= set(event_types(run.events()))
+    assert env.pending() == []
+    assert time.perf_counter() - began < 5  # milliseconds in fact
+
+
+def test_run_until_idle_sleeps_through_and_stops_at_a_wait_without_timeout(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """``run_until_idle`` fires a sleep's timer however far ahead; a wait with no timeout
+    and no event leaves nothing due, so it returns with the saga still waiting."""
+    waiting = Waiting(sagas)
+    sleeping = env.start(waiting.sleeping, saga_id="s-2")
+    waits = env.start(waiting.two_approvals, saga_id="s-3")
+    env.run_until_idle()
+    assert sleeping.status().status == "complete"
+    assert env.now == T0 + timedelta(days=1)
+    assert waits.status().status == "running"
+    assert waits.status().step("first").status == "running"
+    assert env.pending() == []
+
+
+def test_terminating_a_sleeping_saga_cancels_the_sleep_and_moves_no_clock(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """Terminated (with rollback) during its day's sleep, the saga undoes the booking at
+    once; the sleep's timer fires nothing, so it is not pending and the clock stays put."""
+    waiting = Waiting(sagas)
+    run = env.start(waiting.sleeping, saga_id="s-4")
+    env.advance("1 hour")
+    run.terminate(rollback=True, reason="customer withdrew")
+    assert env.pending()[0].kind == "rollback"
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "terminated"
+    assert state.step("cool-off").status == "cancelled"
+    assert waiting.names() == ["book", "unbook"]
+    assert env.now == T0 + timedelta(hours=1)
+    assert env.pending() == []
+
+
+def test_an_event_sent_while_the_saga_waits_ends_the_wait(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """An hour into a two-day wait, ``env.send_event`` ends it: the payload is the wait's
+    output and the next step's input, and the dropped timeout never moves the clock."""
+    waiting = Waiting(sagas)
+    run = env.start(waiting.approval, saga_id="e-1")
+    env.advance("1 hour")
+    assert [p.kind for p in env.pending()] == ["wake"]
+    env.send_event("e-1", "approval", {"by": "ann"})
+    env.run_until_idle()
+    state = run.status()
+    assert (state.status, state.output) == ("complete", {"by": "ann"})
+    assert state.step("approve").output == {"by": "ann"}
+    assert state.ended_at == env.now == T0 + timedelta(hours=1)
+    assert waiting.ran[-1] == ("ship", 1, {"by": "ann"})
+    assert "wait_timed_out" not in event_types(run.events())
+
+
+def test_an_event_sent_before_the_wait_began_is_kept_for_it(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """Sent before the booking even ran, the event waits in the saga's inbox and the wait
+    ends as it begins."""
+    waiting = Waiting(sagas)
+    run = env.start(waiting.approval, saga_id="e-2")
+    state = env.send_event("e-2", "approval", {"by": "bob"}, event_id="mail-1")
+    assert state.step("approve").status == "pending"
+    env.run_until_idle()
+    final = run.status()
+    assert (final.status, final.output) == ("complete", {"by": "bob"})
+    assert env.now == T0
+    assert event_types(run.events()).count("event_received") == 1
+
+
+def test_the_same_event_id_twice_counts_once(sagas: SagaApp, env: SagaTestEnv) -> None:
+    """Two waits for ``approval``: the same ``event_id`` sent twice ends only the first; a
+    new id ends the second."""
+    waiting = Waiting(sagas)
+    run = env.start(waiting.two_approvals, saga_id="e-3")
+    env.run_until_idle()
+    env.send_event("e-3", "approval", "yes", event_id="mail-1")
+    env.send_event("e-3", "approval", "yes again", event_id="mail-1")
+    env.run_until_idle()
+    state = run.status()
+    assert state.step("first").output == "yes"
+    assert state.step("second").status == "running"
+    env.send_event("e-3", "approval", "second yes", event_id="mail-2")
+    env.run_until_idle()
+    state = run.status()
+    assert (state.status, state.output) == ("complete", "second yes")
+    assert event_types(run.events()).count("event_received") == 2
+
+
+def test_a_wait_timing_out_rolls_back_with_event_timeout_error(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """No event within two days: the wait errs with ``EventTimeoutError`` (no retries), the
+    booking is undone, all at the virtual two days; an event sent afterwards is refused."""
+    waiting = Waiting(sagas)
+    run = env.start(waiting.approval, saga_id="e-4")
+    env.advance("47 hours")
+    assert run.status().status == "running"
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "errored"
+    assert state.error is not None and state.error.type == "EventTimeoutError"
+    assert state.rollback is not None and state.rollback.outcome == "complete"
+    assert waiting.names() == ["book", "unbook"]
+    assert env.now == T0 + timedelta(days=2)
+    assert "wait_timed_out" in event_types(run.events())
+    with pytest.raises(SagaStateError):
+        env.send_event("e-4", "approval", "too late")
+
+
+def test_a_held_saga_is_redriven_after_the_failure_is_fixed(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """The export fails for good: the saga is held, nothing undone, nothing due.  Once the
+    injected failure is fixed, ``redrive()`` runs the export again (attempt 4, a fresh
+    budget) and the saga completes; the booking ran once."""
+    waiting = Waiting(sagas)
+    env.fail(waiting.export, attempt=range(1, 10))
+    run = env.start(waiting.held, saga_id="h-1")
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "held"
+    assert state.error is not None and state.error.type == "RuntimeError"
+    assert waiting.names() == ["book"]
+    assert env.pending() == []
+    env.fix(waiting.export)
+    assert run.redrive().status == "running"
+    env.run_until_idle()
+    state = run.status()
+    assert (state.status, state.output) == ("complete", "exported")
+    assert [a.attempt for a in state.step("export").attempts] == [1, 2, 3, 4]
+    assert waiting.names() == ["book", "export", "ship"]
+    assert event_types(run.events()).count("saga_redriven") == 1
+
+
+def test_a_held_saga_rolled_back_on_request_undoes_what_ran(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """``rollback()`` of a held saga compensates the booking and ends ``errored``."""
+    waiting = Waiting(sagas)
+    env.fail(waiting.export, attempt=[1, 2, 3])
+    run = env.start(waiting.held, saga_id="h-2")
+    env.run_until_idle()
+    assert run.status().status == "held"
+    run.rollback()
+    env.run_until_idle()
+    assert run.status().status == "errored"
+    assert waiting.names() == ["book", "unbook"]
+
+
+def test_a_hold_that_times_out_rolls_back_by_itself(sagas: SagaApp, env: SagaTestEnv) -> None:
+    """Held with ``hold_timeout="1 day"`` and left alone: a day after the hold began, the
+    rollback starts on its own."""
+    waiting = Waiting(sagas)
+    env.fail(waiting.export, attempt=[1, 2, 3])
+    run = env.start(waiting.held_briefly, saga_id="h-3")
+    while run.status().status != "held":
+        assert env.run_next(), "ran out of work before the saga was held"
+    held_at = env.now
+    assert env.pending() == [PendingMessage(due_at=held_at + timedelta(days=1), saga_id="h-3",
+                                            kind="wake", step="hold", count=1, attempt=1)]
+    env.run_until_idle()
+    state = run.status()
+    assert state.status == "errored"
+    assert state.rollback is not None and state.rollback.outcome == "complete"
+    assert waiting.names() == ["book", "unbook"]
+    assert env.now == held_at + timedelta(days=1)
+
+
+def test_a_retry_delay_longer_than_max_countdown_waits_as_a_timer(
+        sagas: SagaApp, env: SagaTestEnv) -> None:
+    """``RetryLater("1 day")`` is beyond the app's ``max_countdown`` (5 minutes): the retry
+    is a timer, pending as the step's next attempt, and runs a virtual day later."""
+    shop = Shop(sagas)
+    env.fail("reserve", error=RetryLater("1 day", "come back tomorrow"))
+    run = env.start(shop.order, saga_id="r-1")
+    env.advance(0)
+    assert env.pending() == [PendingMessage(due_at=T0 + timedelta(days=1), saga_id="r-1",
+                                            kind="step", step="reserve", count=1, attempt=2)]
+    env.run_until_idle()
+    starts = [a.started_at for a in run.status().step("reserve").attempts]
+    assert starts == [T0, T0 + timedelta(days=1)]
+    assert run.status().status == "complete"
+
+
+def test_send_event_and_fix_refuse_bad_input(sagas: SagaApp, env: SagaTestEnv) -> None:
+    """``send_event`` to an unknown saga raises ``SagaNotFoundError``; ``fix`` of something
+    that is not a step, ``SagaConfigError``."""
+    Waiting(sagas)
+    with pytest.raises(SagaNotFoundError):
+        env.send_event("nobody", "approval")
+    with pytest.raises(SagaConfigError, match="'exprt' is not a saga step"):
+        env.fix("exprt")
 
 
 # --- bad input, and giving the app back ------------------------------------------------------

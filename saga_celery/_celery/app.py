@@ -143,8 +143,12 @@ class SagaApp:
             milliseconds=_positive_ms("recovery_interval", recovery_interval))
         self._register_recovery(self.recovery_interval.total_seconds())
         app.steps["worker"].add(_worker_check(self._check_worker))
-        app.steps["worker"].add(timer_step(lambda: TimerPoller(
-            lambda: fire_due(self._engine, self._dispatcher))))
+        app.steps["worker"].add(timer_step(lambda: TimerPoller(self._fire_timers)))
+
+    def _fire_timers(self) -> int:
+        """Send the messages of the timers due now (``timers.fire_due``): what the worker
+        bootstep runs each poll, and what ``saga_celery.testing`` runs at virtual time."""
+        return fire_due(self._engine, self._dispatcher)
 
     def _register_recovery(self, interval_s: float) -> None:
         """The sweep as a Celery task on the rollbacks queue, scheduled for beat."""

@@ -225,6 +225,13 @@ class MemoryStore:
         with self._changed:
             self._timers.pop((timer.saga_id, timer.dispatch_id), None)
 
+    def timers(self) -> list[Timer]:
+        """Every timer recorded, the next due first (a claimed one: when its claim lapses):
+        what ``saga_celery.testing`` counts as falling due on its virtual clock."""
+        with self._changed:
+            due = sorted((due_ms, name) for name, due_ms in self._timers.items())
+        return [Timer(saga_id, dispatch, due_ms) for due_ms, (saga_id, dispatch) in due]
+
     # -- helpers (called with the lock held) ----------------------------------------------
 
     def _record(self, saga_id: str) -> _Record | None:

@@ -8,6 +8,10 @@ worker and of the harness: ``{"steps": {"<step>": {"<attempt>": ACT}}, "rollback
 timeout), ``refuse_once_started:<step>`` (``refuse`` once that sibling's start is recorded)
 and ``until_rolling_back`` (succeeds once the saga is rolling back: in flight meanwhile).
 
+The waiting sagas (SPEC section 8) keep their real-time waits short: a 2 s sleep and a 2 s
+wait timeout, which a worker's timer bootstep fires (a waiting stage's end is always a timer
+in the store) and the harness fires at virtual time.
+
 Environment: ``SAGA_TEST_REDIS_URL`` (broker and saga state).  Queues and keys carry a
 prefix of their own, so the worker takes none of another test's messages.
 """
@@ -149,3 +153,19 @@ def _order(name: str, **options: str) -> SagaDefinition:
 order = _order("sc-order")
 order_continue = _order("sc-order-continue", on_rollback_error="continue")
 timed = sagas.saga("sc-timed", [reserve.s("sku-2"), slow.s()])
+
+
+NAP = "2 seconds"
+"""The sleep of ``slept`` and the timeout of ``approval_brief``: short, as a real worker waits
+them out."""
+APPROVAL = "sc.approval"
+"""The event type the ``approval`` sagas wait for."""
+
+slept = sagas.saga("sc-slept", [reserve.s("sku-3"), sagas.sleep(NAP, name="sc.nap"), ship.s()])
+approval = sagas.saga("sc-approval", [
+    reserve.s("sku-4"), sagas.wait_for_event(APPROVAL, timeout="60 seconds", name="sc.approve"),
+    ship.s()])
+approval_brief = sagas.saga("sc-approval-brief", [
+    reserve.s("sku-5"), sagas.wait_for_event(APPROVAL, timeout=NAP, name="sc.approve"),
+    ship.s()])
+held = _order("sc-held", on_failure="hold")

@@ -12,6 +12,12 @@ them, so the rollback order is compared as stages, and checked in each run to be
 reverse of that run's own start order.  A step held in flight while its sibling fails (two
 worker processes; ``SagaTestEnv.while_running`` in process) must end after the rollback began
 in every run, and be compensated with its real output.
+
+The waiting scenarios (SPEC section 8) wait in real time on the worker, briefly: a 2 s sleep
+and a 2 s wait timeout, which the worker's timer bootstep fires (its log shows
+``saga.timer_fired`` for the saga), an event sent (twice, with one ``event_id``) once the wait
+has begun, and a saga held then redriven.  The harness waits the same on its virtual clock,
+firing the store's timers through the same ``fire_due``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +58,15 @@ class Scenario:
     in_flight: str | None = None
     """In process, run the next message while this step's first attempt runs: the worker's
     two processes run it beside its sibling (``until_rolling_back``)."""
+    event_once_waiting: str | None = None
+    """Once this wait has begun, send it its event (twice, with the same ``event_id``)."""
+    redrive: bool = False
+    """Once the saga is held, fix what failed and ``redrive()`` it."""
+    fires_timers: bool = False
+    """The worker's timer bootstep must fire a timer of this saga (a sleep, a wait's
+    timeout)."""
+    expect: dict[str, Any] = field(default_factory=dict)
+    """Parts of the outcome (``outcome``) every run must show, beyond agreeing."""
 
     def params(self) -> dict[str, Any]:
         return {"steps": self.steps, "rollbacks": self.rollbacks}
@@ -80,7 +95,30 @@ SCENARIOS = [
     Scenario("terminate_during_a_retry_delay", "order", steps={"sc.charge": {"1": "later"}},
              terminate_after_failure_of="sc.charge"),
     Scenario("timeout_then_success", "timed", steps={"sc.slow": {"1": "hang"}}),
+    Scenario("a_short_sleep", "slept", fires_timers=True,
+             expect={"status": "complete", "output": "shipped"}),
+    Scenario("a_wait_ended_by_an_event_sent_twice", "approval",
+             event_once_waiting="sc.approve",
+             expect={"status": "complete", "event_received": 1, "wait_completed": 1}),
+    Scenario("a_wait_timing_out_rolls_back", "approval_brief", fires_timers=True,
+             expect={"status": "errored", "error_type": "EventTimeoutError",
+                     "wait_timed_out": 1}),
+    Scenario("held_then_redriven", "held",
+             steps={"sc.ship": {"1": "fail", "2": "fail", "3": "fail"}}, redrive=True,
+             expect={"status": "complete", "saga_held": 1, "saga_redriven": 1,
+                     "rollback_started": 0}),
 ]
+APPROVED = {"by": "ann"}
+"""The payload of the event a waiting scenario sends."""
+
+
+def shows(found: dict[str, Any], expect: dict[str, Any]) -> dict[str, Any]:
+    """What ``expect`` names, read from an outcome: its keys, the error's type, or a count of
+    events of a type."""
+    error = found["error"]
+    named = {"status": found["status"], "output": found["output"],
+             "error_type": error and error["type"]}
+    return {key: named[key] if key in named else found["event_types"][key] for key in expect}
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +150,16 @@ def failed_once(handle: SagaHandle, step: str) -> bool:
     return any(e["type"] == "attempt_errored" and e["step"] == step for e in handle.events())
 
 
+def waiting(handle: SagaHandle, step: str) -> bool:
+    return handle.status().step(step).status == "running"
+
+
+def send_twice(scenarios: ModuleType, send: Callable[..., SagaState]) -> None:
+    """The approval, and the same again (one ``event_id``): counted once."""
+    for _ in range(2):
+        send(scenarios.APPROVAL, APPROVED, event_id="mail-1")
+
+
 def on_worker(scenarios: ModuleType, scenario: Scenario) -> tuple[SagaState, list[Any]]:
     handle = getattr(scenarios, scenario.saga).apply_async(
         saga_id=f"w-{uuid.uuid4().hex[:10]}", params=scenario.params())
@@ -119,6 +167,13 @@ def on_worker(scenarios: ModuleType, scenario: Scenario) -> tuple[SagaState, lis
         step = scenario.terminate_after_failure_of
         wait_for(lambda: failed_once(handle, step), timeout=30)
         handle.terminate(rollback=True, reason=REASON)
+    if scenario.event_once_waiting is not None:
+        wait = scenario.event_once_waiting
+        wait_for(lambda: waiting(handle, wait), timeout=30)
+        send_twice(scenarios, handle.send_event)
+    if scenario.redrive:
+        wait_for(lambda: handle.status().status == "held", timeout=60)
+        handle.redrive()  # the params fail only attempts 1 to 3: attempt 4 is "fixed"
     state = handle.wait(timeout=90)
     if scenario.retry_rollback:
         handle.retry_rollback()
@@ -142,7 +197,18 @@ def in_process(scenarios: ModuleType, scenario: Scenario, *, inject: bool
             while not failed_once(handle, step):
                 assert env.run_next(), "ran out of messages before the step failed"
             handle.terminate(rollback=True, reason=REASON)
+        if scenario.event_once_waiting is not None:
+            wait = scenario.event_once_waiting
+            while not waiting(handle, wait):
+                assert env.run_next(), "ran out of messages before the wait began"
+            send_twice(scenarios, lambda *a, **kw: env.send_event(handle.id, *a, **kw))
         env.run_until_idle()
+        if scenario.redrive:
+            assert handle.status().status == "held"
+            for step in scenario.steps:
+                env.fix(step)
+            handle.redrive()
+            env.run_until_idle()
         if scenario.retry_rollback:
             handle.retry_rollback()
             env.run_until_idle()
@@ -226,7 +292,12 @@ def test_the_harness_decides_as_a_real_worker_does(
     for state, events in runs.values():
         assert state.is_terminal
         assert_rollback_in_reverse_start_order(state, events)
+    if scenario.fires_timers:
+        saga_id = runs["worker"][0].id
+        assert any("saga.timer_fired" in line and saga_id in line
+                   for line in worker.log().splitlines()), "no timer fired by the worker"
     expected = outcome(*runs["worker"])
+    assert shows(expected, scenario.expect) == scenario.expect
     if scenario.in_flight is not None:
         assert expected["ended_after_rollback_began"] == {scenario.in_flight}
     for how in ("harness, failing bodies", "harness, injected failures"):
