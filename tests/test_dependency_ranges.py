@@ -12,7 +12,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = ("metrics", "demo", "workers")
+EXTRAS = ("metrics", "demo", "workers", "archive")
 """The extras a user installs; ``test`` and ``dev`` are the repository's own tools."""
 
 

@@ -224,10 +224,10 @@ class Termination(_Record):
     error: ErrorInfo
 
 
-FORMAT = 2
+FORMAT = 3
 """The newest saga format this release writes (``SagaProgress.format``)."""
 
-FORMATS: frozenset[int] = frozenset({1, 2})
+FORMATS: frozenset[int] = frozenset({1, 2, 3})
 """The saga formats this release reads and runs."""
 
 
@@ -255,8 +255,10 @@ class SagaProgress(_Record):
     format: int = 1
     """The format the saga was created in, kept for its life (CHANGELOG.md): 1 is 0.1.0's
     (idempotency keys joined with ':', a rollback's lease apart from its step's); 2 escapes
-    ':' and '%' in key parts and has one lease per step.  Format 1 is stored as 0.1.0 stored
-    it (the field left out), so a 0.1.0 process reads it."""
+    ':' and '%' in key parts and has one lease per step; 3 is 2 whose record the store
+    compacts (or archives) once the saga ended (``_store/history.py``), which a 0.2.0
+    process cannot read.  Format 1 is stored as 0.1.0 stored it (the field left out), so a
+    0.1.0 process reads it."""
 
     @property
     def is_terminal(self) -> bool:

@@ -8,6 +8,12 @@ one Lua script may touch them all::
                                               (absent when none: ``_store/journal.py``),
                                           p = its plan JSON (written once, at the start),
                                           t = 1 if the saga is terminal, else 0
+                                          Once a saga of format 3+ ended (``history.py``):
+                                          c = its compacted history (progress, plan and
+                                              events, compressed), d = a format marker,
+                                              p, j and the event stream deleted; or, with
+                                              an archive, a tombstone: a = the archive
+                                              marker, s = its status, d = the marker
     <prefix>{<id>}:events         stream  one field, e = the event's JSON
     <prefix>{<id>}:lease:<name>   string  the holder's token, with a PX time to live
 
@@ -18,6 +24,9 @@ Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster w
     <prefix>corrupt               zset    ids the recovery sweep could not read and moved
                                           out of ``active``, score = when, in epoch ms
     <prefix>corrupt:why           hash    id -> the error that reading it raised
+    <prefix>finishing             zset    ids of ended sagas not yet compacted or archived,
+                                          score = when marked (epoch ms); written with
+                                          the commit that ends the saga (``finisher.py``)
     <prefix>health                hash    what the last recovery sweep saw (``SweepRecord``),
                                           replaced by one HSET as each sweep ends:
                                           swept_at_ms, sagas, overdue (ints),
@@ -45,6 +54,9 @@ PLAN_FIELD = "p"
 JOURNAL_FIELD = "j"
 TERMINAL_FIELD = "t"
 EVENT_FIELD = "e"
+HISTORY_FIELD = "c"
+ARCHIVED_FIELD = "a"
+STATUS_FIELD = "s"
 
 SWEPT_AT_FIELD = "swept_at_ms"
 SAGAS_FIELD = "sagas"
@@ -91,6 +103,10 @@ class KeySpace:
     @property
     def corrupt_why(self) -> str:
         return f"{self.prefix}corrupt:why"
+
+    @property
+    def finishing(self) -> str:
+        return f"{self.prefix}finishing"
 
     @property
     def health(self) -> str:

@@ -1,0 +1,99 @@
+"""Compacting and archiving finished sagas off the step's path: one thread per process.
+
+The commit that ends a saga also adds its id to ``<prefix>finishing`` (``keys.py``): the
+durable "to compact / to archive" marker.  Once the commit is answered, the store hands the
+id to this process's ``Finisher``, whose thread compacts the saga (or archives it and leaves
+a tombstone) and then removes the marker.  The task that ended the saga does not wait for
+any of it.
+
+A process killed between the commit and the end of that work leaves the marker behind: the
+recovery sweep (``RedisStore.finish_pending``, called by every sweep) and the thread of any
+other process (every ``TAKEOVER_EVERY_S``) finish the sagas whose marker is older than a
+grace, so nothing is lost; the work is idempotent, so nothing is done twice in effect.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("saga_celery")
+
+TAKEOVER_EVERY_S = 30.0
+"""How often a process's finisher thread looks for markers other processes left behind."""
+TAKEOVER_GRACE_MS = 60_000
+"""How old a marker must be before another process takes it over."""
+
+
+class Finisher:
+    """A queue of finished saga ids and the daemon thread that works it off.
+
+    ``finish(id)`` does the work of one saga (True: done, or nothing to do); ``takeover()``
+    finishes what other processes left (``RedisStore.finish_pending``).  Started on first use
+    in each process (a prefork child starts its own: threads do not survive a fork)."""
+
+    def __init__(self, finish: Callable[[str], bool],
+                 takeover: Callable[[], int] | None = None) -> None:
+        self._finish = finish
+        self._takeover = takeover
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._busy = 0
+
+    def submit(self, saga_id: str) -> None:
+        """Finish this saga soon, on the thread; never blocks, never raises."""
+        self._ensure_thread()
+        with self._lock:
+            self._busy += 1
+        self._queue.put(saga_id)
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until every submitted saga is finished (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._busy == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def _ensure_thread(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            if self._pid:  # forked: the parent's queue and thread are not ours
+                self._queue = queue.Queue()
+                self._busy = 0
+            self._pid = pid
+            threading.Thread(target=self._work, name="saga-finisher", daemon=True).start()
+
+    def _work(self) -> None:
+        next_takeover = time.monotonic() + TAKEOVER_EVERY_S
+        while True:
+            try:
+                saga_id = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                saga_id = None
+            if saga_id is not None:
+                self._safely(self._finish, saga_id)
+                with self._lock:
+                    self._busy -= 1
+            if self._takeover is not None and time.monotonic() >= next_takeover:
+                next_takeover = time.monotonic() + TAKEOVER_EVERY_S
+                self._safely(lambda _: self._takeover() if self._takeover else 0, None)
+
+    @staticmethod
+    def _safely(action: Callable[[str], object], saga_id: str | None) -> None:
+        try:
+            action(saga_id or "")
+        except Exception as exc:
+            log.warning("saga.finish_deferred", saga_id=saga_id, error=str(exc))
