@@ -9,6 +9,7 @@ them holds the app, the engine, the store or the dispatcher.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from pydantic import JsonValue
@@ -18,7 +19,8 @@ from saga_celery._core.events import Event
 from saga_celery._core.model import Plan, SagaRun
 from saga_celery._core.state import SagaState, to_state
 from saga_celery._engine import Engine
-from saga_celery._errors import SagaNotFoundError, SagaStateError
+from saga_celery._errors import SagaConfigError, SagaNotFoundError, SagaStateError
+from saga_celery._store.archive import ArchivePage, PostgresArchive
 from saga_celery._store.base import CorruptRecord, SagaStore, SweepRecord
 
 LIST_SCAN_FACTOR = 10
@@ -76,6 +78,36 @@ class SagaReader:
     def ping(self) -> None:
         """Raise ``SagaStoreUnavailableError`` if the store cannot be reached."""
         self._store.ping()
+
+    # -- history at scale (SPEC section 11): the archive, deletion -----------------------
+
+    @property
+    def archive(self) -> PostgresArchive | None:
+        """The archive finished sagas go to, None if there is none (``SagaApp(archive=)``).
+
+        ``run``, ``state`` and ``events`` read it already when Redis keeps only a saga's
+        tombstone (the store does); ``archived`` pages through it."""
+        archive = getattr(self._store, "archive", None)
+        return archive if isinstance(archive, PostgresArchive) else None
+
+    def archived(self, *, status: str | None = None, name: str | None = None,
+                 ended_before: datetime | None = None, ended_after: datetime | None = None,
+                 after: str | None = None, limit: int = 100) -> ArchivePage:
+        """One page of the archive, newest ended first; ``after``: the last page's ``next``.
+        ``SagaConfigError`` without an archive."""
+        archive = self.archive
+        if archive is None:
+            raise SagaConfigError("this app has no archive: give SagaApp(archive="
+                                  "\"postgresql://...\") to page through finished sagas")
+        return archive.page(status=status, name=name, ended_before=ended_before,
+                            ended_after=ended_after, after=after, limit=limit)
+
+    def delete(self, saga_id: str) -> None:
+        """Remove a finished saga from Redis and the archive.  ``SagaStateError`` while it
+        runs, ``SagaNotFoundError`` if neither holds it."""
+        if not self._store.delete(saga_id):
+            raise SagaNotFoundError(f"no saga with id {saga_id!r} to delete (never started, "
+                                    "deleted, or its retention expired)", saga_id=saga_id)
 
     def exporter_source(self) -> SagaStore:
         """The store, for the metrics exporter, which follows every saga's events."""
