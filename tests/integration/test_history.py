@@ -23,8 +23,10 @@ from saga_celery import SagaStateError
 from saga_celery._celery.dispatch import build_message
 from saga_celery._core.model import Dispatch, Kind, SagaStatus
 from saga_celery._errors import SagaNotFoundError
+from saga_celery.cli import main
 from tests.integration.harness import REPO_ROOT, WorkerFactory, import_copy
 from tests.integration.history_pg import archive_url  # noqa: F401  (a fixture)
+from tests.unit.clirunner import cli_runner
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("deployed")]
 
@@ -226,3 +228,49 @@ def test_retention_by_outcome_sets_each_outcome_its_own_ttl(
     bad_ttl = redis_client.pttl(f"{prefix}{{{bad.id}}}:state")
     assert hour - 120_000 < ok_ttl <= hour
     assert month - 120_000 < bad_ttl <= month
+
+
+def test_the_cli_reads_pages_and_deletes_archived_sagas(
+        worker_factory: WorkerFactory, redis_url: str, prefix: str,
+        redis_client: redis.Redis, archive_url: str) -> None:  # noqa: F811
+    """``saga-celery status/events`` read an archived saga, ``list --archive`` pages by
+    status, name and time, and ``delete`` removes a saga everywhere."""
+    env, app = _deploy(redis_url, prefix, SAGA_TEST_ARCHIVE=archive_url)
+    worker_factory(APP, env=env, concurrency=2)
+    handles = [app.five(order=10 + i).apply_async() for i in range(3)]
+    handles.append(app.failing(order=13).apply_async())
+    for handle in handles:
+        handle.wait(timeout=WAIT_S)
+        _until(lambda h=handle: _finished(redis_client, prefix, h.id, "a"))
+    runner = cli_runner()
+    base = ["--redis-url", redis_url, "--prefix", prefix, "--archive-url", archive_url]
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(main, [*base, *args])
+        assert result.exit_code == 0, result.output + result.stderr
+        return result.stdout
+
+    ok, bad = handles[0].id, handles[-1].id
+    assert "complete" in cli("status", ok)
+    lines = [json.loads(line) for line in cli("events", ok).splitlines()]
+    assert lines[0]["type"] == "saga_queued" and lines[-1]["type"] == "saga_completed"
+    assert bad in cli("list", "--archive", "--status", "errored")
+    assert ok not in cli("list", "--archive", "--status", "errored")
+    assert bad not in cli("list", "--archive", "--name", "history.five")
+    seen: list[str] = []
+    page = cli("list", "--archive", "--limit", "3")
+    while True:
+        seen += [i for i in (h.id for h in handles) if i in page]
+        cursor = next((line.split("--page ")[1].strip("'") for line in page.splitlines()
+                       if line.startswith("next page:")), None)
+        if cursor is None:
+            break
+        page = cli("list", "--archive", "--limit", "3", "--page", cursor)
+    assert sorted(seen) == sorted(h.id for h in handles)
+    future = datetime(2100, 1, 1).isoformat(timespec="seconds")
+    assert "no archived sagas" in cli("list", "--archive", "--ended-after", future)
+    assert cli("delete", ok).strip() == f"saga {ok}: deleted"
+    gone = runner.invoke(main, [*base, "status", ok])
+    assert gone.exit_code == 1 and "no saga" in gone.stderr
+    if app.sagas.reader.archive is not None:
+        app.sagas.reader.archive.close()
