@@ -72,6 +72,18 @@ _LOCK_KEY = 0x5A6A_C31E
 """The advisory lock two processes migrating at once take turns on."""
 
 
+_UPSERT = """INSERT INTO saga_celery_sagas (id, name, status, format, version, created_at,
+        ended_at, expires_at, progress, plan, events)
+    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb)
+    ON CONFLICT (id) DO UPDATE SET name = excluded.name, status = excluded.status,
+        format = excluded.format, version = excluded.version,
+        created_at = excluded.created_at, ended_at = excluded.ended_at,
+        expires_at = excluded.expires_at, progress = excluded.progress,
+        plan = excluded.plan, events = excluded.events, archived_at = now()
+    WHERE saga_celery_sagas.version < excluded.version"""
+"""Idempotent: a second write of a version, or an older one, changes nothing."""
+
+
 class ArchivedSaga(NamedTuple):
     """One row of ``list`` on the archive."""
 
@@ -122,22 +134,26 @@ class PostgresArchive:
     def write(self, run: SagaRun, version: int,
               events: Sequence[tuple[str, dict[str, Any]]]) -> None:
         """Archive a finished saga; a second write of one version or an older one is a no-op."""
+        self.write_many([(run, version, events)])
+
+    def write_many(self, sagas: Sequence[tuple[SagaRun, int,
+                                               Sequence[tuple[str, dict[str, Any]]]]]) -> None:
+        """Archive finished sagas in one transaction (one commit, one flush of the WAL)."""
+        rows = [self._row(run, version, events) for run, version, events in sagas]
+
+        def act(cur: Any) -> None:
+            with cur.connection.transaction():
+                cur.executemany(_UPSERT, rows)
+        self._run(act)
+
+    def _row(self, run: SagaRun, version: int,
+             events: Sequence[tuple[str, dict[str, Any]]]) -> tuple[Any, ...]:
         keep = self._retention.get(run.status.value) if self._retention else None
         ended = run.ended_at or datetime.now(UTC)
         expires = None if keep is None else ended + timedelta(milliseconds=keep)
-        row = (run.id, run.name, run.status.value, run.format, version, run.created_at,
-               run.ended_at, expires, encode_progress(run), run.plan.model_dump_json(),
-               json.dumps([[i, e] for i, e in events], separators=(",", ":")))
-        self._run(lambda cur: cur.execute(
-            """INSERT INTO saga_celery_sagas (id, name, status, format, version, created_at,
-                   ended_at, expires_at, progress, plan, events)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, %s::jsonb)
-               ON CONFLICT (id) DO UPDATE SET name = excluded.name, status = excluded.status,
-                   format = excluded.format, version = excluded.version,
-                   created_at = excluded.created_at, ended_at = excluded.ended_at,
-                   expires_at = excluded.expires_at, progress = excluded.progress,
-                   plan = excluded.plan, events = excluded.events, archived_at = now()
-               WHERE saga_celery_sagas.version < excluded.version""", row))
+        return (run.id, run.name, run.status.value, run.format, version, run.created_at,
+                run.ended_at, expires, encode_progress(run), run.plan.model_dump_json(),
+                json.dumps([[i, e] for i, e in events], separators=(",", ":")))
 
     # -- reading ----------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ class RedisStore:
         self._expand_script = client.register_script(scripts.EXPAND)
         self._delete = client.register_script(scripts.DELETE)
         self._unmark = client.register_script(_UNMARK)
-        self.finisher = Finisher(self.finish, self._take_over)
+        self.finisher = Finisher(self.finish_many, self._take_over)
         """This process's thread that compacts and archives ended sagas (``finisher.py``)."""
         self._where = describe(client)
         self._durability = Durability.check(durability, client)
@@ -611,42 +611,87 @@ class RedisStore:
         Idempotent: an archived or compacted saga is left as it is, a saga that runs again
         (``retry_rollback``) is left to the commit that ends it next.  True once nothing is
         left to do; False if the saga changed meanwhile (its marker stays for a retry)."""
-        state_key, events_key = self._keys.state(saga_id), self._keys.events(saga_id)
-        with self._errors(saga_id):
+        return self.finish_many([saga_id]) == 1
+
+    def finish_many(self, saga_ids: Sequence[str]) -> int:
+        """``finish`` for a batch: one round trip reads them all, one transaction archives
+        them, one pipeline compacts or tombstones them.  A saga that cannot be read is
+        logged and keeps its marker; the others go on.  How many are done."""
+        if not saga_ids:
+            return 0
+        with self._errors():
             pipe = self._client.pipeline(transaction=False)
-            pipe.zscore(self._keys.finishing, saga_id)
-            pipe.hmget(state_key, [VERSION_FIELD, TERMINAL_FIELD, DATA_FIELD, PLAN_FIELD,
-                                   JOURNAL_FIELD, HISTORY_FIELD, ARCHIVED_FIELD])
-            pipe.xrange(events_key)
-            mark, fields, stream = pipe.execute()
+            for saga_id in saga_ids:
+                pipe.zscore(self._keys.finishing, saga_id)
+                pipe.hmget(self._keys.state(saga_id), [
+                    VERSION_FIELD, TERMINAL_FIELD, DATA_FIELD, PLAN_FIELD, JOURNAL_FIELD,
+                    HISTORY_FIELD, ARCHIVED_FIELD])
+                pipe.xrange(self._keys.events(saga_id))
+            replies = pipe.execute(raise_on_error=False)
+        done, marks, work = 0, {}, []
+        for i, saga_id in enumerate(saga_ids):
+            mark, fields, stream = replies[3 * i: 3 * i + 3]
+            marks[saga_id] = mark
+            try:
+                found, compacted = self._to_finish(saga_id, fields, stream)
+            except (SagaError, redis.RedisError) as exc:
+                _log_deferred(saga_id, exc)
+                continue
+            if found is None or (compacted and self.archive is None):
+                done += 1  # nothing (more) to do
+                self._drop_mark(saga_id, mark)
+            else:
+                work.append((saga_id, found))
+        return done + self._finish_found(work, marks)
+
+    def _finish_found(self, work: list[tuple[str, History]], marks: dict[str, Any]) -> int:
+        """Archive and tombstone, or compact, what ``finish_many`` read; how many are done."""
+        if not work:
+            return 0
+        with self._errors():
+            if self.archive is not None:
+                self.archive.write_many([(f.run, f.version, f.events) for _, f in work])
+        script = self._tombstone if self.archive is not None else self._compact
+
+        def send() -> list[Any]:  # EVALSHA as a plain command: Cluster pipelines route it
+            pipe = self._client.pipeline(transaction=False)
+            for saga_id, found in work:
+                keys = [self._keys.state(saga_id), self._keys.events(saga_id)]
+                if self.archive is not None:
+                    args: list[str | bytes] = [str(found.version), found.run.status.value,
+                                               "pg", MARKER]
+                else:
+                    args = [str(found.version),
+                            encode_history(found.run, found.version, found.events), MARKER]
+                _queue_evalsha(pipe, script, keys, args)
+            replies: list[Any] = pipe.execute()
+            return replies
+
+        results = self._loading(work[0][0], script, send)
+        finished = [(saga_id, marks[saga_id]) for (saga_id, _), result
+                    in zip(work, results, strict=True) if int(result) == 1]
+        self._drop_marks(finished)
+        return len(finished)
+
+    def _to_finish(self, saga_id: str, fields: Any, stream: Any) -> tuple[History | None, bool]:
+        """What ``finish_many`` read of one saga: its history (None: nothing to do) and
+        whether it is compacted already."""
+        for reply in (fields, stream):
+            if isinstance(reply, Exception):
+                raise self._translated(reply, saga_id)
+        state_key, events_key = self._keys.state(saga_id), self._keys.events(saga_id)
         version, ended, data, plan, journal, history, archived = fields
         if version is None or _text(ended) != "1" or archived is not None:
-            self._drop_mark(saga_id, mark)  # gone, running again, or archived already
-            return True
+            return None, False  # gone, running again, or archived already
         if history is not None:
-            found = decode_history(cast(bytes, history))
+            found = self._finished(saga_id, state_key, history, None)
         else:
             run, number = self._parse_state(saga_id, state_key, version, data, plan, journal)
             found = History(run, number, [
                 _decode_entry(saga_id, events_key, entry, self._corrupt) for entry in stream])
         if not compacts(found.run):
-            self._drop_mark(saga_id, mark)
-            return True
-        expected = str(found.version)
-        with self._errors(saga_id):
-            if self.archive is not None:
-                self.archive.write(found.run, found.version, found.events)
-                done = self._tombstone(keys=[state_key, events_key], args=[
-                    expected, found.run.status.value, "pg", MARKER])
-            elif history is None:
-                done = self._compact(keys=[state_key, events_key], args=[
-                    expected, encode_history(found.run, found.version, found.events), MARKER])
-            else:
-                done = 1
-        if int(done) == 1:
-            self._drop_mark(saga_id, mark)
-            return True
-        return False
+            return None, False
+        return found, history is not None
 
     def finish_pending(self, older_than_ms: int = TAKEOVER_GRACE_MS, limit: int = 1000) -> int:
         """Finish the ended sagas whose marker is older than ``older_than_ms``: their
@@ -693,12 +738,23 @@ class RedisStore:
         return reply == 1 or archived
 
     def _drop_mark(self, saga_id: str, mark: object) -> None:
-        """Remove the saga's marker if it is still the one read (not set again since)."""
-        if mark is None:
+        self._drop_marks([(saga_id, mark)])
+
+    def _drop_marks(self, marks: Sequence[tuple[str, object]]) -> None:
+        """Remove each saga's marker if it is still the one read (not set again since)."""
+        marks = [(saga_id, mark) for saga_id, mark in marks if mark is not None]
+        if not marks:
             return
-        score = repr(float(cast(float, mark)))
-        with self._errors(saga_id):
-            self._unmark(keys=[self._keys.finishing], args=[saga_id, score])
+
+        def send() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for saga_id, mark in marks:
+                _queue_evalsha(pipe, self._unmark, [self._keys.finishing],
+                               [saga_id, repr(float(cast(float, mark)))])
+            replies: list[Any] = pipe.execute()
+            return replies
+
+        self._loading(marks[0][0], self._unmark, send)
 
     def _finished(self, saga_id: str, key: str, history: object, archived: object
                   ) -> History:

@@ -137,9 +137,11 @@ COMPACT = """
 -- Returns 1 if compacted, 0 if the saga changed, runs again, or is compacted already.
 local state = redis.call('HMGET', KEYS[1], 'v', 't', 'c', 'a')
 if state[1] ~= ARGV[1] or state[2] ~= '1' or state[3] or state[4] then return 0 end
-redis.call('HSET', KEYS[1], 'c', ARGV[2], 'd', ARGV[3])
-redis.call('HDEL', KEYS[1], 'p', 'j')
-redis.call('DEL', KEYS[2])
+-- Written afresh (a hash keeps its large encoding after HDEL), with its time to live.
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'v', state[1], 't', '1', 'c', ARGV[2], 'd', ARGV[3])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 """
 
@@ -152,9 +154,12 @@ TOMBSTONE = """
 -- is written again when it next ends).
 local state = redis.call('HMGET', KEYS[1], 'v', 't')
 if state[1] ~= ARGV[1] or state[2] ~= '1' then return 0 end
-redis.call('HSET', KEYS[1], 'a', ARGV[3], 's', ARGV[2], 'd', ARGV[4])
-redis.call('HDEL', KEYS[1], 'p', 'j', 'c')
-redis.call('DEL', KEYS[2])
+-- Written afresh: a small hash takes Redis's compact encoding again (HDEL keeps the large
+-- one the progress and plan needed), with its time to live.
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'v', state[1], 't', '1', 'a', ARGV[3], 's', ARGV[2], 'd', ARGV[4])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 """
 
