@@ -18,8 +18,10 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import structlog
 
@@ -45,8 +47,10 @@ class Finisher:
 
     def __init__(self, finish: Callable[[list[str]], object],
                  takeover: Callable[[], int] | None = None) -> None:
-        self._finish = finish
-        self._takeover = takeover
+        # Weakly: the store owns its finisher, and a store dropped must be freed at once (it
+        # hands its thread's Redis connection back then); the thread ends with it.
+        self._finish = _weak(finish)
+        self._takeover = None if takeover is None else _weak(takeover)
         self._queue: queue.Queue[str] = queue.Queue()
         self._pid = 0
         self._lock = threading.Lock()
@@ -86,13 +90,18 @@ class Finisher:
         next_takeover = time.monotonic() + TAKEOVER_EVERY_S
         while True:
             batch = self._next_batch()
+            finish = self._finish()
+            if finish is None:
+                return  # its store is gone
             if batch:
-                self._safely(partial(self._finish, batch), ",".join(batch))
+                self._safely(partial(finish, batch), ",".join(batch))
                 with self._lock:
                     self._busy -= len(batch)
             if self._takeover is not None and time.monotonic() >= next_takeover:
                 next_takeover = time.monotonic() + TAKEOVER_EVERY_S
-                self._safely(self._takeover, None)
+                takeover = self._takeover()
+                if takeover is not None:
+                    self._safely(takeover, None)
 
     def _next_batch(self) -> list[str]:
         try:
@@ -113,3 +122,10 @@ class Finisher:
             action()
         except Exception as exc:
             log.warning("saga.finish_deferred", saga_id=saga_id, error=str(exc))
+
+
+def _weak(method: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]:
+    """A weak reference to a bound method (a plain function is kept as it is)."""
+    if hasattr(method, "__self__"):
+        return weakref.WeakMethod(method)
+    return lambda: method
