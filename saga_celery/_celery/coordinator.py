@@ -22,6 +22,7 @@ from saga_celery._engine import Engine
 from saga_celery._errors import SagaConfigError, SagaNotFoundError, SagaStateError
 from saga_celery._store.archive import ArchivePage, PostgresArchive
 from saga_celery._store.base import CorruptRecord, SagaStore, SweepRecord
+from saga_celery._store.history import History, events_after
 
 LIST_SCAN_FACTOR = 10
 """``recent`` with a filter looks at this many times ``limit`` of the newest sagas."""
@@ -37,6 +38,9 @@ class SagaReader:
         """The saga as stored; ``SagaNotFoundError`` if there is none."""
         snapshot = self._store.load(saga_id)
         if snapshot is None:
+            archived = self._archived(saga_id)
+            if archived is not None:  # its tombstone expired (or went) before its row
+                return archived.run
             raise SagaNotFoundError(
                 f"no saga with id {saga_id!r} (never started, or its retention expired)",
                 saga_id=saga_id)
@@ -49,7 +53,12 @@ class SagaReader:
     def events(self, saga_id: str, *, after: str = "0", count: int | None = None,
                block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
         """Events after stream id ``after``, oldest first, waiting up to ``block_ms``."""
-        return self._store.read_events(saga_id, after=after, count=count, block_ms=block_ms)
+        found = self._store.read_events(saga_id, after=after, count=count, block_ms=block_ms)
+        if not found and self.archive is not None and self._store.load(saga_id) is None:
+            archived = self._archived(saga_id)  # no longer in Redis at all: the archive's
+            if archived is not None:
+                return events_after(archived.events, after, count)
+        return found
 
     def recent(self, *, status: str | None = None, name: str | None = None,
                limit: int = 100) -> Iterator[SagaRun]:
@@ -80,6 +89,10 @@ class SagaReader:
         self._store.ping()
 
     # -- history at scale (SPEC section 11): the archive, deletion -----------------------
+
+    def _archived(self, saga_id: str) -> History | None:
+        archive = self.archive
+        return None if archive is None else archive.fetch(saga_id)
 
     @property
     def archive(self) -> PostgresArchive | None:

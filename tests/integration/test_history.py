@@ -151,6 +151,12 @@ def test_archive_keeps_history_and_redis_a_tombstone(
     assert int(app.ledger.get(app.runs_key("notify", 2))) == 1
     assert app.sagas.run(ok.id).status() == done
 
+    # Redis's tombstone gone before the archive's row (retention, eviction): still read.
+    bad_events = app.sagas.run(bad.id).events()
+    redis_client.delete(f"{prefix}{{{bad.id}}}:state")
+    assert app.sagas.run(bad.id).status() == failed
+    assert app.sagas.run(bad.id).events() == bad_events
+
     app.sagas.run(ok.id).delete()
     assert archive.count() == 1
     assert not redis_client.exists(f"{prefix}{{{ok.id}}}:state")
