@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 
 from saga_celery._engine import Engine
@@ -37,6 +36,8 @@ def finished(saga_id: str, *, fail: bool = False) -> tuple[object, int, list[obj
 
 def test_it_creates_its_tables_once_and_records_the_layout(
         archive: PostgresArchive, archive_url: str) -> None:  # noqa: F811
+    import psycopg
+
     assert archive.count() == 0
     assert archive.schema_version() == SCHEMA_VERSION
     again = PostgresArchive(archive_url)  # a second process: nothing applied twice
@@ -48,6 +49,8 @@ def test_it_creates_its_tables_once_and_records_the_layout(
 
 
 def test_a_newer_layout_is_refused_naming_it(archive_url: str) -> None:  # noqa: F811
+    import psycopg
+
     with psycopg.connect(archive_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE saga_celery_schema (version integer PRIMARY KEY, "
                      "applied_at timestamptz NOT NULL DEFAULT now())")
