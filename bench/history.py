@@ -81,7 +81,9 @@ def scale_history_phase(bench: Bench, opts: Options, workdir: Path) -> dict[str,
     with archive_db() as url, archived(bench, url) as archive, worker(
             bench, workdir, {"BENCH_ARCHIVE": url}):
         warm_up_kinds(bench, 20, ["saga"])
+        wait_finished(bench)
         bench.reset()
+        rows_before = archive.count()  # the warm-up's
         client = redis.Redis.from_url(bench.app.SAGA_URL)
         before = int(client.info("memory")["used_memory"])
         started, done = time.perf_counter(), 0
@@ -95,7 +97,7 @@ def scale_history_phase(bench: Bench, opts: Options, workdir: Path) -> dict[str,
         wall = time.perf_counter() - started
         wait_finished(bench)
         after = int(client.info("memory")["used_memory"])
-        rows = archive.count()
+        rows = archive.count() - rows_before
         out = {"sagas": total, "wall_s": round(wall, 1), "sagas_per_s": round(total / wall, 1),
                "used_memory_before": before, "used_memory_after": after,
                "used_memory_bytes_per_saga": round((after - before) / total),
