@@ -4,7 +4,9 @@ The commit that ends a saga also adds its id to ``<prefix>finishing`` (``keys.py
 durable "to compact / to archive" marker.  Once the commit is answered, the store hands the
 id to this process's ``Finisher``, whose thread compacts the saga (or archives it and leaves
 a tombstone) and then removes the marker.  The task that ended the saga does not wait for
-any of it.
+any of it, and the thread works when the process is quiet (no commit for ``QUIET_S``), in
+batches, so saga steps are not slowed by it; it waits ``MAX_DEFER_S`` at most, and never
+once ``BATCH`` sagas are waiting.
 
 A process killed between the commit and the end of that work leaves the marker behind: the
 recovery sweep (``RedisStore.finish_pending``, called by every sweep) and the thread of any
@@ -32,10 +34,13 @@ TAKEOVER_EVERY_S = 30.0
 TAKEOVER_GRACE_MS = 60_000
 """How old a marker must be before another process takes it over."""
 BATCH = 200
-"""Most sagas finished together (one read, one archive transaction, one write)."""
-LINGER_S = 0.02
-"""How long the thread waits for more ended sagas before it works off a batch: under load,
-one transaction archives many, and the steps' own work goes first."""
+"""Most sagas finished together (one read, one archive transaction, one write); a queue this
+long is worked off at once, however busy the process."""
+QUIET_S = 0.05
+"""The thread waits until the process has committed nothing for this long (no saga task is
+running in it): the steps' own work goes first, and ended sagas gather into batches."""
+MAX_DEFER_S = 2.0
+"""Longest an ended saga waits for a quiet moment before it is finished anyway."""
 
 
 class Finisher:
@@ -55,6 +60,12 @@ class Finisher:
         self._pid = 0
         self._lock = threading.Lock()
         self._busy = 0
+        self._active_at = 0.0
+
+    def activity(self) -> None:
+        """The process is working on sagas now (the store calls it at every commit): the
+        thread waits for a quiet moment (``QUIET_S``) before it works off its queue."""
+        self._active_at = time.monotonic()
 
     def submit(self, saga_id: str) -> None:
         """Finish this saga soon, on the thread; never blocks, never raises."""
@@ -108,7 +119,13 @@ class Finisher:
             batch = [self._queue.get(timeout=1.0)]
         except queue.Empty:
             return []
-        time.sleep(LINGER_S)
+        deadline = time.monotonic() + MAX_DEFER_S
+        while self._queue.qsize() + 1 < BATCH:
+            now = time.monotonic()
+            quiet_for = now - self._active_at
+            if quiet_for >= QUIET_S or now >= deadline:
+                break
+            time.sleep(min(QUIET_S - quiet_for, deadline - now))
         while len(batch) < BATCH:
             try:
                 batch.append(self._queue.get_nowait())

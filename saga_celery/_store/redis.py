@@ -211,6 +211,7 @@ class RedisStore:
         terminal: bool = False,
         journal: bytes | None = None,
     ) -> bool:
+        self.finisher.activity()  # finished sagas wait while this process works on sagas
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
         if lease is not None:
             keys.append(self._keys.lease(run.id, lease.name))
