@@ -47,6 +47,7 @@ from saga_celery._store.base import (
 from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
 from saga_celery._store.durability import Durability
 from saga_celery._store.encoding import decode_sweep, encode_progress, encode_sweep, with_plan
+from saga_celery._store.finisher import BATCH as FINISH_BATCH
 from saga_celery._store.finisher import TAKEOVER_GRACE_MS, Finisher
 from saga_celery._store.history import (
     MARKER,
@@ -702,15 +703,21 @@ class RedisStore:
         with self._errors(key=self._keys.finishing):
             stale = [_str(i) for i in cast(list[bytes | str], self._client.zrangebyscore(
                 self._keys.finishing, "-inf", now - older_than_ms, start=0, num=limit))]
-        done = 0
-        for saga_id in stale:
-            with self._errors(saga_id):  # claimed: another sweep leaves it for a grace
-                self._client.zadd(self._keys.finishing, {saga_id: now}, xx=True)
+        if stale:
+            with self._errors(key=self._keys.finishing):  # claimed: other sweeps wait a grace
+                self._client.zadd(self._keys.finishing, dict.fromkeys(stale, now), xx=True)
+        done, reachable = 0, True
+        for start in range(0, len(stale), FINISH_BATCH):
+            chunk = stale[start:start + FINISH_BATCH]
             try:
-                done += self.finish(saga_id)
+                done += self.finish_many(chunk)
+            except SagaStoreUnavailableError as exc:  # the archive is down: try next sweep
+                _log_deferred(",".join(chunk), exc)
+                reachable = False
+                break
             except SagaError as exc:
-                _log_deferred(saga_id, exc)
-        if self.archive is not None:
+                _log_deferred(",".join(chunk), exc)
+        if self.archive is not None and reachable:
             try:
                 self.archive.purge()
             except SagaError as exc:

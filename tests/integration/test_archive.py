@@ -109,3 +109,29 @@ def test_an_unreachable_archive_says_so() -> None:
     archive = PostgresArchive("postgresql://postgres@127.0.0.1:1/none", connect_timeout=1)
     with pytest.raises(SagaStoreUnavailableError, match="cannot be reached"):
         archive.count()
+
+
+def test_an_archive_that_is_down_delays_archiving_and_loses_nothing(
+        archive_url: str) -> None:  # noqa: F811
+    """With PostgreSQL unreachable, an ended saga keeps its full record and its marker in
+    Redis, the sweep says so without failing, and archives it once PostgreSQL is back."""
+    import fakeredis
+
+    from saga_celery._store import RedisStore
+
+    client = fakeredis.FakeRedis()
+    down = PostgresArchive("postgresql://postgres@127.0.0.1:1/none", connect_timeout=1)
+    store = RedisStore(client, prefix="d:", archive=down)
+    store.finisher.submit = lambda saga_id: None  # type: ignore[method-assign]
+    run_to_end(Engine(store), "down-1")
+    assert store.finish_pending(older_than_ms=0) == 0
+    assert client.zscore("d:finishing", "down-1") is not None
+    assert store.load("down-1").run.status == "complete"  # type: ignore[union-attr]
+    assert len(store.read_events("down-1")) > 5
+
+    back = PostgresArchive(archive_url)
+    store.archive = back
+    assert store.finish_pending(older_than_ms=0) == 1
+    assert client.hexists("d:{down-1}:state", "a") and back.count() == 1
+    assert store.load("down-1").run.status == "complete"  # type: ignore[union-attr]
+    back.close()
