@@ -51,14 +51,16 @@ def test_bench_smoke_run_reports_every_figure(tmp_path: Path) -> None:
     assert report["redis_cmds_per_step"] > 0 and report["bytes_per_saga"] > 0
     assert report["failure_to_compensation_sent_ms"]["n"] == 20  # every failing saga traced
     assert report["retention_check"]["keys_left_after"] == 0
-    assert report.get("history_error") is None, report.get("history_error")
-    assert 0 < report["bytes_per_saga_retained"] <= 2048
-    assert 0 < report["bytes_per_saga_retained_archive"] <= 512
-    assert report["archive_ms_p50"] > 0 and report["ratio_saga_vs_chain_archive"] > 0
     assert {"cpu_count", "cpu_model", "python", "celery", "redis_server"} <= set(
         report["machine"])
     assert {run["kind"] for run in report["runs"]} == {
         "chain", "chain_nobackend", "chain_acks_late", "saga", "saga_fail"}
+    if report.get("history_error") and not _in_ci():  # no PostgreSQL here: CI has one
+        pytest.skip(f"the history figures need PostgreSQL: {report['history_error']}")
+    assert report.get("history_error") is None, report.get("history_error")
+    assert 0 < report["bytes_per_saga_retained"] <= 2048
+    assert 0 < report["bytes_per_saga_retained_archive"] <= 512
+    assert report["archive_ms_p50"] > 0 and report["ratio_saga_vs_chain_archive"] > 0
 
 
 @pytest.mark.parametrize("kind", ["saga", "chain"])
