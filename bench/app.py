@@ -81,7 +81,9 @@ _configure_logging(os.environ.get("BENCH_LOG", "json"))
 app = Celery("bench", broker=BROKER_URL, backend=RESULT_URL)
 app.conf.update(broker_connection_retry_on_startup=True)
 sagas = SagaApp(app, redis_url=SAGA_URL,
-                retention=os.environ.get("BENCH_RETENTION") or "7 days")
+                retention=os.environ.get("BENCH_RETENTION") or "7 days",
+                # bench/history.py: finished sagas archived to PostgreSQL in this worker
+                archive=os.environ.get("BENCH_ARCHIVE") or None)
 
 
 # --- (A) and (A'): plain Celery chains ------------------------------------------------------

@@ -101,7 +101,20 @@ def targets(report: dict[str, Any]) -> dict[str, Any]:
         "ratio_saga_vs_chain_lt_1_0": report["ratio_saga_vs_chain"] < 1.0,
         "store_rtt_per_transition_le_2": report["store_rtt_per_transition"] <= 2,
         "failure_to_compensation_sent_p50_lt_10ms": sent < 10,
+        **history_targets(report),
     }
+
+
+def history_targets(report: dict[str, Any]) -> dict[str, bool | None]:
+    """SPEC section 11's targets; None where the history phase did not run."""
+    def at_most(figure: str, limit: float) -> bool | None:
+        value = report.get(figure)
+        return None if value is None else value <= limit
+
+    return {"bytes_per_saga_retained_le_2048": at_most("bytes_per_saga_retained", 2048),
+            "bytes_per_saga_retained_archive_le_512": at_most(
+                "bytes_per_saga_retained_archive", 512),
+            "ratio_saga_vs_chain_archive_le_1_05": at_most("ratio_saga_vs_chain_archive", 1.05)}
 
 
 # --- writing the results ---------------------------------------------------------------------
@@ -128,7 +141,9 @@ MD_SKELETON = """# Benchmark: saga overhead against plain Celery
 """
 
 
-def _yes(ok: bool) -> str:
+def _yes(ok: bool | None) -> str:
+    if ok is None:
+        return "not measured"
     return "met" if ok else "**not met**"
 
 
@@ -200,6 +215,7 @@ def render_results(r: dict[str, Any]) -> str:
         f"| Redis memory per finished saga (used_memory delta / M; MEMORY USAGE of its keys) | "
         f"{r['bytes_per_saga']} B; {r['key_bytes_per_saga']} B | |",
         f"| Redis memory per finished chain with results (A) | {r['bytes_per_chain']} B | |",
+        *history_rows(r),
         f"| retention: a finished saga's keys expire (instrumented worker, retention "
         f"{ret['retention_s']} s) | TTL <= {ret['max_pttl_ms']} ms on {ret['with_ttl']} keys, "
         f"{ret['already_expired']} already gone, {ret['without_ttl']} without TTL; "
@@ -234,6 +250,45 @@ def render_results(r: dict[str, Any]) -> str:
                      f"{_fmt_counts(rt[kind]['worker_main'])}; client per item "
                      f"{_fmt_counts(rt[kind]['client'])}")
     return "\n".join(lines)
+
+
+def history_rows(r: dict[str, Any]) -> list[str]:
+    """The rows of SPEC section 11's figures (``bench/history.py``)."""
+    t = r["targets"]
+    if r.get("history_error"):
+        return [f"| history (compaction, archive) | not measured: {r['history_error']} | |"]
+    arch = r.get("archive_ms") or {}
+    return [
+        f"| Redis bytes per finished saga once compacted (MEMORY USAGE of all its keys) | "
+        f"**{r.get('bytes_per_saga_retained')}** B | <= 2,048 "
+        f"({_yes(t.get('bytes_per_saga_retained_le_2048'))}) |",
+        f"| the same with the PostgreSQL archive on (a tombstone) | "
+        f"**{r.get('bytes_per_saga_retained_archive')}** B | <= 512 "
+        f"({_yes(t.get('bytes_per_saga_retained_archive_le_512'))}) |",
+        f"| finish to archived p50 / p99 | {r.get('archive_ms_p50')} / {arch.get('p99')} ms "
+        f"| |",
+        f"| ratio B/A with the archive on (median of pairs) | "
+        f"**{r.get('ratio_saga_vs_chain_archive')}** "
+        f"({', '.join(map(str, r.get('ratio_archive_per_pair', [])))}) | <= 1.05 "
+        f"({_yes(t.get('ratio_saga_vs_chain_archive_le_1_05'))}) |",
+    ]
+
+
+def render_history_scale(x: dict[str, Any], created: str) -> str:
+    if "error" in x:
+        return f"{created}: the history scale run failed: {x['error']}"
+    ms = x["list_ms"]
+    return "\n".join([
+        f"{created}: `python -m bench.run --scale`: {x['sagas']} sagas run to their end "
+        f"({x['sagas_per_s']} sagas/s) with the PostgreSQL archive on.", "",
+        "| figure | value |", "| --- | --- |",
+        f"| Redis used_memory before / after | {x['used_memory_before']} / "
+        f"{x['used_memory_after']} B ({x['used_memory_bytes_per_saga']} B per saga) |",
+        f"| Redis keys after | {x['redis_keys']} |",
+        f"| archive rows | {x['archive_rows']} |",
+        f"| `list` on the archive p50 (20 rows): newest / by status / by name / deep | "
+        f"{ms['newest']} / {ms['by_status']} / {ms['by_name']} / {ms['deep']} ms |",
+    ])
 
 
 def _fmt_cpu(cpu: dict[str, float]) -> str:
@@ -318,6 +373,9 @@ def write_outputs(report: dict[str, Any], out: Path, md: Path | None) -> None:
     update_md(md, "results", render_results(report))
     if isinstance(report.get("scale"), list):
         update_md(md, "scale", render_scale(report["scale"], report["created_at"]))
+    if isinstance(report.get("history_scale"), dict):
+        update_md(md, "history-scale", render_history_scale(report["history_scale"],
+                                                            report["created_at"]))
     if "profile" in report:
         update_md(md, "profile", render_profile(report["profile"], report["created_at"]))
     sys.stderr.write(f"bench: updated {md}\n")
@@ -336,6 +394,10 @@ def print_summary(r: dict[str, Any]) -> None:
         f"rollback path p50 {r['rollback_path_ms']['p50']} ms p99 "
         f"{r['rollback_path_ms']['p99']} ms; failure->compensation sent p50 "
         f"{r['failure_to_compensation_sent_ms']['p50']} ms; bytes/saga {r['bytes_per_saga']}\n"
+        f"bytes/saga retained {r.get('bytes_per_saga_retained')} (archive "
+        f"{r.get('bytes_per_saga_retained_archive')}); finish->archived p50 "
+        f"{r.get('archive_ms_p50')} ms; ratio B/A with archive "
+        f"{r.get('ratio_saga_vs_chain_archive')}\n"
         f"targets: {r['targets']}\n")
     for row in r.get("scale", []) if isinstance(r.get("scale"), list) else []:
         sys.stdout.write(f"scale {row['m']}: {row['per_s']} sagas/s, "

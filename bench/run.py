@@ -46,6 +46,7 @@ from typing import Any
 
 import redis
 
+from bench.history import history_phase, scale_history_phase
 from bench.measure import (
     KINDS,
     Bench,
@@ -87,6 +88,7 @@ class Options:
     smoke: bool
     quiet: bool
     count_only: bool
+    scale_finished: int = 100_000
 
 
 @contextlib.contextmanager
@@ -279,9 +281,13 @@ def run_all(opts: Options, server: PrivateRedis, workdir: Path) -> dict[str, Any
     report["store_rtt_per_transition"] = saga_rt["store_rtt_per_transition"]
     report["retention_check"] = report["round_trips"].pop("retention_check")
     report["task_cpu_us"] = task_cpu(report["round_trips"])
+    note("history: finished sagas compacted, then archived to PostgreSQL")
+    report.update(_history(_guarded(history_phase, bench, opts, workdir)))
     if opts.scale_sizes:
         note(f"scale: {', '.join(map(str, opts.scale_sizes))} sagas at once")
         report["scale"] = _guarded(scale_phase, bench, opts, workdir)
+        note(f"scale: {opts.scale_finished} finished sagas with the archive on")
+        report["history_scale"] = _guarded(scale_history_phase, bench, opts, workdir)
     if opts.profile:
         note("profiling the pool processes during (B)")
         report["profile"] = _guarded(profile_phase, bench, opts, workdir)
@@ -314,6 +320,18 @@ def _guarded(phase: Callable[[Bench, Options, Path], Any], bench: Bench, opts: O
     except Exception as exc:  # report it, keep the rest of the results
         note(f"{phase.__name__} failed: {exc!r}")
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+HISTORY_FIGURES = ("bytes_per_saga_retained", "bytes_per_saga_retained_archive",
+                   "archive_ms_p50", "ratio_saga_vs_chain_archive")
+
+
+def _history(found: dict[str, Any]) -> dict[str, Any]:
+    """The history phase's figures; each None, with the error, if the phase failed (no
+    PostgreSQL, for one)."""
+    if "error" in found:
+        return {**dict.fromkeys(HISTORY_FIGURES), "history_error": found["error"]}
+    return found
 
 
 def _log_client_to(path: Path) -> None:
@@ -382,6 +400,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                         help="items per kind in the round-trip counting worker (100)")
     parser.add_argument("--scale", action="store_true",
                         help="also run 1,000 and 10,000 sagas at once (minutes)")
+    parser.add_argument("--scale-finished", type=int, default=100_000,
+                        help="with --scale: finished sagas kept with the archive on (100000)")
     parser.add_argument("--scale-sizes", default="1000,10000",
                         help="sizes for --scale (default 1000,10000)")
     parser.add_argument("--profile", action="store_true",
@@ -423,7 +443,8 @@ def _options(args: argparse.Namespace) -> Options:
     return Options(m=args.m, k=args.k, pairs=args.pairs, serial=max(args.serial, 1),
                    count_m=max(args.count_m, 1), scale_sizes=sizes, profile=args.profile,
                    profile_text=args.profile_text, out=out, md=md, smoke=args.smoke,
-                   quiet=args.quiet, count_only=args.count_only)
+                   quiet=args.quiet, count_only=args.count_only,
+                   scale_finished=max(args.scale_finished, 1))
 
 
 _NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "venv", "*.egg-info", "__pycache__",

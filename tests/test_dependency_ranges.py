@@ -12,7 +12,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-EXTRAS = ("metrics", "demo", "workers", "otel", "dashboard")
+EXTRAS = ("metrics", "demo", "workers", "otel", "dashboard", "archive")
 """The extras a user installs; ``test`` and ``dev`` are the repository's own tools."""
 
 

@@ -50,7 +50,9 @@ from saga_celery._core.model import FORMAT, FORMATS
 from saga_celery._engine import Engine, utcnow
 from saga_celery._errors import SagaConfigError, SagaDefinitionError
 from saga_celery._store import RedisStore, SagaStore
+from saga_celery._store.archive import PostgresArchive
 from saga_celery._store.durability import Durability
+from saga_celery._store.retention import DEFAULT_RETENTION_MS, OUTCOMES, parse_retention
 from saga_celery._store.topology import StoreClient
 
 _ROLLBACK_CONFIG_KEYS = frozenset({"retries", "timeout", "name"})
@@ -83,7 +85,10 @@ class SagaApp:
     ``rollbacks_queue`` name the two queues (compensation never waits behind forward
     traffic).  ``max_output_bytes`` caps a step's JSON output.  ``lease_ttl`` is how long a
     running attempt's lease outlives its last renewal (how soon a killed worker's attempt
-    can run again).  ``retention`` is how long a finished saga's state is kept.
+    can run again).  ``retention`` is how long a finished saga's state is kept: one duration,
+    or one per outcome (``{"complete": "1 day", "errored": "30 days"}``).  ``archive``, a
+    ``postgresql://`` URL, keeps every finished saga's history in PostgreSQL and leaves Redis
+    a tombstone (README, "History: compaction, archive, retention").
     ``recovery_interval`` is how often beat runs the recovery sweep (``saga_celery.recover``)
     and ``recovery_grace`` how late a message or a lapsed attempt must be before it is re-sent.
     ``max_countdown`` is the longest delay sent as a Celery countdown; a longer one waits as
@@ -112,20 +117,23 @@ class SagaApp:
         durable_replicas: int = 0,
         durable_timeout: object = "1 second",
         max_countdown: object = None,
+        archive: str | None = None,
     ) -> None:
         check_app(app.conf, redis_url=redis_url)
         self.app = app
         self.router = SagaRouter(steps_queue, rollbacks_queue)
         configure(app, self.router)
-        retention_ms = _positive_ms("retention", retention)
+        retention_ms = parse_retention(retention)
+        archive_store = _archive(archive, retention_ms, store)
         durability = _durability(durable_replicas, durable_timeout)
         _one_store(redis_url=redis_url, redis=redis, store=store, durability=durability)
         if redis is not None:
             store = RedisStore(redis, prefix=prefix, retention_ms=retention_ms,
-                               durability=durability)
+                               durability=durability, archive=archive_store)
         elif store is None:
             store = RedisStore.from_url(self._state_url(redis_url), prefix=prefix,
-                                        retention_ms=retention_ms, durability=durability)
+                                        retention_ms=retention_ms, durability=durability,
+                                        archive=archive_store)
         self._store = store
         self._countdowns = Countdowns(app, _max_countdown_s(max_countdown))
         self._engine = Engine(store, clock=utcnow, max_countdown_s=self._countdowns)
@@ -363,6 +371,19 @@ def _worker_check(check: Callable[[], None]) -> type[bootsteps.Step]:
             check()
 
     return SagaWorkerCheck
+
+
+def _archive(url: str | None, retention: int | dict[str, int | None],
+             store: SagaStore | None) -> PostgresArchive | None:
+    """The archive for ``SagaApp(archive=...)``, with the retention by outcome."""
+    if url is None:
+        return None
+    if store is not None:
+        raise SagaConfigError("SagaApp(archive=...) applies to the Redis store SagaApp "
+                              "builds: give redis_url= or redis= instead of store=")
+    keep: dict[str, int | None] = dict.fromkeys(OUTCOMES, DEFAULT_RETENTION_MS)
+    keep.update(retention if isinstance(retention, dict) else dict.fromkeys(OUTCOMES, retention))
+    return PostgresArchive(url, retention_ms=keep)
 
 
 def _write_format(write_format: int | None) -> int:

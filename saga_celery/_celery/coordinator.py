@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from pydantic import JsonValue
@@ -19,8 +20,10 @@ from saga_celery._core.events import Event, EventSent
 from saga_celery._core.model import WAIT_FORMAT, Plan, SagaRun
 from saga_celery._core.state import SagaState, to_state
 from saga_celery._engine import Engine
-from saga_celery._errors import SagaError, SagaNotFoundError, SagaStateError
+from saga_celery._errors import SagaConfigError, SagaError, SagaNotFoundError, SagaStateError
+from saga_celery._store.archive import ArchivePage, PostgresArchive
 from saga_celery._store.base import CorruptRecord, SagaStore, SweepRecord
+from saga_celery._store.history import History, events_after
 
 LIST_SCAN_FACTOR = 10
 """``recent`` with a filter looks at this many times ``limit`` of the newest sagas."""
@@ -42,6 +45,9 @@ class SagaReader:
         """The saga as stored; ``SagaNotFoundError`` if there is none."""
         snapshot = self._store.load(saga_id)
         if snapshot is None:
+            archived = self._archived(saga_id)
+            if archived is not None:  # its tombstone expired (or went) before its row
+                return archived.run
             raise SagaNotFoundError(
                 f"no saga with id {saga_id!r} (never started, or its retention expired)",
                 saga_id=saga_id)
@@ -54,7 +60,12 @@ class SagaReader:
     def events(self, saga_id: str, *, after: str = "0", count: int | None = None,
                block_ms: int | None = None) -> list[tuple[str, dict[str, Any]]]:
         """Events after stream id ``after``, oldest first, waiting up to ``block_ms``."""
-        return self._store.read_events(saga_id, after=after, count=count, block_ms=block_ms)
+        found = self._store.read_events(saga_id, after=after, count=count, block_ms=block_ms)
+        if not found and self.archive is not None and self._store.load(saga_id) is None:
+            archived = self._archived(saga_id)  # no longer in Redis at all: the archive's
+            if archived is not None:
+                return events_after(archived.events, after, count)
+        return found
 
     def recent(self, *, status: str | None = None, name: str | None = None,
                limit: int = 100) -> Iterator[SagaRun]:
@@ -84,6 +95,40 @@ class SagaReader:
         """Raise ``SagaStoreUnavailableError`` if the store cannot be reached."""
         self._store.ping()
 
+    # -- history at scale (SPEC section 11): the archive, deletion -----------------------
+
+    def _archived(self, saga_id: str) -> History | None:
+        archive = self.archive
+        return None if archive is None else archive.fetch(saga_id)
+
+    @property
+    def archive(self) -> PostgresArchive | None:
+        """The archive finished sagas go to, None if there is none (``SagaApp(archive=)``).
+
+        ``run``, ``state`` and ``events`` read it already when Redis keeps only a saga's
+        tombstone (the store does); ``archived`` pages through it."""
+        archive = getattr(self._store, "archive", None)
+        return archive if isinstance(archive, PostgresArchive) else None
+
+    def archived(self, *, status: str | None = None, name: str | None = None,
+                 ended_before: datetime | None = None, ended_after: datetime | None = None,
+                 after: str | None = None, limit: int = 100) -> ArchivePage:
+        """One page of the archive, newest ended first; ``after``: the last page's ``next``.
+        ``SagaConfigError`` without an archive."""
+        archive = self.archive
+        if archive is None:
+            raise SagaConfigError("this app has no archive: give SagaApp(archive="
+                                  "\"postgresql://...\") to page through finished sagas")
+        return archive.page(status=status, name=name, ended_before=ended_before,
+                            ended_after=ended_after, after=after, limit=limit)
+
+    def delete(self, saga_id: str) -> None:
+        """Remove a finished saga from Redis and the archive.  ``SagaStateError`` while it
+        runs, ``SagaNotFoundError`` if neither holds it."""
+        if not self._store.delete(saga_id):
+            raise SagaNotFoundError(f"no saga with id {saga_id!r} to delete (never started, "
+                                    "deleted, or its retention expired)", saga_id=saga_id)
+
     def exporter_source(self) -> SagaStore:
         """The store, for the metrics exporter, which follows every saga's events."""
         return self._store
@@ -103,8 +148,8 @@ class Coordinator:
 
     def submit(self, *, saga_id: str, name: str, plan: Plan, params: JsonValue) -> None:
         """Create the saga (or find it, with the same params) and send its first messages.
-        A saga that waits is created in format 3 (``WAIT_FORMAT``), whatever the default."""
-        written = WAIT_FORMAT if plan.waits else self.write_format
+        A saga that waits is created in format 3 (``WAIT_FORMAT``) or a newer default."""
+        written = max(WAIT_FORMAT, self.write_format) if plan.waits else self.write_format
         transition, _ = self._engine.submit(saga_id=saga_id, name=name, plan=plan,
                                             params=params, format=written)
         self._dispatcher.send(transition.run, transition.dispatches)

@@ -89,3 +89,8 @@ class SagaHandle:
     def retry_rollback(self) -> SagaState:
         """Resume a rollback whose outcome is ``failed``, each handler with a fresh budget."""
         return self._coordinator.request(self.id, RetryRollbackRequested())
+
+    def delete(self) -> None:
+        """Remove the finished saga everywhere: Redis and the archive (SPEC section 11).
+        ``SagaStateError`` while it runs; ``SagaNotFoundError`` if it is already gone."""
+        self._reader.delete(self.id)

@@ -58,6 +58,8 @@ def recover(engine: Engine, dispatcher: Dispatcher, *, grace: timedelta,
     sent = 0
     tally = SweepTally()
     engine.store.prune_index(PRUNE_PER_SWEEP)  # ids whose retention ran out
+    # Ended sagas a dead process did not compact or archive (``_store/finisher.py``).
+    engine.store.finish_pending(int(grace.total_seconds() * 1000))
     for page in active_pages(engine.store, page_size):
         for saga_id in page:
             sent += _sweep_safely(engine, dispatcher, saga_id, grace, tally)

@@ -153,7 +153,7 @@ class StepSpec(_Frozen):
     rollback_task: str | None = None
     rollback_policy: Policy | None = None
     wait: WaitSpec | None = None
-    """Set for a waiting stage (no task runs; ``task`` is empty).  Only in format 3."""
+    """Set for a waiting stage (no task runs; ``task`` is empty).  Format 3 and later."""
 
 
 class Plan(_Frozen):
@@ -161,7 +161,8 @@ class Plan(_Frozen):
     rollback_mode: RollbackMode = RollbackMode.SEQUENTIAL
     on_rollback_error: OnRollbackError = OnRollbackError.HALT
     on_failure: OnFailure = OnFailure.ROLLBACK
-    """``hold``: a step failing for good holds the saga instead of rolling it back (format 3)."""
+    """``hold``: a step failing for good holds the saga instead of rolling it back (format
+    3 and later)."""
     hold_timeout_ms: float | None = None
     """How long a held saga waits for ``redrive()`` or ``rollback()`` before it rolls back."""
 
@@ -172,7 +173,7 @@ class Plan(_Frozen):
     @cached_property
     def waits(self) -> bool:
         """Whether the plan waits (SPEC section 8: a sleep or event stage, or hold on
-        failure): its sagas are written in format 3."""
+        failure): its sagas are written in format 3 or later."""
         return self.on_failure == OnFailure.HOLD or any(
             s.wait is not None for stage in self.stages for s in stage)
 
@@ -278,15 +279,16 @@ class Termination(_Record):
     error: ErrorInfo
 
 
-FORMAT = 2
+FORMAT = 4
 """The saga format this release writes by default (``SagaProgress.format``)."""
 
 WAIT_FORMAT = 3
-"""The format of a saga whose plan waits (SPEC section 8): format 2 plus waiting stages,
-buffered events and ``wake`` timers.  Written only for such sagas, so a saga that does not
-wait stays readable by a release that reads format 2."""
+"""The first format a saga whose plan waits can have (SPEC section 8): format 2 plus waiting
+stages, buffered events and ``wake`` timers.  A saga that waits is written in this format
+or the default, whichever is newer (``SagaApp(write_format=2)`` during an upgrade from
+0.2.0: such a saga is run only by this release's workers)."""
 
-FORMATS: frozenset[int] = frozenset({1, 2, 3})
+FORMATS: frozenset[int] = frozenset({1, 2, 3, 4})
 """The saga formats this release reads and runs."""
 
 
@@ -321,8 +323,11 @@ class SagaProgress(_Record):
     format: int = 1
     """The format the saga was created in, kept for its life (CHANGELOG.md): 1 is 0.1.0's
     (idempotency keys joined with ':', a rollback's lease apart from its step's); 2 escapes
-    ':' and '%' in key parts and has one lease per step.  Format 1 is stored as 0.1.0 stored
-    it (the field left out), so a 0.1.0 process reads it."""
+    ':' and '%' in key parts and has one lease per step; 3 is 2 with waiting stages, buffered
+    events and holds (SPEC section 8); 4 is 3 whose record the store compacts (or archives)
+    once the saga ended (``_store/history.py``).  A 0.2.0 process reads neither 3 nor 4.
+    Format 1 is stored as 0.1.0 stored it (the field left out), so a 0.1.0 process reads
+    it."""
 
     @property
     def is_terminal(self) -> bool:

@@ -210,6 +210,16 @@ class SagaStore(Protocol):
         """The record of the last sweep, None if no sweep ever ran; one read, so a probe
         may call it every few seconds."""
 
+    # -- finished sagas (SPEC section 11; ``history.py``, ``finisher.py``) ---------------
+
+    def delete(self, saga_id: str) -> bool:
+        """Remove an ended saga everywhere it is kept (and from the indexes); False if
+        there was none.  ``SagaStateError`` while it runs, deleting nothing."""
+
+    def finish_pending(self, older_than_ms: int = 60_000, limit: int = 1000) -> int:
+        """Compact or archive the ended sagas a dead process left marked for longer than
+        ``older_than_ms`` (the recovery sweep calls it); how many were finished."""
+
 
 def active_pages(store: SagaStore, count: int = 1000) -> Iterator[list[str]]:
     """Every page of the active index, oldest first (see ``SagaStore.active_page``)."""

@@ -8,6 +8,12 @@ one Lua script may touch them all::
                                               (absent when none: ``_store/journal.py``),
                                           p = its plan JSON (written once, at the start),
                                           t = 1 if the saga is terminal, else 0
+                                          Once a saga of format 4+ ended (``history.py``):
+                                          c = its compacted history (progress, plan and
+                                              events, compressed), d = a format marker,
+                                              p, j and the event stream deleted; or, with
+                                              an archive, a tombstone: a = the archive
+                                              marker, s = its status, d = the marker
     <prefix>{<id>}:events         stream  one field, e = the event's JSON
     <prefix>{<id>}:lease:<name>   string  the holder's token, with a PX time to live
 
@@ -25,6 +31,9 @@ Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster w
                                           writes it; on Cluster the commit's pipeline does
                                           (another slot), and the recovery sweep repairs a
                                           timer a failed pipeline left out
+    <prefix>finishing             zset    ids of ended sagas not yet compacted or archived,
+                                          score = when marked (epoch ms); written with
+                                          the commit that ends the saga (``finisher.py``)
     <prefix>health                hash    what the last recovery sweep saw (``SweepRecord``),
                                           replaced by one HSET as each sweep ends:
                                           swept_at_ms, sagas, overdue (ints),
@@ -52,6 +61,9 @@ PLAN_FIELD = "p"
 JOURNAL_FIELD = "j"
 TERMINAL_FIELD = "t"
 EVENT_FIELD = "e"
+HISTORY_FIELD = "c"
+ARCHIVED_FIELD = "a"
+STATUS_FIELD = "s"
 
 SWEPT_AT_FIELD = "swept_at_ms"
 SAGAS_FIELD = "sagas"
@@ -102,6 +114,10 @@ class KeySpace:
     @property
     def timers(self) -> str:
         return f"{self.prefix}timers"
+
+    @property
+    def finishing(self) -> str:
+        return f"{self.prefix}finishing"
 
     @property
     def health(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic_core import PydanticSerializationError, to_json
 
 from saga_celery._core.model import Plan, SagaRun
-from saga_celery._errors import SagaConfigError, SagaStoreError
+from saga_celery._errors import SagaConfigError, SagaStateError, SagaStoreError
 from saga_celery._store.base import (
     CorruptRecord,
     EventDict,
@@ -231,6 +231,23 @@ class MemoryStore:
         with self._changed:
             due = sorted((due_ms, name) for name, due_ms in self._timers.items())
         return [Timer(saga_id, dispatch, due_ms) for due_ms, (saga_id, dispatch) in due]
+
+    # -- finished sagas (``history.py``): kept whole here, nothing to compact -------------
+
+    def delete(self, saga_id: str) -> bool:
+        with self._changed:
+            record = self._record(saga_id)
+            if record is not None and not record.terminal:
+                raise SagaStateError(f"saga {saga_id!r} is still running: only a finished "
+                                     "saga can be deleted (terminate it first)",
+                                     saga_id=saga_id)
+            self._records.pop(saga_id, None)
+            self._index.pop(saga_id, None)
+            self._active.pop(saga_id, None)
+        return record is not None
+
+    def finish_pending(self, older_than_ms: int = 60_000, limit: int = 1000) -> int:
+        return 0
 
     # -- helpers (called with the lock held) ----------------------------------------------
 

@@ -46,7 +46,8 @@ COMMIT = """
 --           its member (``keys.py``)
 -- KEYS[#KEYS] timers set  <prefix>timers, when n > 0 (after the lease key, if any)
 -- Returns 1 if committed, 2 if committed and the saga was terminal before (revived by
--- retry_rollback), 0 on a version or lease conflict (nothing written).
+-- retry_rollback), 0 on a version or lease conflict (nothing written), 3 if the saga's
+-- record is compacted or archived (``history.py``: nothing written; EXPAND it, then retry).
 --
 -- The hot path sends only the commands it needs: keys are read with pcall and a key of the
 -- wrong type is diagnosed (TYPE) only then, before anything is written.  Any other error
@@ -71,9 +72,11 @@ end
 if not expected then
   return redis.error_reply('ERR saga_celery commit: malformed header ' .. ARGV[1])
 end
-local state = redis.pcall('HMGET', KEYS[1], 'v', 't', 'j')
+local state = redis.pcall('HMGET', KEYS[1], 'v', 't', 'j', 'c', 'a')
 if failed(state) then return refuse(KEYS[1], 'hash', state) end
 if state[1] ~= expected then return 0 end
+-- A finished saga compacted or archived (``history.py``): EXPAND it first, then commit.
+if state[4] or state[5] then return 3 end
 local holder = false
 local last_event = #ARGV - 2 * tonumber(timers)
 if action ~= '' then
@@ -153,4 +156,73 @@ for i = 1, #due, 2 do
   redis.call('ZADD', KEYS[1], 'XX', ARGV[2], due[i])
 end
 return due
+"""
+
+# -- finished sagas: compaction, archive tombstones, expansion, deletion (``history.py``) ----
+
+COMPACT = """
+-- Replace a finished saga's progress, plan, journal and event stream by its history value.
+-- KEYS[1]  state hash   KEYS[2]  event stream
+-- ARGV[1]  the version the history was read at   ARGV[2] the compacted history
+-- ARGV[3]  what older releases find in 'd' (a newer-format marker)
+-- Returns 1 if compacted, 0 if the saga changed, runs again, or is compacted already.
+local state = redis.call('HMGET', KEYS[1], 'v', 't', 'c', 'a')
+if state[1] ~= ARGV[1] or state[2] ~= '1' or state[3] or state[4] then return 0 end
+-- Written afresh (a hash keeps its large encoding after HDEL), with its time to live.
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'v', state[1], 't', '1', 'c', ARGV[2], 'd', ARGV[3])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+TOMBSTONE = """
+-- Leave only a tombstone of an archived finished saga: version, status, archive marker.
+-- KEYS[1]  state hash   KEYS[2]  event stream
+-- ARGV[1]  the version the archive holds   ARGV[2] the saga's status
+-- ARGV[3]  the archive marker   ARGV[4] what older releases find in 'd'
+-- Returns 1 if written, 0 if the saga changed or runs again (the archive is then stale and
+-- is written again when it next ends).
+local state = redis.call('HMGET', KEYS[1], 'v', 't')
+if state[1] ~= ARGV[1] or state[2] ~= '1' then return 0 end
+-- Written afresh: a small hash takes Redis's compact encoding again (HDEL keeps the large
+-- one the progress and plan needed), with its time to live.
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HSET', KEYS[1], 'v', state[1], 't', '1', 'a', ARGV[3], 's', ARGV[2], 'd', ARGV[4])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+EXPAND = """
+-- Give a compacted or archived saga its full record back (a commit must change it).
+-- KEYS[1]  state hash   KEYS[2]  event stream
+-- ARGV[1]  its version   ARGV[2] progress JSON   ARGV[3] plan JSON
+-- ARGV[4..] stream id, event JSON, in pairs, oldest first
+-- Returns 1 if expanded, 0 if the version moved or it is not compacted.
+local state = redis.call('HMGET', KEYS[1], 'v', 'c', 'a')
+if state[1] ~= ARGV[1] or not (state[2] or state[3]) then return 0 end
+redis.call('DEL', KEYS[2])
+for i = 4, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], ARGV[i], 'e', ARGV[i + 1])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl > 0 and #ARGV >= 4 then redis.call('PEXPIRE', KEYS[2], ttl) end
+redis.call('HSET', KEYS[1], 'd', ARGV[2], 'p', ARGV[3])
+redis.call('HDEL', KEYS[1], 'c', 'a', 's', 'j')
+return 1
+"""
+
+DELETE = """
+-- Delete a finished saga's records.
+-- KEYS[1]  state hash   KEYS[2]  event stream
+-- Returns 1 if deleted, 0 if there was none, -1 if it runs (nothing deleted).
+local state = redis.call('HMGET', KEYS[1], 'v', 't')
+if not state[1] then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+if state[2] ~= '1' then return -1 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
 """

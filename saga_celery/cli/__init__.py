@@ -11,9 +11,9 @@ the sagas are unhealthy (``health``), Redis cannot be reached or an extra the co
 is not installed (one line on stderr, never a traceback), 2 a usage error.  Log lines go to
 stderr, warnings only, so that standard output stays the command's own.
 
-The commands live by what they do: ``reading`` (status, list, events), ``acting``
-(terminate, retry-rollback, recover), ``waiting`` (send-event, redrive, rollback: sagas
-that wait), ``serving`` (metrics, demo) and ``health`` (a probe:
+The commands live by what they do: ``reading`` (status, list, events), ``history``
+(delete), ``acting`` (terminate, retry-rollback, recover), ``waiting`` (send-event, redrive,
+rollback: sagas that wait), ``serving`` (metrics, demo) and ``health`` (a probe:
 exit 1 with one line saying why the sagas are not looked after); ``target`` loads the app
 they work on.
 """
@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 
 from saga_celery._errors import SagaError
 from saga_celery._extras import MissingExtraError
-from saga_celery.cli import acting, dashboard, health, reading, serving, waiting
+from saga_celery.cli import acting, dashboard, health, history, reading, serving, waiting
 from saga_celery.cli.target import DEFAULT_REDIS_URL, Target, redact
 
 __all__ = ["Target", "main", "redact"]
@@ -47,6 +47,17 @@ class SagaGroup(click.Group):
                 f"the Celery broker at {broker} cannot be reached ({exc}); the saga state is "
                 "recorded, and `saga-celery recover` re-sends its messages once the broker "
                 "is back") from exc
+        finally:
+            _close_archive(ctx)
+
+
+def _close_archive(ctx: click.Context) -> None:
+    """Close the archive connection the command opened, if any (``SagaApp(archive=)``)."""
+    target = ctx.find_object(Target)
+    if target is not None and target.loaded is not None:
+        archive = target.loaded.reader.archive
+        if archive is not None:
+            archive.close()
 
 
 def _broker(ctx: click.Context) -> str:
@@ -69,19 +80,25 @@ def _broker(ctx: click.Context) -> str:
               show_default=True, help="Queue of steps, without --app.")
 @click.option("--rollbacks-queue", envvar="SAGA_ROLLBACKS_QUEUE", default="saga.rollbacks",
               show_default=True, help="Queue of rollbacks, without --app.")
+@click.option("--archive-url", envvar="SAGA_ARCHIVE_URL", default=None,
+              help="PostgreSQL archive of finished sagas, without --app "
+                   "[env SAGA_ARCHIVE_URL].")
 @click.pass_context
 def main(ctx: click.Context, app_path: str | None, redis_url: str, broker_url: str | None,
-         prefix: str, steps_queue: str, rollbacks_queue: str) -> None:
+         prefix: str, steps_queue: str, rollbacks_queue: str, archive_url: str | None
+         ) -> None:
     """Inspect and operate saga_celery sagas.
 
     Exit status: 0 done, 1 unknown saga, refused operation, unhealthy or unreachable Redis,
     2 usage.
     """
     ctx.obj = Target(app_path=app_path, redis_url=redis_url, broker_url=broker_url,
-                     prefix=prefix, steps_queue=steps_queue, rollbacks_queue=rollbacks_queue)
+                     prefix=prefix, steps_queue=steps_queue, rollbacks_queue=rollbacks_queue,
+                     archive_url=archive_url)
 
 
-for _command in (reading.status, reading.list_, reading.events, acting.terminate,
+for _command in (reading.status, reading.list_, reading.events, history.delete,
+                 acting.terminate,
                  acting.retry_rollback, acting.recover, serving.metrics, serving.demo,
                  health.health, dashboard.dashboard, waiting.send_event, waiting.redrive,
                  waiting.rollback):

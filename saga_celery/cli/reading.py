@@ -56,16 +56,32 @@ def _times(state: SagaState) -> str:
               help=f"At most this many; filters look at the {LIST_SCAN_FACTOR}x newest.")
 @click.option("--corrupt", is_flag=True,
               help="Instead: the sagas the recovery sweep could not read and moved aside.")
+@click.option("--archive", "archived", is_flag=True,
+              help="Instead: the finished sagas in the archive, newest ended first, a page "
+                   "at a time.")
+@click.option("--ended-before", type=click.DateTime(), default=None,
+              help="With --archive: only sagas that ended before this time (UTC).")
+@click.option("--ended-after", type=click.DateTime(), default=None,
+              help="With --archive: only sagas that ended at or after this time (UTC).")
+@click.option("--page", "cursor", default=None, metavar="CURSOR",
+              help="With --archive: the page after the one that printed this cursor.")
 @with_sagas
 def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int,
-          corrupt: bool) -> None:
+          corrupt: bool, archived: bool, ended_before: datetime | None,
+          ended_after: datetime | None, cursor: str | None) -> None:
     """List the newest sagas, optionally filtered.
 
     Columns: id, name, status, rollback outcome and creation time, newest first.  With
     --corrupt: id, when the sweep moved it aside and why, the most recently moved first.
+    With --archive: id, name, status, creation and end time, newest ended first, then the
+    cursor of the next page (give it to --page).
     """
     if corrupt:
         _list_corrupt(sagas.reader, limit, filtered=status_ is not None or name is not None)
+        return
+    if archived or cursor is not None or ended_before is not None or ended_after is not None:
+        _list_archive(sagas.reader, status=status_, name=name, limit=limit, cursor=cursor,
+                      ended_before=_utc(ended_before), ended_after=_utc(ended_after))
         return
     runs = list(sagas.reader.recent(status=status_, name=name, limit=limit))
     if not runs:
@@ -73,6 +89,26 @@ def list_(sagas: SagaApp, status_: str | None, name: str | None, limit: int,
         return
     rows = [["id", "name", "status", "rollback", "created_at"], *map(_list_row, runs)]
     click.echo("\n".join(render(rows)))
+
+
+def _list_archive(reader: SagaReader, *, status: str | None, name: str | None, limit: int,
+                  cursor: str | None, ended_before: datetime | None,
+                  ended_after: datetime | None) -> None:
+    page = reader.archived(status=status, name=name, limit=limit, after=cursor,
+                           ended_before=ended_before, ended_after=ended_after)
+    if not page.sagas:
+        click.echo("no archived sagas found")
+        return
+    rows = [[s.id, s.name, s.status, s.created_at.isoformat(timespec="seconds"),
+             "-" if s.ended_at is None else s.ended_at.isoformat(timespec="seconds")]
+            for s in page.sagas]
+    click.echo("\n".join(render([["id", "name", "status", "created_at", "ended_at"], *rows])))
+    if page.next is not None:
+        click.echo(f"next page: --page '{page.next}'")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _list_corrupt(reader: SagaReader, limit: int, *, filtered: bool) -> None:

@@ -43,6 +43,7 @@ class Target:
     prefix: str = "saga:"
     steps_queue: str = "saga.steps"
     rollbacks_queue: str = "saga.rollbacks"
+    archive_url: str | None = None
     loaded: SagaApp | None = field(default=None, repr=False)
 
     def sagas(self) -> SagaApp:
@@ -55,7 +56,8 @@ class Target:
         celery = Celery("saga-celery", broker=self.broker_url or self.redis_url,
                         set_as_current=False)
         return SagaApp(celery, redis_url=self.redis_url, prefix=self.prefix,
-                       steps_queue=self.steps_queue, rollbacks_queue=self.rollbacks_queue)
+                       steps_queue=self.steps_queue, rollbacks_queue=self.rollbacks_queue,
+                       archive=self.archive_url)
 
 
 def load_app(path: str) -> SagaApp:

@@ -8,6 +8,7 @@ loopback ports (``tests/redis_servers.py``).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,25 @@ def test_sagas_complete_with_their_state_spread_over_the_nodes(
     with redis.Redis.from_url(redis_url) as plain:
         assert not any(plain.exists(key) for key in keys)
     assert {run.id for run in runs} <= set(shop.sagas._store.list_ids(limit=100))
+
+
+def test_finished_sagas_are_compacted_on_the_cluster(
+        shop: ModuleType, worker: WorkerProcess, cluster_client: RedisCluster) -> None:
+    """The worker's finisher compacts ended sagas whose keys lie on several nodes (one
+    pipeline over their slots), and they read as before (SPEC section 11)."""
+    runs = [shop.order.apply_async(saga_id=f"cc-{uuid.uuid4().hex[:10]}") for _ in range(6)]
+    states = [run.wait(timeout=60) for run in runs]
+    keys = [f"{shop.PREFIX}{{{run.id}}}:state" for run in runs]
+    finishing = f"{shop.PREFIX}finishing"
+    deadline = time.monotonic() + 60
+    while not all(cluster_client.hexists(key, "c") for key in keys) or any(
+            cluster_client.zscore(finishing, run.id) is not None for run in runs):
+        assert time.monotonic() < deadline, "the finisher did not compact them"
+        time.sleep(0.1)
+    assert len({cluster_client.get_node_from_key(key).name for key in keys}) > 1
+    assert [shop.sagas.run(run.id).status() for run in runs] == states
+    assert all(shop.sagas.run(run.id).events()[-1]["type"] == "saga_completed"
+               for run in runs)
 
 
 def test_a_failing_saga_rolls_back_in_reverse_start_order(

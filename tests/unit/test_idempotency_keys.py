@@ -110,18 +110,19 @@ def test_a_saga_started_in_format_1_keeps_its_legacy_keys(app: Any) -> None:
 
 
 def test_new_sagas_are_created_in_the_newest_format(sagas: SagaApp) -> None:
-    """A saga started now is format 2 (escaped keys), and its stored record says so."""
+    """A saga started now is format 4 (escaped keys, compacted when it ends), and its stored
+    record says so."""
     @sagas.step(name="k.a")
     def a() -> None:
         return None
 
     sagas.saga("s", [a.s()]).apply_async(saga_id="fmt-1")
-    assert sagas._store.load("fmt-1").run.format == 2  # type: ignore[union-attr]
+    assert sagas._store.load("fmt-1").run.format == 4  # type: ignore[union-attr]
 
 
 def test_an_unknown_write_format_is_refused_naming_the_ones_there_are(app: Any) -> None:
     """``write_format`` must be one this release writes."""
     from saga_celery import SagaConfigError
 
-    with pytest.raises(SagaConfigError, match=r"write_format=4.*\[1, 2, 3\]"):
-        SagaApp(app, store=MemoryStore(), write_format=4)
+    with pytest.raises(SagaConfigError, match=r"write_format=5.*\[1, 2, 3, 4\]"):
+        SagaApp(app, store=MemoryStore(), write_format=5)

@@ -13,6 +13,7 @@ release has: ``SagaApp(store=...)``, the engine's ``submit``/``handle`` and the 
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import sys
@@ -121,7 +122,7 @@ def dump(client: Any, saga_id: str) -> dict[str, Any]:
         key = raw.decode()
         kind = client.type(raw).decode()
         if kind == "hash":
-            keys[key] = {"hash": {f.decode(): v.decode() for f, v in client.hgetall(raw).items()}}
+            keys[key] = {"hash": {f.decode(): _text(v) for f, v in client.hgetall(raw).items()}}
         elif kind == "stream":
             keys[key] = {"stream": [[i.decode(), {f.decode(): v.decode() for f, v in e.items()}]
                                     for i, e in client.xrange(raw)]}
@@ -142,6 +143,7 @@ def run_scenario(sagas: SagaApp, definition: Any, client: Any, name: str) -> dic
                       ttl_ms=3_600_000)
         messages.append(engine.handle(saga_id, event, lease=lease))
     sent = [build_message(t.run, d, clock.now) for t in messages for d in t.dispatches]
+    _drain(sagas)
     state = to_state(engine.load(saga_id).run)
     return {
         "saga_id": saga_id,
@@ -164,6 +166,22 @@ def main(out: str) -> None:
     with open(out, "w") as f:
         json.dump(fixtures, f, indent=1, sort_keys=True)
         f.write("\n")
+
+
+def _text(value: bytes) -> str | dict[str, str]:
+    """A stored value as text, or ``{"base64": ...}`` if it is binary (a compacted history,
+    format 4: ``_store/history.py``)."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode()}
+
+
+def _drain(sagas: SagaApp) -> None:
+    """Let the store's finisher compact what ended (releases that compact finished sagas)."""
+    finisher = getattr(sagas._store, "finisher", None)
+    if finisher is not None:
+        assert finisher.drain(30.0), "the finisher did not catch up"
 
 
 def _lease_name(kind: Kind, key: str) -> str:

@@ -8,6 +8,7 @@ the unfinished ones to their end.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ def seeded(sagas: dict[str, Any]) -> fakeredis.FakeRedis:
     client = fakeredis.FakeRedis()
     for saga in sagas.values():
         for key, value in saga["keys"].items():
-            if "hash" in value:
-                client.hset(key, mapping=value["hash"])
+            if "hash" in value:  # a binary value (a compacted history) kept as base64
+                client.hset(key, mapping={f: base64.b64decode(v["base64"]) if isinstance(v, dict)
+                                          else v for f, v in value["hash"].items()})
             elif "stream" in value:
                 for entry_id, fields in value["stream"]:
                     client.xadd(key, fields, id=entry_id)
@@ -78,9 +80,12 @@ def test_every_stored_event_reads(release: dict[str, Any]) -> None:
     """Each saga's event stream reads in full, oldest first, every event typed."""
     store = RedisStore(seeded(release["sagas"]))
     for saga in release["sagas"].values():
-        stream = next(v["stream"] for k, v in saga["keys"].items() if k.endswith(":events"))
         events = store.read_events(saga["saga_id"])
-        assert [i for i, _ in events] == [i for i, _ in stream]
+        streams = [v["stream"] for k, v in saga["keys"].items() if k.endswith(":events")]
+        if not streams:  # compacted when it ended (format 4): its events are in its history
+            assert events and events[-1][1]["type"].startswith(("saga_", "rollback_"))
+            continue
+        assert [i for i, _ in events] == [i for i, _ in streams[0]]
         assert all(e["saga_id"] == saga["saga_id"] and "type" in e for _, e in events)
 
 

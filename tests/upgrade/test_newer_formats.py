@@ -20,9 +20,9 @@ from saga_celery._store import RedisStore
 
 
 def newer(client: Any, key: str) -> dict[bytes, bytes]:
-    """Rewrite a stored saga as a release with format 4 might have: a field this one lacks."""
+    """Rewrite a stored saga as a release with format 5 might have: a field this one lacks."""
     progress = json.loads(client.hget(key, "d"))
-    progress.update(format=4, waits_for={"approval": None})
+    progress.update(format=5, waits_for={"approval": None})
     client.hset(key, "d", json.dumps(progress))
     stored: dict[bytes, bytes] = client.hgetall(key)
     return stored
@@ -46,7 +46,7 @@ def test_a_saga_in_a_newer_format_is_refused_naming_it_and_left_untouched(
     """Reading it raises ``SagaFormatError`` naming the format; the record is as it was."""
     client = sagas._store._client  # type: ignore[attr-defined]
     before = newer(client, "saga:{n-1}:state")
-    with pytest.raises(SagaFormatError, match=r"format 4.*newer.*formats \[1, 2, 3\]"):
+    with pytest.raises(SagaFormatError, match=r"format 5.*newer.*formats \[1, 2, 3, 4\]"):
         sagas.run("n-1").status()
     assert client.hgetall("saga:{n-1}:state") == before
 

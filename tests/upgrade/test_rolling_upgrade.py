@@ -7,7 +7,8 @@ each worker is stopped (warm shutdown: its running tasks finish, its unacknowled
 messages go back to the queue) and replaced by a worker of this release, which creates
 sagas in format 1 (``SAGA_WRITE_FORMAT=1``) as the README's upgrade procedure says, so
 that the old worker still running reads them.  A caller of this release starts more sagas
-meanwhile.  Once only new workers run, the setting goes and new sagas are format 2.
+meanwhile.  Once only new workers run, the setting goes and new sagas are in the newest
+format.
 
 No beat runs.  Every saga must end as its shape says, no effect may be applied twice (under
 two idempotency keys), and every step a failed saga started must be compensated once.
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from saga_celery._core.model import FORMAT
 from tests.integration.harness import REPO_ROOT, WorkerProcess, _wait_ready, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -168,7 +170,7 @@ def test_a_fleet_upgraded_worker_by_worker_finishes_every_saga(fleet: Fleet) -> 
     time.sleep(1.0)
     fleet.replace(second, new, "new-2", compat)
     fleet.call(new, batch("c"), compat)
-    fleet.call(new, batch("d"))  # every 0.1.0 process is gone: format 2
+    fleet.call(new, batch("d"))  # every 0.1.0 process is gone: the newest format
     ids = batch("a") + batch("b") + batch("c") + batch("d")
 
     sagas = _client(fleet)
@@ -177,7 +179,7 @@ def test_a_fleet_upgraded_worker_by_worker_finishes_every_saga(fleet: Fleet) -> 
     problems = [p for saga_id in ids for p in _check(fleet, sagas, saga_id)]
     assert problems == [], problems
     formats = Counter(_format(sagas, i) for i in ids)
-    assert formats == {1: 3 * PER_CALLER, 2: PER_CALLER}
+    assert formats == {1: 3 * PER_CALLER, FORMAT: PER_CALLER}  # the newest, once 0.1.0 is gone
 
 
 def _client(fleet: Fleet) -> Any:
