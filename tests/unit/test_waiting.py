@@ -112,7 +112,7 @@ def test_an_event_sent_before_its_wait_began_is_kept_for_it(
     assert (wait.kind, wait.status, wait.output) == ("wait", "complete", {"by": "ann"})
     stored = sagas._store.load("e1")
     assert stored is not None and stored.run.inbox == {"approval": [{"by": "bob"}]}
-    assert stored.run.format == WAIT_FORMAT
+    assert stored.run.format == max(WAIT_FORMAT, FORMAT)
     events = types(sagas, "e1")
     assert events.count("event_received") == 2
     assert events.index("wait_started") < events.index("wait_completed")
@@ -204,13 +204,32 @@ def test_bad_waiting_stages_and_events_are_refused(sagas: SagaApp, steps: dict[s
 
 def test_a_saga_that_does_not_wait_is_stored_as_before(sagas: SagaApp,
                                                        steps: dict[str, Any]) -> None:
-    """Format 2 and a plan JSON without the ``wait`` field: readable by a release that reads
-    only formats 1 and 2."""
+    """The default format and a plan JSON without the ``wait`` field: with
+    ``write_format=2`` (an upgrade from 0.2.0), readable by a release that reads only
+    formats 1 and 2."""
     saga = sagas.saga("w.plain", [steps["reserve"].s(1), steps["ship"].s()])
     saga.apply_async(saga_id="p1")
     stored = sagas._store.load("p1")
     assert stored is not None and stored.run.format == FORMAT
     assert '"wait"' not in encode_plan(saga.plan)
+
+
+def test_during_an_upgrade_from_0_2_a_saga_that_waits_is_format_3_the_others_format_2(
+        app: Any) -> None:
+    """``write_format=2``: a saga that waits needs format 3 (0.2.0 workers hand its messages
+    back); one that does not stays in format 2, which 0.2.0 runs."""
+    from saga_celery._store import MemoryStore
+
+    sagas = SagaApp(app, store=MemoryStore(), write_format=2)
+
+    @sagas.step(name="w2.reserve")
+    def reserve(order: int) -> dict[str, int]:
+        return {"order": order}
+
+    sagas.saga("w2.waits", [reserve.s(1), sagas.sleep(5)]).apply_async(saga_id="u1")
+    sagas.saga("w2.plain", [reserve.s(1)]).apply_async(saga_id="u2")
+    formats = [sagas._store.load(i).run.format for i in ("u1", "u2")]  # type: ignore[union-attr]
+    assert formats == [WAIT_FORMAT, 2]
 
 
 # --- hold and redrive ---------------------------------------------------------------------
