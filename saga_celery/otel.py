@@ -17,7 +17,13 @@ Each saga is one trace:
   span; ``handed_back``: the store or broker could not be reached, the message comes again),
   and the error's type, recorded exception and ERROR status when it failed.  It is the
   current span while the body runs, so the spans a step's own code makes (an HTTP call, a
-  query) are its children.
+  query) are its children;
+- **a child span per sleep and wait** ``saga.sleep <name>``, ``saga.wait <name>`` (SPEC
+  section 8), from the times the state records, with the same attributes and ``saga.outcome``
+  ``completed``, ``timed_out`` or ``cancelled`` (an ``event_received`` span event where the
+  event ended the wait), and **a** ``saga.hold`` **span per held period** (``redriven``,
+  ``rolled_back``, ``terminated``), read from the saga's events.  A waiting stage runs no
+  task, so these are emitted with the root.
 
 How, when the root span's start and end happen in different processes:
 
@@ -41,6 +47,8 @@ How, when the root span's start and end happen in different processes:
 Cost when not instrumented: none on the step path (the runtime checks one attribute per
 delivery; no signal handler is connected).  Limits: a message the recovery sweep re-sends
 carries no ``saga_link``, so a saga that ends after such a re-send has no link on its root;
+after a timer (sleep, wait or hold timeout) the link is gone too, and after ``send_event`` or
+``redrive()`` it is the span current there;
 an attempt whose pool process is killed (hard time limit, OOM) has no span, its failure is
 still on the root; head sampling is by the derived trace id for the root only (attempt
 spans are always sampled): use ``ParentBased(ALWAYS_ON)`` or tail sampling.
