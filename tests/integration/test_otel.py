@@ -8,8 +8,10 @@ and a span of its own (``checkout``) current around ``apply_async``.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -316,3 +318,41 @@ def test_a_wait_that_times_out_is_a_span_with_outcome_timed_out(
     assert wait["attributes"]["saga.error.type"] == "EventTimeoutError"
     assert wait["status"] == "ERROR" and wait["events"] == []
     assert 2.0 <= (wait["end"] - wait["start"]) / 1e9 < 30
+
+
+def test_a_held_period_is_a_span_until_the_rollback_that_ended_it(
+        worker_factory: WorkerFactory, otel_env: dict[str, str], caller: Caller,
+        spans_file: Path) -> None:
+    """A saga held by a step that failed for good, then rolled back by ``run.rollback()``: a
+    ``saga.hold`` child span of the root runs from the ``saga_held`` event to the
+    ``rollback_started`` one, says ``rolled_back`` and what held it, and sits between the
+    failed attempt and the rollback's attempts."""
+    saga_id = f"t-{uuid.uuid4().hex[:12]}"
+    held = caller.shop.sagas.saga("otel-held", [caller.shop.reserve.s("sku-1", 1),
+                                                caller.shop.ticket.s()], on_failure="hold")
+    worker_factory(OTEL_APP, env=otel_env, concurrency=2)
+
+    run = held.apply_async(saga_id=saga_id, params={"fail": {TICKET: "nonretryable"}})
+    wait_for(lambda: run.status().status == "held", timeout=30)
+    time.sleep(1)  # a held period the span's times can tell apart from an instant
+    run.rollback()
+    state = run.wait(timeout=60)
+
+    assert state.status == "errored"
+    root, children = saga_spans(spans_file, saga_id)
+    [hold] = [s for s in children if s["name"] == "saga.hold"]
+    assert_one_saga_trace(root, [s for s in children if s is not hold], saga_id, "otel-held",
+                          None)
+    assert (hold["trace_id"], hold["parent_id"]) == hex_ids(saga_id)
+    assert hold["attributes"]["saga.kind"] == "hold"
+    events = {e["type"]: e["timestamp"] for e in run.events()}
+    assert hold["attributes"]["saga.outcome"] == "rolled_back"
+    assert hold["attributes"]["saga.error"].startswith("NonRetryableError")
+    assert abs(hold["start"] - ns(datetime.fromisoformat(events["saga_held"]))) < 1000
+    assert abs(hold["end"] - ns(datetime.fromisoformat(events["rollback_started"]))) < 1000
+    assert hold["end"] - hold["start"] >= 1e9
+    [failed] = [s for s in children if s["attributes"].get("saga.outcome") == "failed"]
+    undos = [s for s in children if s["attributes"]["saga.kind"] == "rollback"]
+    # the held status is committed inside the failed attempt's span, which ends just after
+    assert undos and failed["start"] <= hold["start"] <= failed["end"]
+    assert all(hold["end"] <= s["start"] for s in undos)

@@ -266,7 +266,7 @@ def test_a_sleep_and_a_wait_are_child_spans_with_their_recorded_times(
     clock = Clock()
     engine, _ = new_engine(clock)
     engine.on_ended = _SagaTracer(provider).ended
-    driver = submit(engine, "s-7", with_waits(plan("a"), sleep_stage(60, "nap"),
+    driver = submit(engine, "s-7", with_waits(plan("a"), sleep_stage("60 seconds", "nap"),
                                               wait_stage("ok", "1 hour", None)))
     driver.run("a", "A")
     clock.advance(60)
@@ -309,7 +309,7 @@ def test_a_wait_that_timed_out_is_a_failed_span_and_a_cancelled_sleep_says_so(
     late.feed(WakeUp(key="wait:ok#1"))
     late.start("a", 1, Kind.ROLLBACK)
     late.ok("a", None, 1, Kind.ROLLBACK)
-    stopped = submit(engine, "s-9", with_waits(plan("a"), sleep_stage(60, "nap")))
+    stopped = submit(engine, "s-9", with_waits(plan("a"), sleep_stage("60 seconds", "nap")))
     stopped.run("a", "A")
     stopped.feed(TerminateRequested(rollback=False, reason="customer left"))
 
