@@ -73,7 +73,7 @@ from saga_celery._celery.control import Control
 from saga_celery._celery.runtime import control_of
 from saga_celery._core.model import SagaRun, SagaStatus, StepRun, StepStatus, WaitKind, WaitSpec
 from saga_celery._extras import MissingExtraError
-from saga_celery.dashboard.view import held_periods
+from saga_celery.dashboard.fields import held_periods
 
 try:
     from opentelemetry import context as otel_context

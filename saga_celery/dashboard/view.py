@@ -26,16 +26,15 @@ from urllib.parse import quote
 
 from saga_celery._celery.dispatch import task_id
 from saga_celery._core.model import Kind
+from saga_celery.dashboard.fields import error_text, held_periods, when
 
 __all__ = [
     "OUTCOMES",
     "Bar",
-    "HeldPeriod",
     "Row",
     "StepLine",
     "Timeline",
     "flower_link",
-    "held_periods",
     "list_row",
     "rollback_budgets",
     "step_lines",
@@ -135,22 +134,6 @@ class Row:
                 "ended_at": self.ended_at, "duration": self.duration}
 
 
-def when(value: Any) -> datetime | None:
-    """A JSON timestamp as a ``datetime`` (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value))
-
-
-def error_text(error: Any) -> str:
-    """``Type: message`` of an ``ErrorInfo`` as JSON, or ``""``."""
-    if not isinstance(error, Mapping):
-        return ""
-    return f"{error.get('type', 'Error')}: {error.get('message', '')}"
-
-
 def step_key(entry: Mapping[str, Any]) -> str:
     """The step's key in the plan, which its task ids are made of."""
     return f"{entry['name']}#{entry['count']}"
@@ -181,46 +164,6 @@ def rollback_budgets(events: Iterable[Mapping[str, Any]]) -> dict[tuple[str, int
             opening.discard(who)
             budgets.setdefault(who, []).append(int(event["attempt"]))
     return budgets
-
-
-@dataclass(frozen=True, kw_only=True)
-class HeldPeriod:
-    """A time the saga stood held (SPEC section 8), from its ``saga_held`` event to what
-    released it."""
-
-    started_at: datetime
-    ended_at: datetime | None
-    """None while the saga is still held."""
-    outcome: str
-    """``redriven``, ``rolled_back``, ``terminated``, or ``held`` (not released yet)."""
-    error: str
-    """The failure that held it (``Type: message``)."""
-
-
-_RELEASES = {"saga_redriven": "redriven", "rollback_started": "rolled_back",
-             "terminate_requested": "terminated", "saga_terminated": "terminated",
-             "saga_errored": "rolled_back", "saga_completed": "redriven"}
-"""The events that end a held period (the hold timeout passing starts the rollback)."""
-
-
-def held_periods(events: Iterable[Mapping[str, Any]]) -> list[HeldPeriod]:
-    """Every held period of a saga, in order, from its events (oldest first)."""
-    periods: list[HeldPeriod] = []
-    opened: tuple[datetime, str] | None = None
-    for event in events:
-        kind, stamp = event.get("type"), when(event.get("timestamp"))
-        if stamp is None:
-            continue
-        if kind == "saga_held" and opened is None:
-            opened = (stamp, error_text(event.get("error")))
-        elif opened is not None and kind in _RELEASES:
-            periods.append(HeldPeriod(started_at=opened[0], ended_at=stamp,
-                                      outcome=_RELEASES[str(kind)], error=opened[1]))
-            opened = None
-    if opened is not None:
-        periods.append(HeldPeriod(started_at=opened[0], ended_at=None, outcome="held",
-                                  error=opened[1]))
-    return periods
 
 
 def _budget_of(attempt: int, starts: Sequence[int]) -> int:

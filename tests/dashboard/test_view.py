@@ -14,10 +14,10 @@ from saga_celery._celery.dispatch import task_id
 from saga_celery._core.events import EventSent, RedriveRequested, WakeUp
 from saga_celery._core.model import Kind, OnFailure, Plan
 from saga_celery._core.state import to_state
+from saga_celery.dashboard.fields import held_periods
 from saga_celery.dashboard.server import parse_users
 from saga_celery.dashboard.view import (
     flower_link,
-    held_periods,
     list_row,
     rollback_budgets,
     step_lines,
