@@ -17,7 +17,13 @@ Each saga is one trace:
   span; ``handed_back``: the store or broker could not be reached, the message comes again),
   and the error's type, recorded exception and ERROR status when it failed.  It is the
   current span while the body runs, so the spans a step's own code makes (an HTTP call, a
-  query) are its children.
+  query) are its children;
+- **a child span per sleep and wait** ``saga.sleep <name>``, ``saga.wait <name>`` (SPEC
+  section 8), from the times the state records, with the same attributes and ``saga.outcome``
+  ``completed``, ``timed_out`` or ``cancelled`` (an ``event_received`` span event where the
+  event ended the wait), and **a** ``saga.hold`` **span per held period** (``redriven``,
+  ``rolled_back``, ``terminated``), read from the saga's events.  A waiting stage runs no
+  task, so these are emitted with the root.
 
 How, when the root span's start and end happen in different processes:
 
@@ -41,6 +47,8 @@ How, when the root span's start and end happen in different processes:
 Cost when not instrumented: none on the step path (the runtime checks one attribute per
 delivery; no signal handler is connected).  Limits: a message the recovery sweep re-sends
 carries no ``saga_link``, so a saga that ends after such a re-send has no link on its root;
+after a timer (sleep, wait or hold timeout) the link is gone too, and after ``send_event`` or
+``redrive()`` it is the span current there;
 an attempt whose pool process is killed (hard time limit, OOM) has no span, its failure is
 still on the root; head sampling is by the derived trace id for the root only (attempt
 spans are always sampled): use ``ParentBased(ALWAYS_ON)`` or tail sampling.
@@ -51,7 +59,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -63,8 +71,9 @@ from celery.exceptions import Reject, Retry
 from saga_celery._celery.app import RECOVER_TASK, SagaApp
 from saga_celery._celery.control import Control
 from saga_celery._celery.runtime import control_of
-from saga_celery._core.model import SagaRun, SagaStatus
+from saga_celery._core.model import SagaRun, SagaStatus, StepRun, StepStatus, WaitKind, WaitSpec
 from saga_celery._extras import MissingExtraError
+from saga_celery.dashboard.fields import held_periods
 
 try:
     from opentelemetry import context as otel_context
@@ -179,8 +188,11 @@ class _DerivedIds(IdGenerator):
 class _SagaTracer:
     """Makes a saga's spans in one process: attempts (``attempt``), the root (``ended``)."""
 
-    def __init__(self, provider: trace.TracerProvider | None) -> None:
+    def __init__(self, provider: trace.TracerProvider | None,
+                 events: Callable[[str], Iterable[Mapping[str, Any]]] | None = None) -> None:
         self._provider = provider
+        self._events = events
+        """A saga's events, oldest first (for its held periods); None: no hold spans."""
         self._tracer: trace.Tracer | None = None
         self._local = threading.local()
 
@@ -285,7 +297,55 @@ class _SagaTracer:
         if run.status != SagaStatus.COMPLETE:
             message = run.error.message if run.error is not None else str(run.status)
             span.set_status(trace.Status(trace.StatusCode.ERROR, message))
-        span.end(end_time=max(time.time_ns(), _ns(run.created_at.timestamp())))
+        end = max(time.time_ns(), _ns(run.created_at.timestamp()))
+        inside = trace.set_span_in_context(span, otel_context.Context())
+        for step in run.steps.values():
+            spec = run.plan.specs_by_key.get(step.key)
+            if spec is not None and spec.wait is not None and step.attempts:
+                self._emit_wait(run, step, spec.wait, inside, end)
+        if run.held is not None:
+            self._emit_holds(run, inside, end)
+        span.end(end_time=end)
+
+    def _emit_wait(self, run: SagaRun, step: StepRun, wait: WaitSpec,
+                   inside: otel_context.Context, end: int) -> None:
+        """A sleep's or a wait's span: from its start to its end, both as recorded."""
+        record = step.attempts[-1]
+        outcome = _WAIT_OUTCOMES.get(step.status, "cancelled")
+        attributes: dict[str, str | int] = {
+            "saga.id": run.id, "saga.name": run.name, "saga.step": step.name,
+            "saga.count": step.count, "saga.attempt": record.attempt,
+            "saga.kind": str(wait.kind), "saga.outcome": outcome}
+        if wait.event_type is not None:
+            attributes["saga.event_type"] = wait.event_type
+        span = self.tracer().start_span(
+            f"saga.{wait.kind} {step.name}", context=inside, attributes=attributes,
+            start_time=_ns(record.started_at.timestamp()))
+        ended = _ns(record.ended_at.timestamp()) if record.ended_at is not None else end
+        if outcome == "completed" and wait.kind == WaitKind.WAIT:
+            span.add_event("event_received", {"saga.event_type": wait.event_type or ""},
+                           timestamp=ended)
+        elif outcome == "timed_out" and record.error is not None:
+            span.set_attribute("saga.error.type", record.error.type)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, record.error.message))
+        span.end(end_time=ended)
+
+    def _emit_holds(self, run: SagaRun, inside: otel_context.Context, end: int) -> None:
+        """A span per time the saga stood held, read from its events (only a saga that was
+        held pays for the read)."""
+        if self._events is None:
+            return
+        for period in held_periods(self._events(run.id)):
+            span = self.tracer().start_span(
+                "saga.hold", context=inside, start_time=_ns(period.started_at.timestamp()),
+                attributes={"saga.id": run.id, "saga.name": run.name, "saga.kind": "hold",
+                            "saga.outcome": period.outcome, "saga.error": period.error})
+            span.end(end_time=_ns(period.ended_at.timestamp()) if period.ended_at else end)
+
+
+_WAIT_OUTCOMES = {StepStatus.COMPLETE: "completed", StepStatus.ERRORED: "timed_out",
+                  StepStatus.CANCELLED: "cancelled"}
+"""A sleep's or a wait's outcome by its entry's status (a wait errs only by timing out)."""
 
 
 def _ns(seconds: float) -> int:
@@ -313,7 +373,8 @@ def instrument(sagas: SagaApp, *, tracer_provider: trace.TracerProvider | None =
     Call it where the ``SagaApp`` is built, before the worker forks its pool: in the worker
     for the spans, and in the process calling ``apply_async`` for the link to the caller's
     span.  Calling it again replaces the provider."""
-    observer = _SagaTracer(tracer_provider)
+    observer = _SagaTracer(tracer_provider, events=lambda saga_id: [
+        event for _, event in sagas._engine.store.read_events(saga_id)])
     sagas._runtime.observe_attempt = observer.attempt
     sagas._engine.on_ended = observer.ended
     with _lock:

@@ -8,8 +8,12 @@ store, a clock or the network: ``now`` comes in, so a test gives any.
 The timeline is drawn by generic fields alone: every entry of ``steps`` with a ``kind``
 (``"step"`` when absent), a ``status``, and either ``attempts`` (each with ``attempt``,
 ``started_at``, ``ended_at``, ``success``, ``error``) or its own ``started_at``/``ended_at``;
-and every step's ``rollback`` with its ``attempts``.  A sleep, a wait or a hold therefore
-appears on the axis without a change here.
+and every step's ``rollback`` with its ``attempts``.  A sleep or a wait (SPEC section 8) is
+such an entry with one attempt, drawn in the "sleeping or waiting" colour (red if it timed
+out or was cancelled) and without an attempt number: waits are never retried.  The times a
+saga stood held are not in its state but in its events (``saga_held`` up to
+``saga_redriven``, ``rollback_started`` or ``terminate_requested``): ``held_periods``, drawn
+as a row ``held`` beneath the steps.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from urllib.parse import quote
 
 from saga_celery._celery.dispatch import task_id
 from saga_celery._core.model import Kind
+from saga_celery.dashboard.fields import error_text, held_periods, when
 
 __all__ = [
     "OUTCOMES",
@@ -129,22 +134,6 @@ class Row:
                 "ended_at": self.ended_at, "duration": self.duration}
 
 
-def when(value: Any) -> datetime | None:
-    """A JSON timestamp as a ``datetime`` (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value
-    return datetime.fromisoformat(str(value))
-
-
-def error_text(error: Any) -> str:
-    """``Type: message`` of an ``ErrorInfo`` as JSON, or ``""``."""
-    if not isinstance(error, Mapping):
-        return ""
-    return f"{error.get('type', 'Error')}: {error.get('message', '')}"
-
-
 def step_key(entry: Mapping[str, Any]) -> str:
     """The step's key in the plan, which its task ids are made of."""
     return f"{entry['name']}#{entry['count']}"
@@ -183,14 +172,17 @@ def _budget_of(attempt: int, starts: Sequence[int]) -> int:
 
 def _outcome(success: Any, ended: datetime | None, *, entry_status: str, kind: str,
              terminal: bool) -> str:
+    """The bar's colour.  A sleep or a wait that ended as it should (its time passed, its
+    event came) stays ``waiting``: time spent waiting, not work done; a wait that timed out
+    or was cancelled is ``failed``."""
     if success is True:
-        return "complete"
+        return "waiting" if kind in _WAITING_KINDS else "complete"
     if success is False:
         return "failed"
     if ended is not None:
-        return "failed" if entry_status in _FAILED_STATUSES else "complete"
-    if entry_status == "held":
-        return "held"
+        if entry_status in _FAILED_STATUSES:
+            return "failed"
+        return "waiting" if kind in _WAITING_KINDS else "complete"
     if terminal:
         return "lost"
     return "waiting" if kind in _WAITING_KINDS else "running"
@@ -224,9 +216,10 @@ def _entry_spans(entry: Mapping[str, Any], row: int, saga_id: str, *,
             continue
         ended = when(attempt.get("ended_at"))
         task = task_id(saga_id, Kind.STEP, step_key(entry), 1) if kind == "step" else None
+        number = None if kind in _WAITING_KINDS else int(attempt["attempt"])  # never retried
         spans.append(_Span(
             lane="forward", row=row, kind=kind, name=name, count=count,
-            attempt=int(attempt["attempt"]), started_at=started, ended_at=ended,
+            attempt=number, started_at=started, ended_at=ended,
             outcome=_outcome(attempt.get("success"), ended, entry_status=status, kind=kind,
                              terminal=terminal),
             error=error_text(attempt.get("error")), task=task))
@@ -264,6 +257,19 @@ def _rollback_spans(entry: Mapping[str, Any], row: int, saga_id: str,
     return spans
 
 
+def _held_spans(events: Sequence[Mapping[str, Any]], row: int) -> list[_Span]:
+    """The times the saga stood held, on one row of their own beneath the steps."""
+    return [_Span(lane="forward", row=row, kind="hold", name="held", count=1, attempt=None,
+                  outcome="held", started_at=p.started_at, ended_at=p.ended_at,
+                  error="; ".join(filter(None, [p.error, _HELD_ENDS.get(p.outcome, "")])),
+                  task=None)
+            for p in held_periods(events)]
+
+
+_HELD_ENDS = {"redriven": "then redriven", "rolled_back": "then rolled back",
+              "terminated": "then terminated"}
+
+
 def _first_start(entry: Mapping[str, Any], *, rollback: bool) -> datetime | None:
     source = (entry.get("rollback") or {}) if rollback else entry
     starts = [when(a.get("started_at")) for a in source.get("attempts") or []]
@@ -281,6 +287,7 @@ def _spans(state: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> lis
     forward = [e for *_, e in sorted(begun, key=lambda item: item[:3])]
     spans = [s for row, e in enumerate(forward)
              for s in _entry_spans(e, row, saga_id, terminal=terminal)]
+    spans += _held_spans(events, len(forward))
     # The rollback beneath, in the order it ran: by each handler's first attempt.
     started = [(start, n, e) for n, e in enumerate(entries)
                if (start := _first_start(e, rollback=True)) is not None]
@@ -315,7 +322,8 @@ def _bar(span: _Span, start: datetime, end: datetime, total: float,
     left = (span.started_at - start).total_seconds() / total * 100
     width = max((ended - span.started_at).total_seconds() / total * 100, MIN_WIDTH_PCT)
     left = min(max(left, 0.0), 100 - MIN_WIDTH_PCT)
-    what = "rollback of " + span.name if span.lane == "rollback" else f"{span.kind} {span.name}"
+    what = ("rollback of " + span.name if span.lane == "rollback"
+            else span.name if span.kind == "hold" else f"{span.kind} {span.name}")
     attempt = "" if span.attempt is None else f" #{span.attempt}"
     suffix = " rollback" if span.lane == "rollback" else ""
     label = f"{span.name}{'' if span.count == 1 else f' ({span.count})'}{suffix}{attempt}"

@@ -29,6 +29,7 @@ from tests.dashboard.dashboard_process import (
     Dashboard,
     start_dashboard,
 )
+from tests.dashboard.waiting_sagas import run_approved, start_held
 from tests.integration.conftest import _in_ci
 from tests.integration.harness import REPO_ROOT, WorkerProcess
 
@@ -41,6 +42,8 @@ README_SCREENSHOT = REPO_ROOT / "docs" / "dashboard.png"
 
 GREEN, RED = "rgb(31, 136, 61)", "rgb(207, 34, 46)"
 """dashboard.css: a succeeded attempt's colour and a failed one's."""
+GREY, AMBER = "rgb(140, 149, 159)", "rgb(191, 135, 0)"
+"""dashboard.css: sleeping or waiting, and held."""
 
 
 def _missing_browser() -> str | None:
@@ -92,7 +95,8 @@ def bars(driver: Any, lane: str) -> list[dict[str, Any]]:
         return Array.from(document.querySelectorAll('.bar[data-lane="' + arguments[0] + '"]'))
           .map(function (b) {
             var box = b.getBoundingClientRect();
-            return {step: b.dataset.step, attempt: b.dataset.attempt, outcome: b.dataset.outcome,
+            return {step: b.dataset.step, kind: b.dataset.kind, attempt: b.dataset.attempt,
+                    outcome: b.dataset.outcome,
                     colour: getComputedStyle(b).backgroundColor, left: box.left,
                     right: box.right, top: box.top, text: b.textContent.trim(),
                     title: b.getAttribute('title'),
@@ -210,3 +214,55 @@ def test_a_running_saga_refreshes_by_itself(shop: ModuleType, shop_worker: Worke
     assert browser.execute_script("return window.notReloaded === true;")
     assert [b["colour"] for b in bars(browser, "forward")] == [GREEN, GREEN, GREEN]
     assert browser.execute_script("return document.querySelector('main[data-refresh]');") is None
+
+
+def test_sagas_that_wait_in_a_real_browser(shop: ModuleType, shop_worker: WorkerProcess,
+                                           dashboard: Dashboard, browser: Any,
+                                           saga_id: str) -> None:
+    """A saga that slept 2 s and then waited for an event draws its sleep and its wait as
+    grey "sleeping or waiting" bars, on the time axis between the steps around them, the
+    sleep about 2 s wide; a held saga's page says held and draws an amber held bar that
+    runs on to now; the list filtered by ``held`` shows it."""
+    state = run_approved(shop, f"{saga_id}-waited")
+    assert state.status == "complete"
+    start_held(shop, f"{saga_id}-held")
+
+    browser.get(f"{dashboard.base}/sagas/{saga_id}-waited")
+    assert saga_status(browser) == "complete"
+    forward = bars(browser, "forward")
+    assert [(b["step"], b["kind"], b["outcome"]) for b in forward] == [
+        ("shop.reserve", "step", "complete"), ("cool-off", "sleep", "waiting"),
+        ("wait:approval", "wait", "waiting"), ("shop.ticket", "step", "complete")]
+    assert [b["colour"] for b in forward] == [GREEN, GREY, GREY, GREEN]
+    assert all(a["left"] <= b["left"] + 1 and a["top"] < b["top"]
+               for a, b in itertools.pairwise(forward))
+    assert forward[1]["right"] <= forward[2]["left"] + 1  # the wait began when the sleep ended
+    assert forward[1]["title"].startswith("sleep cool-off: sleeping or waiting, 2.")
+    assert [b["text"] for b in forward[1:3]] == ["cool-off", "wait:approval"]
+    assert forward[1]["href"] is None and forward[2]["href"] is None  # no task in Flower
+    legend = browser.find_element("css selector", ".legend").text
+    assert "sleeping or waiting" in legend
+    table = browser.find_element("id", "steps").text
+    assert "sleep" in table and "wait" in table
+    screenshot(browser, "dashboard-waiting.png")
+
+    browser.get(f"{dashboard.base}/?status=held")
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('tr.saga-row'))"
+        ".map(function (r) { return [r.dataset.id, r.dataset.status]; });")
+    assert [f"{saga_id}-held", "held"] in rows and {status for _, status in rows} == {"held"}
+
+    browser.get(f"{dashboard.base}/sagas/{saga_id}-held")
+    assert saga_status(browser) == "held"
+    [*steps, held] = bars(browser, "forward")
+    assert [(b["step"], b["outcome"], b["colour"]) for b in steps] == [
+        ("shop.reserve", "complete", GREEN), ("shop.ticket", "failed", RED)]
+    assert (held["kind"], held["outcome"], held["colour"], held["text"]) == (
+        "hold", "held", AMBER, "held")
+    assert held["top"] > steps[-1]["top"] and held["left"] >= steps[-1]["left"] - 1
+    assert "NonRetryableError" in held["title"]
+    track = browser.execute_script(
+        "return document.querySelector('.bar[data-kind=\"hold\"]').parentElement"
+        ".getBoundingClientRect().right;")
+    assert held["right"] == pytest.approx(track, abs=2)  # still held: up to now
+    screenshot(browser, "dashboard-held.png")

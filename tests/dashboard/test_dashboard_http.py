@@ -16,6 +16,7 @@ import pytest
 
 from saga_celery import SagaState
 from tests.dashboard.dashboard_process import FLOWER, USER, Dashboard, start_dashboard
+from tests.dashboard.waiting_sagas import start_held
 from tests.integration.harness import WorkerProcess
 from tests.redis_servers import Server, free_ports, running
 
@@ -108,6 +109,36 @@ def test_flower_links_name_the_tasks_the_worker_ran(
                       "shop.ticket.rollback"]
     assert len(links) == 7
     assert "rollback from #4" in page
+
+
+def test_held_sagas_are_listed_by_status_and_show_their_held_row(
+        shop: ModuleType, shop_worker: WorkerProcess, dashboard: Dashboard,
+        saga_id: str) -> None:
+    """A saga held by a failed step: ``status=held`` lists it (page and API), its page says
+    held, with the error that held it and an open held bar; rolled back, it leaves the held
+    list and its held bar ends, saying how."""
+    run = start_held(shop, saga_id)
+
+    held = dashboard.json("/api/sagas?status=held")["sagas"]
+    assert saga_id in [s["id"] for s in held] and {s["status"] for s in held} == {"held"}
+    _, _, listed = dashboard.get("/?status=held")
+    assert f'data-id="{saga_id}" data-status="held"' in listed
+    assert '<option value="held" selected>' in listed
+    _, _, page = dashboard.get(f"/sagas/{saga_id}")
+    assert 'id="saga-status">held<' in page
+    assert "NonRetryableError" in page
+    [bar] = re.findall(r'<div class="bar ([^"]*)" title="([^"]*)"\s+data-lane="forward" '
+                       r'data-kind="hold"', page)
+    assert "outcome-held" in bar[0] and bar[1].startswith("held: held, ")
+    assert "data-refresh=" in page  # a held saga is not over: the page keeps refreshing
+
+    assert run.rollback().status in ("rolling_back", "errored")
+    assert run.wait(timeout=60).status == "errored"
+    assert saga_id not in [s["id"] for s in dashboard.json("/api/sagas?status=held")["sagas"]]
+    _, _, page = dashboard.get(f"/sagas/{saga_id}")
+    [(_, title)] = re.findall(r'<div class="bar ([^"]*)" title="([^"]*)"\s+data-lane="forward" '
+                              r'data-kind="hold"', page)
+    assert "then rolled back" in title
 
 
 def test_an_id_with_slashes_and_colons_has_its_page(

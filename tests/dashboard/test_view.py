@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from saga_celery._celery.definition import sleep_stage, wait_stage
 from saga_celery._celery.dispatch import task_id
-from saga_celery._core.model import Kind
+from saga_celery._core.events import EventSent, RedriveRequested, WakeUp
+from saga_celery._core.model import Kind, OnFailure, Plan
+from saga_celery._core.state import to_state
+from saga_celery.dashboard.fields import held_periods
 from saga_celery.dashboard.server import parse_users
 from saga_celery.dashboard.view import (
     flower_link,
@@ -17,6 +23,8 @@ from saga_celery.dashboard.view import (
     step_lines,
     timeline,
 )
+from tests.unit.sim import plan
+from tests.unit.test_engine import Clock, Driver, new_engine, stored_events, submit, with_waits
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -103,28 +111,107 @@ def test_a_running_attempt_reaches_now() -> None:
     assert bar.left_pct + bar.width_pct == pytest.approx(100)
 
 
-def test_sleeps_waits_and_holds_draw_by_their_generic_fields() -> None:
-    """Entries of another kind (a sleep, a wait) with their own started_at/ended_at, or a
-    held step, are drawn with no code of their own: grey while sleeping or waiting, amber
-    when held, green or red once they ended."""
+def test_entries_of_another_kind_draw_by_their_generic_fields() -> None:
+    """Entries of another kind with their own started_at/ended_at (a later release's) are
+    drawn with no code of their own: a sleep or a wait grey, sleeping or waiting, whether
+    still going or over; red when it timed out."""
     state = saga("running", [
         step("reserve", 1, "complete", [attempt(1, 10, 20, True)]),
         step("cool-off", 2, "complete", [], kind="sleep", started_at=at(20), ended_at=at(60)),
-        step("approval", 3, "waiting", [], kind="wait", started_at=at(60), ended_at=None),
-        step("charge", 4, "held", [attempt(1, 70, None, None)]),
-        step("timed-out", 5, "timed_out", [], kind="wait", started_at=at(5), ended_at=at(9)),
+        step("approval", 3, "running", [], kind="wait", started_at=at(60), ended_at=None),
+        step("timed-out", 4, "errored", [], kind="wait", started_at=at(5), ended_at=at(9)),
     ], ended=None)
     drawn = timeline(state, [], now=T0 + timedelta(milliseconds=100))
     assert [(b.kind, b.name, b.outcome) for b in drawn.bars] == [
         ("wait", "timed-out", "failed"),
         ("step", "reserve", "complete"),
-        ("sleep", "cool-off", "complete"),
+        ("sleep", "cool-off", "waiting"),
         ("wait", "approval", "waiting"),
-        ("step", "charge", "held"),
     ]
     lines = step_lines(state, [], flower_url="http://f")
     assert [(line.name, line.kind, line.task_urls != []) for line in lines][:3] == [
         ("reserve", "step", True), ("cool-off", "sleep", False), ("approval", "wait", False)]
+
+
+def real_saga(saga_plan: Plan, drive: Callable[[Driver, Clock], None]
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A saga run by the real engine and core (in memory), as the reading API returns it:
+    ``run.status()`` as JSON and ``run.events()``."""
+    clock = Clock()
+    engine, store = new_engine(clock)
+    driver = submit(engine, "order-42", saga_plan)
+    drive(driver, clock)
+    state = to_state(engine.load("order-42").run).model_dump(mode="json")
+    return state, stored_events(store, "order-42")
+
+
+def sleep_then_wait(driver: Driver, clock: Clock) -> None:
+    driver.run("a", "A")
+    clock.advance(60)
+    driver.feed(WakeUp(key="nap#1"))
+    clock.advance(5)
+    driver.feed(EventSent(event_type="ok", payload=1))
+    driver.run("b", "B")
+
+
+def test_a_real_sleep_and_wait_are_grey_bars_in_the_order_they_ran() -> None:
+    """A saga that slept and then waited for an event, as the core records it (one attempt
+    per waiting stage): their bars are "sleeping or waiting", between the steps around
+    them on the axis, with no attempt number (waits are not retried) and their kind."""
+    waits = with_waits(plan("a"), sleep_stage("60 seconds", "nap"),
+                       wait_stage("ok", "1 hour", None))
+    [[b]] = plan("b").stages
+    stages = [*waits.stages, [b.model_copy(update={"stage": len(waits.stages)})]]
+    state, events = real_saga(waits.model_copy(update={"stages": stages}), sleep_then_wait)
+    assert state["status"] == "complete"
+    drawn = timeline(state, events, now=T0)
+    assert [(b.kind, b.name, b.attempt, b.outcome, b.label) for b in drawn.bars] == [
+        ("step", "a", 1, "complete", "a #1"), ("sleep", "nap", None, "waiting", "nap"),
+        ("wait", "wait:ok", None, "waiting", "wait:ok"), ("step", "b", 1, "complete", "b #1")]
+    assert [b.row for b in drawn.bars] == [0, 1, 2, 3]
+    assert all(a.ended_at is not None and a.ended_at <= b.started_at
+               and a.left_pct <= b.left_pct for a, b in itertools.pairwise(drawn.bars))
+    assert drawn.bars[1].width_pct == pytest.approx(60 / 65 * 100, abs=0.01)
+    assert drawn.bars[1].title.startswith("sleep nap: sleeping or waiting, 60.00 s from +")
+    assert drawn.bars[2].title.startswith("wait wait:ok: sleeping or waiting, 5.00 s")
+
+
+def test_a_held_saga_has_a_held_row_up_to_now_then_up_to_its_redrive() -> None:
+    """The times a saga stood held come from its events: while held, an amber bar from
+    ``saga_held`` up to now, with the failure that held it; once redriven, up to then."""
+    def hold(driver: Driver, clock: Clock) -> None:
+        driver.start("a")
+        clock.advance(1)
+        driver.fail("a", retryable=False)
+        clock.advance(30)
+
+    held_plan = plan("a").model_copy(update={"on_failure": OnFailure.HOLD})
+    state, events = real_saga(held_plan, hold)
+    assert state["status"] == "held"
+    now = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=40)
+    drawn = timeline(state, events, now=now)
+    assert [(b.kind, b.row, b.outcome) for b in drawn.bars] == [
+        ("step", 0, "failed"), ("hold", 1, "held")]
+    held = drawn.bars[1]
+    assert held.ended_at is None and held.left_pct + held.width_pct == pytest.approx(100)
+    assert held.label == "held" and "held: held, 39.00 s from +1.00 s" in held.title
+    assert "RuntimeError: boom" in held.title
+
+    def redrive(driver: Driver, clock: Clock) -> None:
+        hold(driver, clock)
+        driver.feed(RedriveRequested())
+        driver.start("a", 2)
+        driver.ok("a", "A", 2)
+
+    state, events = real_saga(held_plan, redrive)
+    assert state["status"] == "complete"
+    [period] = held_periods(events)
+    assert (period.outcome, (period.ended_at - period.started_at).total_seconds()) == (
+        "redriven", 30.0)
+    bars = timeline(state, events, now=now).bars
+    assert [(b.kind, b.attempt, b.outcome) for b in bars] == [
+        ("step", 1, "failed"), ("step", 2, "complete"), ("hold", None, "held")]
+    assert "then redriven" in bars[2].title
 
 
 def test_an_attempt_without_an_end_in_a_finished_saga_is_marked_lost() -> None:

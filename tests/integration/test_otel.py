@@ -8,8 +8,10 @@ and a span of its own (``checkout``) current around ``apply_async``.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -109,13 +111,13 @@ def start_under_checkout(caller: Caller, saga: Any, saga_id: str, **options: Any
 def assert_one_saga_trace(root: Span, attempts: list[Span], saga_id: str, name: str,
                           checkout: Any) -> None:
     """The root and every attempt span share the saga's trace; the root is the attempts'
-    parent, encloses them, and links the caller's span."""
+    parent, encloses them, and links the caller's span (``checkout``; None: no link)."""
     trace_hex, root_hex = hex_ids(saga_id)
     assert {s["trace_id"] for s in [root, *attempts]} == {trace_hex}
     assert (root["name"], root["span_id"]) == (f"saga {name}", root_hex)
     assert root["attributes"]["saga.name"] == name
-    assert root["links"] == [{"trace_id": f"{checkout.trace_id:032x}",
-                              "span_id": f"{checkout.span_id:016x}"}]
+    assert root["links"] == ([] if checkout is None else [
+        {"trace_id": f"{checkout.trace_id:032x}", "span_id": f"{checkout.span_id:016x}"}])
     assert all(s["parent_id"] == root_hex for s in attempts)
     assert root["start"] <= attempts[0]["start"]
     assert root["end"] >= max(s["end"] for s in attempts)
@@ -235,3 +237,122 @@ def test_a_worker_without_instrument_emits_no_saga_span(
 
     assert state.status == "complete"
     assert [s.name for s in caller.spans()] == ["checkout"]
+
+
+def waiting_sagas(shop: ModuleType) -> tuple[Any, Any]:
+    """Two sagas of the shop that wait: a 2 s sleep then a wait for ``approval`` (sent by the
+    test), and a wait for ``approval`` that nobody sends within its 2 s timeout."""
+    sagas = shop.sagas
+    approved = sagas.saga("otel-approved", [
+        shop.reserve.s("sku-1", 1), sagas.sleep("2 seconds", name="cool-off"),
+        sagas.wait_for_event("approval", timeout="60 seconds"), shop.ticket.s()])
+    unanswered = sagas.saga("otel-unanswered", [
+        shop.reserve.s("sku-1", 1), sagas.wait_for_event("approval", timeout="2 seconds")])
+    return approved, unanswered
+
+
+def ns(when: Any) -> int:
+    return int(when.timestamp() * 1_000_000_000)
+
+
+def test_a_sleep_and_a_wait_are_spans_of_the_sagas_trace(
+        worker_factory: WorkerFactory, otel_env: dict[str, str], caller: Caller,
+        spans_file: Path) -> None:
+    """A saga that sleeps 2 s and then waits for an event the caller sends has a sleep span
+    and a wait span in its one trace, children of the root, from the times its state records,
+    in the order they ran between the steps around them; the wait says the event came.  The
+    root links the span that sent the event, the saga's last resumption from outside."""
+    saga_id = f"t-{uuid.uuid4().hex[:12]}"
+    approved, _ = waiting_sagas(caller.shop)
+    worker_factory(OTEL_APP, env=otel_env, concurrency=2)
+
+    with caller.tracer.start_as_current_span("checkout") as checkout:
+        run = approved.apply_async(saga_id=saga_id)
+    wait_for(lambda: run.status().step("wait:approval").status == "running", timeout=30)
+    with caller.tracer.start_as_current_span("approve") as approve:
+        run.send_event("approval", payload={"by": "ann"})
+    state = run.wait(timeout=60)
+
+    assert state.status == "complete"
+    root, children = saga_spans(spans_file, saga_id)
+    assert_one_saga_trace(root, children, saga_id, "otel-approved", approve.get_span_context())
+    assert checkout.get_span_context().is_valid
+    assert [(s["attributes"]["saga.kind"], s["attributes"]["saga.step"],
+             s["attributes"]["saga.outcome"]) for s in children] == [
+        ("step", RESERVE, "succeeded"), ("sleep", "cool-off", "completed"),
+        ("wait", "wait:approval", "completed"), ("step", TICKET, "succeeded")]
+    _, sleep, wait, _ = children
+    for span, entry in ((sleep, state.step("cool-off")), (wait, state.step("wait:approval"))):
+        [record] = entry.attempts
+        assert record.ended_at is not None
+        assert abs(span["start"] - ns(record.started_at)) < 1000
+        assert abs(span["end"] - ns(record.ended_at)) < 1000
+        assert span["status"] == "UNSET"
+    assert 2.0 <= (sleep["end"] - sleep["start"]) / 1e9 < 30  # fired within the timer's bound
+    assert sleep["end"] <= wait["start"] and wait["end"] <= children[3]["start"]
+    assert wait["attributes"]["saga.event_type"] == "approval"
+    assert (sleep["events"], wait["events"]) == ([], ["event_received"])
+
+
+def test_a_wait_that_times_out_is_a_span_with_outcome_timed_out(
+        worker_factory: WorkerFactory, otel_env: dict[str, str], caller: Caller,
+        spans_file: Path) -> None:
+    """A wait nobody answers within its timeout: its span says ``timed_out`` with the
+    ``EventTimeoutError``, and the rollback that followed is in the same trace after it.  A
+    timer resumed the saga, so its root links no caller's span."""
+    saga_id = f"t-{uuid.uuid4().hex[:12]}"
+    _, unanswered = waiting_sagas(caller.shop)
+    worker_factory(OTEL_APP, env=otel_env, concurrency=2)
+
+    state, _ = start_under_checkout(caller, unanswered, saga_id)
+
+    assert state.status == "errored" and state.error is not None
+    assert state.error.type == "EventTimeoutError"
+    root, children = saga_spans(spans_file, saga_id)
+    assert_one_saga_trace(root, children, saga_id, "otel-unanswered", None)
+    assert [(s["attributes"]["saga.kind"], s["attributes"]["saga.step"],
+             s["attributes"]["saga.outcome"]) for s in children] == [
+        ("step", RESERVE, "succeeded"), ("wait", "wait:approval", "timed_out"),
+        ("rollback", RESERVE, "succeeded")]
+    wait = children[1]
+    assert wait["attributes"]["saga.error.type"] == "EventTimeoutError"
+    assert wait["status"] == "ERROR" and wait["events"] == []
+    assert 2.0 <= (wait["end"] - wait["start"]) / 1e9 < 30
+
+
+def test_a_held_period_is_a_span_until_the_rollback_that_ended_it(
+        worker_factory: WorkerFactory, otel_env: dict[str, str], caller: Caller,
+        spans_file: Path) -> None:
+    """A saga held by a step that failed for good, then rolled back by ``run.rollback()``: a
+    ``saga.hold`` child span of the root runs from the ``saga_held`` event to the
+    ``rollback_started`` one, says ``rolled_back`` and what held it, and sits between the
+    failed attempt and the rollback's attempts."""
+    saga_id = f"t-{uuid.uuid4().hex[:12]}"
+    held = caller.shop.sagas.saga("otel-held", [caller.shop.reserve.s("sku-1", 1),
+                                                caller.shop.ticket.s()], on_failure="hold")
+    worker_factory(OTEL_APP, env=otel_env, concurrency=2)
+
+    run = held.apply_async(saga_id=saga_id, params={"fail": {TICKET: "nonretryable"}})
+    wait_for(lambda: run.status().status == "held", timeout=30)
+    time.sleep(1)  # a held period the span's times can tell apart from an instant
+    run.rollback()
+    state = run.wait(timeout=60)
+
+    assert state.status == "errored"
+    root, children = saga_spans(spans_file, saga_id)
+    [hold] = [s for s in children if s["name"] == "saga.hold"]
+    assert_one_saga_trace(root, [s for s in children if s is not hold], saga_id, "otel-held",
+                          None)
+    assert (hold["trace_id"], hold["parent_id"]) == hex_ids(saga_id)
+    assert hold["attributes"]["saga.kind"] == "hold"
+    events = {e["type"]: e["timestamp"] for e in run.events()}
+    assert hold["attributes"]["saga.outcome"] == "rolled_back"
+    assert hold["attributes"]["saga.error"].startswith("NonRetryableError")
+    assert abs(hold["start"] - ns(datetime.fromisoformat(events["saga_held"]))) < 1000
+    assert abs(hold["end"] - ns(datetime.fromisoformat(events["rollback_started"]))) < 1000
+    assert hold["end"] - hold["start"] >= 1e9
+    [failed] = [s for s in children if s["attributes"].get("saga.outcome") == "failed"]
+    undos = [s for s in children if s["attributes"]["saga.kind"] == "rollback"]
+    # the held status is committed inside the failed attempt's span, which ends just after
+    assert undos and failed["start"] <= hold["start"] <= failed["end"]
+    assert all(hold["end"] <= s["start"] for s in undos)

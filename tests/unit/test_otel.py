@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -21,11 +22,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from saga_celery._celery.control import CONTROL_KEY, Control
-from saga_celery._core.model import Kind
+from saga_celery._celery.definition import sleep_stage, wait_stage
+from saga_celery._core.events import EventSent, RedriveRequested, TerminateRequested, WakeUp
+from saga_celery._core.model import Kind, OnFailure
 from saga_celery._extras import MissingExtraError
 from saga_celery.otel import LINK_HEADER, _carry_link, _decode, _SagaTracer, root_span_id, trace_id
 from tests.unit.sim import plan
-from tests.unit.test_engine import new_engine, submit
+from tests.unit.test_engine import T0, Clock, new_engine, submit, with_waits
 
 
 @pytest.fixture
@@ -237,3 +240,113 @@ def test_importing_the_library_does_not_turn_tracing_on() -> None:
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [False, True, True]
+
+
+def ns(when: datetime) -> int:
+    return int(when.timestamp() * 1_000_000_000)
+
+
+def children(memory: InMemorySpanExporter, saga_id: str) -> tuple[Any, list[Any]]:
+    """The saga's root span and its other spans, in the order they start."""
+    spans = [s for s in memory.get_finished_spans()
+             if (s.attributes or {}).get("saga.id") == saga_id]
+    [root] = [s for s in spans if s.parent is None]
+    rest = sorted((s for s in spans if s.parent is not None), key=lambda s: s.start_time)
+    assert all(s.parent.span_id == root_span_id(saga_id) for s in rest)
+    assert all(s.context.trace_id == trace_id(saga_id) for s in rest)
+    return root, rest
+
+
+def test_a_sleep_and_a_wait_are_child_spans_with_their_recorded_times(
+        exporter: tuple[InMemorySpanExporter, TracerProvider]) -> None:
+    """At the saga's end, each sleep and wait entry becomes a child span of the root from its
+    recorded start to its recorded end, with the stage's attributes and outcome, and the wait
+    an ``event_received`` event where the event ended it."""
+    memory, provider = exporter
+    clock = Clock()
+    engine, _ = new_engine(clock)
+    engine.on_ended = _SagaTracer(provider).ended
+    driver = submit(engine, "s-7", with_waits(plan("a"), sleep_stage("60 seconds", "nap"),
+                                              wait_stage("ok", "1 hour", None)))
+    driver.run("a", "A")
+    clock.advance(60)
+    driver.feed(WakeUp(key="nap#1"))
+    clock.advance(5)
+    driver.feed(EventSent(event_type="ok", payload={"by": "ann"}))
+
+    root, (nap, wait) = children(memory, "s-7")
+    state = engine.load("s-7").run
+    for span, key in ((nap, "nap#1"), (wait, "wait:ok#1")):
+        [record] = state.steps[key].attempts
+        assert (span.start_time, span.end_time) == (ns(record.started_at),
+                                                    ns(record.ended_at or T0))
+    assert nap.end_time - nap.start_time == 60 * 10**9
+    assert wait.end_time - wait.start_time == 5 * 10**9
+    assert nap.name == "saga.sleep nap" and wait.name == "saga.wait wait:ok"
+    assert dict(nap.attributes or {}) == {
+        "saga.id": "s-7", "saga.name": "saga", "saga.step": "nap", "saga.count": 1,
+        "saga.attempt": 1, "saga.kind": "sleep", "saga.outcome": "completed"}
+    assert dict(wait.attributes or {}) == {
+        "saga.id": "s-7", "saga.name": "saga", "saga.step": "wait:ok", "saga.count": 1,
+        "saga.attempt": 1, "saga.kind": "wait", "saga.outcome": "completed",
+        "saga.event_type": "ok"}
+    [received] = wait.events
+    assert (received.name, received.timestamp) == ("event_received", wait.end_time)
+    assert root.start_time <= nap.start_time and root.end_time >= wait.end_time
+
+
+def test_a_wait_that_timed_out_is_a_failed_span_and_a_cancelled_sleep_says_so(
+        exporter: tuple[InMemorySpanExporter, TracerProvider]) -> None:
+    """A wait whose timeout passed first: outcome ``timed_out``, the ``EventTimeoutError``,
+    ERROR status; a sleep cut short by ``terminate``: outcome ``cancelled``."""
+    memory, provider = exporter
+    clock = Clock()
+    engine, _ = new_engine(clock)
+    engine.on_ended = _SagaTracer(provider).ended
+    late = submit(engine, "s-8", with_waits(plan("a"), wait_stage("ok", "2 seconds", None)))
+    late.run("a", "A")
+    clock.advance(2)
+    late.feed(WakeUp(key="wait:ok#1"))
+    late.start("a", 1, Kind.ROLLBACK)
+    late.ok("a", None, 1, Kind.ROLLBACK)
+    stopped = submit(engine, "s-9", with_waits(plan("a"), sleep_stage("60 seconds", "nap")))
+    stopped.run("a", "A")
+    stopped.feed(TerminateRequested(rollback=False, reason="customer left"))
+
+    root, [wait] = children(memory, "s-8")
+    assert root.attributes is not None and root.attributes["saga.outcome"] == "errored"
+    assert wait.attributes is not None
+    assert (wait.attributes["saga.outcome"], wait.attributes["saga.error.type"]) == (
+        "timed_out", "EventTimeoutError")
+    assert wait.status.status_code == trace.StatusCode.ERROR and wait.events == ()
+    assert wait.end_time - wait.start_time == 2 * 10**9
+    _, [nap] = children(memory, "s-9")
+    assert nap.attributes is not None and nap.attributes["saga.outcome"] == "cancelled"
+
+
+def test_each_time_a_saga_stood_held_is_a_span_until_what_released_it(
+        exporter: tuple[InMemorySpanExporter, TracerProvider]) -> None:
+    """A held saga redriven to completion: a ``saga.hold`` child span from ``saga_held`` to
+    ``saga_redriven`` (read from the saga's events), with the failure that held it."""
+    memory, provider = exporter
+    clock = Clock()
+    engine, store = new_engine(clock)
+    engine.on_ended = _SagaTracer(provider, events=lambda saga_id: [
+        event for _, event in store.read_events(saga_id)]).ended
+    driver = submit(engine, "s-10", plan("a").model_copy(update={"on_failure": OnFailure.HOLD}))
+    driver.start("a")
+    clock.advance(1)
+    assert driver.fail("a", retryable=False).run.status == "held"
+    clock.advance(30)
+    driver.feed(RedriveRequested())
+    driver.start("a", 2)
+    driver.ok("a", "A", 2)
+
+    root, spans = children(memory, "s-10")
+    [hold] = [s for s in spans if s.name == "saga.hold"]
+    assert hold.start_time == ns(T0) + 1 * 10**9
+    assert hold.end_time == ns(T0) + 31 * 10**9
+    assert dict(hold.attributes or {}) == {
+        "saga.id": "s-10", "saga.name": "saga", "saga.kind": "hold",
+        "saga.outcome": "redriven", "saga.error": "RuntimeError: boom"}
+    assert root.attributes is not None and root.attributes["saga.outcome"] == "complete"
