@@ -69,8 +69,31 @@ def encode_history(run: SagaRun, version: int,
         "p": run.plan.model_dump(mode="json"),
         "e": [[stream_id, event] for stream_id, event in events],
     }
-    raw = json.dumps(doc, separators=(",", ":")).encode()
-    packer = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
+    return _compress(json.dumps(doc, separators=(",", ":")).encode())
+
+
+class Stored(NamedTuple):
+    """A finished saga's compacted value, made from its stored JSON as it is."""
+
+    version: int
+    value: bytes
+
+
+def encode_stored_history(version: int, progress: bytes, plan: bytes,
+                          events: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """``encode_history`` of a saga's records as stored (progress and plan JSON, and each
+    event's JSON with its stream id), spliced into the same document without parsing and
+    encoding them again: what the finisher does for every ended saga without a journal.
+    ``decode_history`` reads it as it reads the other."""
+    doc = [b'{"h":%d,"v":%d,"d":' % (HISTORY_VERSION, version), progress, b',"p":', plan,
+           b',"e":[', b",".join(b'["%b",%b]' % entry for entry in events), b"]}"]
+    return _compress(b"".join(doc))
+
+
+def _compress(raw: bytes) -> bytes:
+    # Level 1: a third of level 9's time for a value about a fifth larger (about 970 B
+    # against 805 B for the bench's five-step saga), well under the 2 KB a saga may keep.
+    packer = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
     return packer.compress(raw) + packer.flush()
 
 

@@ -59,11 +59,14 @@ from saga_celery._store.encoding import (
 from saga_celery._store.finisher import BATCH as FINISH_BATCH
 from saga_celery._store.finisher import TAKEOVER_GRACE_MS, Finisher
 from saga_celery._store.history import (
+    COMPACTED_FORMAT,
     MARKER,
     History,
+    Stored,
     compacts,
     decode_history,
     encode_history,
+    encode_stored_history,
     events_after,
 )
 from saga_celery._store.journal import count_entries, replay
@@ -704,25 +707,31 @@ class RedisStore:
                 work.append((saga_id, found))
         return done + self._finish_found(work, marks)
 
-    def _finish_found(self, work: list[tuple[str, History]], marks: dict[str, Any]) -> int:
+    def _finish_found(self, work: list[tuple[str, History | Stored]],
+                      marks: dict[str, Any]) -> int:
         """Archive and tombstone, or compact, what ``finish_many`` read; how many are done."""
         if not work:
             return 0
         with self._errors():
             if self.archive is not None:
-                self.archive.write_many([(f.run, f.version, f.events) for _, f in work])
+                self.archive.write_many([(f.run, f.version, f.events) for _, f in work
+                                         if isinstance(f, History)])  # all, with an archive
         script = self._tombstone if self.archive is not None else self._compact
+        calls: list[tuple[list[str], list[str | bytes]]] = []
+        for saga_id, found in work:
+            keys = [self._keys.state(saga_id), self._keys.events(saga_id)]
+            if isinstance(found, Stored):
+                args: list[str | bytes] = [str(found.version), found.value, MARKER]
+            elif self.archive is not None:
+                args = [str(found.version), found.run.status.value, "pg", MARKER]
+            else:
+                args = [str(found.version),
+                        encode_history(found.run, found.version, found.events), MARKER]
+            calls.append((keys, args))
 
         def send() -> list[Any]:  # EVALSHA as a plain command: Cluster pipelines route it
             pipe = self._client.pipeline(transaction=False)
-            for saga_id, found in work:
-                keys = [self._keys.state(saga_id), self._keys.events(saga_id)]
-                if self.archive is not None:
-                    args: list[str | bytes] = [str(found.version), found.run.status.value,
-                                               "pg", MARKER]
-                else:
-                    args = [str(found.version),
-                            encode_history(found.run, found.version, found.events), MARKER]
+            for keys, args in calls:
                 _queue_evalsha(pipe, script, keys, args)
             replies: list[Any] = pipe.execute()
             return replies
@@ -733,7 +742,8 @@ class RedisStore:
         self._drop_marks(finished)
         return len(finished)
 
-    def _to_finish(self, saga_id: str, fields: Any, stream: Any) -> tuple[History | None, bool]:
+    def _to_finish(self, saga_id: str, fields: Any, stream: Any
+                   ) -> tuple[History | Stored | None, bool]:
         """What ``finish_many`` read of one saga: its history (None: nothing to do) and
         whether it is compacted already."""
         for reply in (fields, stream):
@@ -743,6 +753,10 @@ class RedisStore:
         version, ended, data, plan, journal, history, archived = fields
         if version is None or _text(ended) != "1" or archived is not None:
             return None, False  # gone, running again, or archived already
+        if history is None and journal is None and self.archive is None:
+            stored = _stored_history(saga_id, version, data, plan, stream)
+            if stored is not None:
+                return (stored if stored.version else None), False
         if history is not None:
             found = self._finished(saga_id, state_key, history, None)
         else:
@@ -1015,6 +1029,35 @@ def _stream_entries(reply: object) -> list[Any]:
         # redis-py 8 nests a stream's entries (tuples) in one more list under RESP3.
         found.extend(entries[0] if entries and isinstance(entries[0], list) else entries)
     return found
+
+
+def _stored_history(saga_id: str, version: object, data: object, plan: object,
+                    stream: Any) -> Stored | None:
+    """A finished saga's compacted value made from its records as stored, without parsing
+    them into a run (the finisher's path for every saga that ended with its progress whole);
+    version 0: not a saga of a compacted format.  None where anything looks unusual: the
+    full path then reads it, and names what is wrong."""
+    try:
+        progress = json.loads(cast(bytes, data))
+        number = int(cast(bytes, version))
+    except (TypeError, ValueError):
+        return None
+    if (not isinstance(progress, dict) or progress.get("id") != saga_id
+            or not isinstance(plan, bytes) or number < 1):
+        return None
+    written = progress.get("format", 1)
+    if not isinstance(written, int) or written not in FORMATS:
+        return None
+    if written < COMPACTED_FORMAT:
+        return Stored(0, b"")
+    events = []
+    for stream_id, fields in stream:
+        value = fields.get(EVENT_FIELD.encode())
+        if not isinstance(value, bytes) or value[:1] != b"{" or value[-1:] != b"}":
+            return None
+        events.append((stream_id if isinstance(stream_id, bytes) else stream_id.encode(),
+                       value))
+    return Stored(number, encode_stored_history(number, cast(bytes, data), plan, events))
 
 
 def _decode_entry(

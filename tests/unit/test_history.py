@@ -285,3 +285,29 @@ def test_an_unknown_saga_cannot_be_deleted() -> None:
     sagas = SagaApp(app, store=MemoryStore())
     with pytest.raises(SagaNotFoundError):
         sagas.reader.delete("nope")
+
+
+def test_the_stored_records_spliced_decode_as_the_parsed_ones_do(
+        store: RedisStore, client: fakeredis.FakeRedis) -> None:
+    """The finisher compacts a saga from its stored JSON as it is (``encode_stored_history``):
+    it decodes to what ``encode_history`` of the parsed run and events decodes to.  A stored
+    event that is not a JSON object takes the parsing path, which names it corrupt and
+    leaves the saga (and its marker) as they were."""
+    from saga_celery._store.history import encode_stored_history
+
+    engine = Engine(store)
+    run_to_end(engine, "s3", fail_last=True)
+    snapshot = store.load("s3")
+    events = store.read_events("s3")
+    assert snapshot is not None
+    raw = client.xrange("h:{s3}:events")
+    spliced = encode_stored_history(snapshot.version, client.hget("h:{s3}:state", "d"),
+                                    client.hget("h:{s3}:state", "p"),
+                                    [(i, f[b"e"]) for i, f in raw])
+    parsed = encode_history(snapshot.run, snapshot.version, events)
+    assert decode_history(spliced) == decode_history(parsed)
+
+    run_to_end(engine, "s4")
+    client.xadd("h:{s4}:events", {"e": "[1, 2]"})
+    assert not store.finish("s4")  # logged as deferred: corrupt
+    assert client.exists("h:{s4}:events") == 1 and client.zscore("h:finishing", "s4")
