@@ -197,7 +197,9 @@ class RedisStore:
         holder = _text(replies[1]) if lease is not None else None
         if history is not None or archived is not None:
             found = self._finished(saga_id, keys[0], history, archived)
-            return Snapshot(run=found.run, version=found.version, lease_holder=holder)
+            # Redis's version: the one a commit compares against (the same, as written).
+            return Snapshot(run=found.run, version=int(cast(str, version)),
+                            lease_holder=holder)
         run, number = self._parse_state(saga_id, keys[0], version, data, plan, journal)
         return Snapshot(run=run, version=number, lease_holder=holder,
                         journal=count_entries(journal))
