@@ -12,10 +12,9 @@ is not installed (one line on stderr, never a traceback), 2 a usage error.  Log 
 stderr, warnings only, so that standard output stays the command's own.
 
 The commands live by what they do: ``reading`` (status, list, events), ``history``
-(delete), ``acting``
-(terminate, retry-rollback, recover), ``serving`` (metrics, demo) and ``health`` (a probe:
-exit 1 with one line saying why the sagas are not looked after); ``target`` loads the app
-they work on.
+(delete), ``acting`` (terminate, retry-rollback, recover), ``serving`` (metrics, demo) and
+``health`` (a probe: exit 1 with one line saying why the sagas are not looked after);
+``target`` loads the app they work on.
 """
 
 from __future__ import annotations
@@ -98,7 +97,6 @@ def main(ctx: click.Context, app_path: str | None, redis_url: str, broker_url: s
 
 
 for _command in (reading.status, reading.list_, reading.events, history.delete,
-                 acting.terminate,
-                 acting.retry_rollback, acting.recover, serving.metrics, serving.demo,
-                 health.health):
+                 acting.terminate, acting.retry_rollback, acting.recover, serving.metrics,
+                 serving.demo, health.health):
     main.add_command(_command)
