@@ -61,6 +61,15 @@ class Finisher:
         self._lock = threading.Lock()
         self._busy = 0
         self._active_at = 0.0
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(me))
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's lock (maybe held), queue and thread are not ours."""
+        self._lock = threading.Lock()
+        self._queue = queue.Queue()
+        self._busy = 0
+        self._pid = 0
 
     def activity(self) -> None:
         """The process is working on sagas now (the store calls it at every commit): the
@@ -91,9 +100,6 @@ class Finisher:
         with self._lock:
             if self._pid == pid:
                 return
-            if self._pid:  # forked: the parent's queue and thread are not ours
-                self._queue = queue.Queue()
-                self._busy = 0
             self._pid = pid
             threading.Thread(target=self._work, name="saga-finisher", daemon=True).start()
 
@@ -146,3 +152,9 @@ def _weak(method: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]
     if hasattr(method, "__self__"):
         return weakref.WeakMethod(method)
     return lambda: method
+
+
+def _reset_in_child(finisher: weakref.ref[Finisher]) -> None:
+    found = finisher()
+    if found is not None:
+        found._after_fork()

@@ -210,7 +210,9 @@ class RedisStore:
         holder = _text(replies[1]) if lease is not None else None
         if history is not None or archived is not None:
             found = self._finished(saga_id, keys[0], history, archived)
-            return Snapshot(run=found.run, version=found.version, lease_holder=holder)
+            # Redis's version: the one a commit compares against (the same, as written).
+            return Snapshot(run=found.run, version=int(cast(str, version)),
+                            lease_holder=holder)
         run, number = self._parse_state(saga_id, keys[0], version, data, plan, journal)
         return Snapshot(run=run, version=number, lease_holder=holder,
                         journal=count_entries(journal))
@@ -767,10 +769,12 @@ class RedisStore:
             return None, False
         return found, history is not None
 
-    def finish_pending(self, older_than_ms: int = TAKEOVER_GRACE_MS, limit: int = 1000) -> int:
+    def finish_pending(self, older_than_ms: int = TAKEOVER_GRACE_MS, limit: int = 1000, *,
+                       purge: bool = True) -> int:
         """Finish the ended sagas whose marker is older than ``older_than_ms``: their
-        process died before it compacted or archived them.  Also purges the archive's
-        expired sagas.  How many were finished."""
+        process died before it compacted or archived them.  With ``purge`` (the recovery
+        sweep), also deletes the archive's sagas whose retention ran out.  How many were
+        finished."""
         now = int(time.time() * 1000)
         with self._errors(key=self._keys.finishing):
             stale = [_str(i) for i in cast(list[bytes | str], self._client.zrangebyscore(
@@ -789,7 +793,7 @@ class RedisStore:
                 break
             except SagaError as exc:
                 _log_deferred(",".join(chunk), exc)
-        if self.archive is not None and reachable:
+        if self.archive is not None and reachable and purge:
             try:
                 self.archive.purge()
             except SagaError as exc:
@@ -797,7 +801,7 @@ class RedisStore:
         return done
 
     def _take_over(self) -> int:
-        return self.finish_pending(TAKEOVER_GRACE_MS)
+        return self.finish_pending(TAKEOVER_GRACE_MS, purge=False)
 
     def delete(self, saga_id: str) -> bool:
         """Remove an ended saga everywhere (Redis and the archive); False if unknown.

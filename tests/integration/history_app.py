@@ -4,7 +4,8 @@ no-op rollback, in a real worker; ``history.fail`` fails every time (a rollback 
 Environment: ``SAGA_TEST_REDIS_URL`` (broker and saga state), ``SAGA_TEST_PREFIX`` (saga key
 prefix), ``SAGA_TEST_QUEUE_PREFIX`` (queues of its own), ``SAGA_TEST_ARCHIVE`` (a
 ``postgresql://`` URL: archive finished sagas there), ``SAGA_TEST_RETENTION`` (JSON: one
-duration or one per outcome), ``SAGA_TEST_RECOVERY_GRACE``.
+duration or one per outcome), ``SAGA_TEST_RECOVERY_GRACE``, ``SAGA_TEST_DIE_AFTER_END`` (a
+pool process dies right after the commit that ends a saga).
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ PREFIX = os.environ.get("SAGA_TEST_PREFIX", "saga:")
 QUEUES = os.environ.get("SAGA_TEST_QUEUE_PREFIX", "")
 ARCHIVE = os.environ.get("SAGA_TEST_ARCHIVE") or None
 RETENTION: Any = json.loads(os.environ.get("SAGA_TEST_RETENTION", '"7 days"'))
+ledger = redis.Redis.from_url(URL)
+
+if os.environ.get("SAGA_TEST_DIE_AFTER_END"):
+    # A pool process dies the moment a saga's ending commit has landed, before the saga is
+    # compacted or archived (and before its message is acknowledged).
+    from saga_celery._store.finisher import Finisher
+
+    def _die(self: Finisher, saga_id: str) -> None:
+        ledger.rpush(f"died:{PREFIX}", saga_id)
+        os._exit(17)
+
+    Finisher.submit = _die  # type: ignore[method-assign]
 
 app = Celery("history_app", broker=URL)
 app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1,
@@ -31,9 +44,6 @@ sagas = SagaApp(app, redis_url=URL, prefix=PREFIX, archive=ARCHIVE, retention=RE
                 lease_ttl="3 seconds", steps_queue=f"{QUEUES}saga.steps",
                 rollbacks_queue=f"{QUEUES}saga.rollbacks",
                 recovery_grace=os.environ.get("SAGA_TEST_RECOVERY_GRACE", "60 seconds"))
-
-
-ledger = redis.Redis.from_url(URL)
 
 
 def runs_key(name: str, order: int) -> str:

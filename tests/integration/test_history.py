@@ -216,6 +216,35 @@ def test_a_process_killed_between_finishing_and_archiving_loses_nothing(
     assert app.sagas.reader.archive.count() == 1
 
 
+def test_a_worker_killed_between_finishing_and_archiving_loses_nothing(
+        worker_factory: WorkerFactory, redis_url: str, prefix: str,
+        redis_client: redis.Redis, archive_url: str) -> None:  # noqa: F811
+    """A pool process dies right after the commit that ends a saga, before archiving it:
+    the saga stays ended with its marker, its record whole; the recovery sweep archives it
+    once, and it reads as it ended."""
+    env, app = _deploy(redis_url, prefix, SAGA_TEST_ARCHIVE=archive_url,
+                       SAGA_TEST_DIE_AFTER_END="1")
+    worker_factory(APP, env=env, concurrency=1)
+    handle = app.five(order=6).apply_async()
+    _until(lambda: redis_client.lrange(f"died:{prefix}", 0, -1) != [])
+    state_key = f"{prefix}{{{handle.id}}}:state"
+    assert redis_client.hget(state_key, "t") == "1"
+    assert redis_client.zscore(f"{prefix}finishing", handle.id) is not None
+    assert not redis_client.hexists(state_key, "a") and redis_client.hexists(state_key, "p")
+    archive = app.sagas.reader.archive
+    assert archive is not None and archive.count() == 0
+    ended = app.sagas.run(handle.id).status()
+    assert ended.status == SagaStatus.COMPLETE
+
+    time.sleep(0.05)
+    app.sagas.recover(grace=1)  # the recovery sweep, run here, archives it
+    assert _finished(redis_client, prefix, handle.id, "a")
+    assert archive.count() == 1
+    assert app.sagas.run(handle.id).status() == ended
+    app.sagas.recover(grace=1)
+    assert archive.count() == 1
+
+
 def test_retention_by_outcome_sets_each_outcome_its_own_ttl(
         worker_factory: WorkerFactory, redis_url: str, prefix: str,
         redis_client: redis.Redis) -> None:
