@@ -64,7 +64,7 @@ class Finisher:
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reset_in_child(me))
 
-    def _after_fork(self) -> None:
+    def reset_after_fork(self) -> None:
         """In a forked child: the parent's lock (maybe held), queue and thread are not ours."""
         self._lock = threading.Lock()
         self._queue = queue.Queue()
@@ -157,4 +157,4 @@ def _weak(method: Callable[..., Any]) -> Callable[[], Callable[..., Any] | None]
 def _reset_in_child(finisher: weakref.ref[Finisher]) -> None:
     found = finisher()
     if found is not None:
-        found._after_fork()
+        found.reset_after_fork()

@@ -28,14 +28,20 @@ ledger = redis.Redis.from_url(URL)
 
 if os.environ.get("SAGA_TEST_DIE_AFTER_END"):
     # A pool process dies the moment a saga's ending commit has landed, before the saga is
-    # compacted or archived (and before its message is acknowledged).
+    # compacted or archived (and before its message is acknowledged).  Only in a worker's
+    # pool process: the test imports this module too, and must not die with it.
+    from celery.signals import worker_process_init
+
     from saga_celery._store.finisher import Finisher
 
     def _die(self: Finisher, saga_id: str) -> None:
         ledger.rpush(f"died:{PREFIX}", saga_id)
         os._exit(17)
 
-    Finisher.submit = _die  # type: ignore[method-assign]
+    def _arm(**_: Any) -> None:
+        Finisher.submit = _die  # type: ignore[method-assign]
+
+    worker_process_init.connect(_arm, weak=False)
 
 app = Celery("history_app", broker=URL)
 app.conf.update(broker_connection_retry_on_startup=True, worker_prefetch_multiplier=1,
