@@ -52,7 +52,12 @@ from saga_celery._errors import SagaConfigError, SagaDefinitionError
 from saga_celery._store import RedisStore, SagaStore
 from saga_celery._store.archive import PostgresArchive
 from saga_celery._store.durability import Durability
-from saga_celery._store.retention import DEFAULT_RETENTION_MS, OUTCOMES, parse_retention
+from saga_celery._store.retention import (
+    DEFAULT_RETENTION_MS,
+    OUTCOMES,
+    parse_retention,
+    positive_ms,
+)
 from saga_celery._store.topology import StoreClient
 
 _ROLLBACK_CONFIG_KEYS = frozenset({"retries", "timeout", "name"})
@@ -139,7 +144,7 @@ class SagaApp:
         self._engine = Engine(store, clock=utcnow, max_countdown_s=self._countdowns)
         self._dispatcher = Dispatcher(app, utcnow, self._countdowns)
         self._runtime = Runtime(self._engine, self._dispatcher, RuntimeSettings(
-            lease_ttl_ms=_positive_ms("lease_ttl", lease_ttl), max_output_bytes=max_output_bytes))
+            lease_ttl_ms=positive_ms("lease_ttl", lease_ttl), max_output_bytes=max_output_bytes))
         self._coordinator = Coordinator(self._engine, self._dispatcher,
                                         write_format=_write_format(write_format),
                                         max_params_bytes=max_output_bytes)
@@ -148,7 +153,7 @@ class SagaApp:
         dashboard's way in."""
         self.recovery_grace = parse_duration(recovery_grace)
         self.recovery_interval = timedelta(
-            milliseconds=_positive_ms("recovery_interval", recovery_interval))
+            milliseconds=positive_ms("recovery_interval", recovery_interval))
         self._register_recovery(self.recovery_interval.total_seconds())
         app.steps["worker"].add(_worker_check(self._check_worker))
         app.steps["worker"].add(timer_step(lambda: TimerPoller(self._fire_timers)))
@@ -416,19 +421,9 @@ def _durability(replicas: int, timeout: object) -> Durability | None:
                               f"(do not wait) or more, not {replicas!r}")
     if replicas == 0:
         return None
-    return Durability(replicas=replicas, timeout_ms=_positive_ms("durable_timeout", timeout))
+    return Durability(replicas=replicas, timeout_ms=positive_ms("durable_timeout", timeout))
 
 
 def _max_countdown_s(value: object) -> float | None:
     """``SagaApp(max_countdown=...)`` in seconds; None: the default (``timers.py``)."""
-    return None if value is None else _positive_ms("max_countdown", value) / 1000
-
-
-def _positive_ms(field: str, value: object) -> int:
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        raise SagaConfigError(f"SagaApp({field}=...): {exc}") from exc
-    if duration <= timedelta(0):
-        raise SagaConfigError(f"SagaApp({field}=...) must be positive, got {value!r}")
-    return int(duration.total_seconds() * 1000)
+    return None if value is None else positive_ms("max_countdown", value) / 1000

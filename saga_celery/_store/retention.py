@@ -26,15 +26,17 @@ OUTCOMES = tuple(sorted(s.value for s in TERMINAL_STATUSES))
 def parse_retention(value: object) -> int | dict[str, int | None]:
     """One retention in ms, or one per outcome; ``SagaConfigError`` naming what is wrong."""
     if not isinstance(value, Mapping):
-        return _ms("retention", value)
+        return positive_ms("retention", value)
     unknown = sorted(str(k) for k in value if k not in OUTCOMES)
     if unknown:
         raise SagaConfigError(f"SagaApp(retention={{...}}): {unknown} is not an outcome; "
                               f"give a duration for any of {list(OUTCOMES)}")
-    return {str(k): _ms(f"retention[{k!r}]", v) for k, v in value.items()}
+    return {str(k): positive_ms(f"retention[{k!r}]", v) for k, v in value.items()}
 
 
-def _ms(field: str, value: object) -> int:
+def positive_ms(field: str, value: object) -> int:
+    """``SagaApp(<field>=value)`` as a positive number of milliseconds, or a
+    ``SagaConfigError`` naming the field."""
     try:
         duration = parse_duration(value)
     except ValueError as exc:

@@ -187,6 +187,14 @@ class _Listing(_Base):
         return _Query(status=status, name=self.get_argument("name", "") or None,
                       q=(self.get_argument("q", "") or "").strip() or None, page=page)
 
+    async def page(self, query: _Query) -> tuple[list[Row], bool] | None:
+        """``rows`` read off the event loop; None once a store error has been answered."""
+        try:
+            return await self.read(lambda: self.rows(query))
+        except SagaError as exc:
+            self.fail(exc)
+            return None
+
     def rows(self, query: _Query) -> tuple[list[Row], bool]:
         """One page of the list, and whether another page follows."""
         per_page = self.settings_.per_page
@@ -224,11 +232,10 @@ def _row(run: SagaRun) -> Row:
 class ListPage(_Listing):
     async def get(self) -> None:
         query = self.query()
-        try:
-            rows, more = await self.read(lambda: self.rows(query))
-        except SagaError as exc:
-            self.fail(exc)
+        page = await self.page(query)
+        if page is None:
             return
+        rows, more = page
         body = _list_body(rows, more, query, self.settings_.per_page)
         self.render("list.html", rows=rows, more=more, query=query,
                     statuses=[s.value for s in SagaStatus], refresh_ms=LIST_REFRESH_MS,
@@ -240,12 +247,9 @@ class ListPage(_Listing):
 class ListApi(_Listing):
     async def get(self) -> None:
         query = self.query()
-        try:
-            rows, more = await self.read(lambda: self.rows(query))
-        except SagaError as exc:
-            self.fail(exc)
-            return
-        self.send_json(_list_body(rows, more, query, self.settings_.per_page))
+        page = await self.page(query)
+        if page is not None:
+            self.send_json(_list_body(*page, query, self.settings_.per_page))
 
 
 def _list_body(rows: list[Row], more: bool, query: _Query, per_page: int) -> str:
