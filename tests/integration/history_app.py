@@ -38,8 +38,13 @@ if os.environ.get("SAGA_TEST_DIE_AFTER_END"):
         ledger.rpush(f"died:{PREFIX}", saga_id)
         os._exit(17)
 
+    _imported_in = os.getpid()
+
     def _arm(**_: Any) -> None:
-        Finisher.submit = _die  # type: ignore[method-assign]
+        # A forked pool process only: a test that sends worker_process_init in the process
+        # that imported this module (the test run's own) must not arm it.
+        if os.getpid() != _imported_in:
+            Finisher.submit = _die  # type: ignore[method-assign]
 
     worker_process_init.connect(_arm, weak=False)
 
