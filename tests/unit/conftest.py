@@ -23,6 +23,17 @@ def _forget_shared_tasks() -> Iterator[None]:
     celery_state._on_app_finalizers.intersection_update(before)
 
 
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Each unit test starts from structlog's defaults: a module an earlier test ran in this
+    process (the demo's runner, a test app) may have set a WARNING filter, under which
+    ``capture_logs`` sees no lifecycle line at all."""
+    before = structlog.get_config()
+    structlog.reset_defaults()
+    yield
+    structlog.configure(**before)
+
+
 @pytest.fixture
 def app() -> Iterator[Celery]:
     celery = Celery("t", broker="memory://", set_as_current=False)
