@@ -24,6 +24,7 @@ def test_worker_subprocess_runs_a_task_in_a_pool_process(
     with celery_client(redis_url) as client:
         result = client.send_task("plain_app.add", args=(2, 3), kwargs={"record_key": key})
         assert result.get(timeout=30) == 5
+        del result  # unsubscribed while the client is open (``celery_client``)
 
     record = redis_client.hgetall(key)
     assert record["result"] == "5"
