@@ -122,10 +122,10 @@ class Engine:
         transition = start_saga(saga_id=saga_id, name=name, plan=plan, params=params,
                                 now=self.clock(), format=format)
         events = _with_ids(transition.events, saga_id, 1)
-        if self.store.create(transition.run, events):
-            # A saga that starts with a waiting stage: its timer right after the creation
-            # (the recovery sweep puts it back if a crash falls between the two).
-            self.store.add_timers(self.timers_of(transition))
+        timers = self.timers_of(transition)  # a saga that starts with a waiting stage
+        created = (self.store.create(transition.run, events, timers=timers) if timers
+                   else self.store.create(transition.run, events))
+        if created:
             _log(events)
             return transition, True
         existing = self.load(saga_id).run
@@ -135,6 +135,7 @@ class Engine:
                 f"params {existing.params!r}; got {name!r} with params {params!r}. "
                 "Use a new saga_id, or the same params to get the existing run.",
                 saga_id=saga_id)
+        self.repair_timers(existing)  # the call that created it may have lost them (Cluster)
         unstarted = list(existing.outbox.values()) if existing.status == SagaStatus.QUEUED else []
         return Transition(run=existing, dispatches=unstarted), False
 
@@ -178,6 +179,8 @@ class Engine:
                 if from_memo:
                     continue  # "nothing to do" must come from the stored state
                 self._give_back(saga_id, event, lease)
+                # A redelivery: its first delivery's commit may have lost its timers.
+                self.repair_timers(snapshot.run)
                 return transition
             journal = (encode_entry(applied, now)
                        if isinstance(applied, AttemptStarted) and not transition.run.is_terminal
@@ -284,6 +287,22 @@ class Engine:
         run, horizon, clock = transition.run, self._horizon, self.clock
         return [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in transition.dispatches
                 if horizon.is_long(d, clock, limit)]
+
+    def repair_timers(self, run: SagaRun) -> None:
+        """Record again the timers of ``run``'s messages still waiting out a long delay
+        (SPEC section 8).  On Redis Cluster a commit writes its timers beside it, not in it:
+        a cut between the two leaves the commit in and a timer out, and the message that
+        made the commit is handed back.  Its redelivery, a creation submitted again and the
+        recovery sweep call this; a timer already recorded keeps its due time.  Nothing to
+        read or write for a saga that does not wait."""
+        limit = self.max_countdown_s()
+        if not run.outbox or (limit is None and not run.plan.waits):
+            return
+        now = self.clock()
+        waiting = [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in run.outbox.values()
+                   if is_long(d, now, limit)]
+        if waiting:
+            self.store.add_timers(waiting)
 
     def release(self, saga_id: str, lease: Lease) -> None:
         self.store.release_lease(saga_id, lease.name, lease.token)

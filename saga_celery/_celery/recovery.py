@@ -38,9 +38,9 @@ from saga_celery._celery.health import SweepTally
 from saga_celery._core.events import RecoverySwept
 from saga_celery._core.model import Kind, SagaRun
 from saga_celery._core.recovery import overdue, stalled
-from saga_celery._engine import Engine, epoch_ms, is_long, lease_name
+from saga_celery._engine import Engine, lease_name
 from saga_celery._errors import SagaCorruptStateError, SagaFormatError, SagaNotFoundError
-from saga_celery._store.base import Timer, active_pages
+from saga_celery._store.base import active_pages
 
 log = structlog.get_logger("saga_celery")
 
@@ -89,7 +89,7 @@ def _sweep_one(engine: Engine, dispatcher: Dispatcher, saga_id: str, grace: time
         return 0
     now = engine.clock()
     tally.count(snapshot.run, now, grace)
-    _repair_timers(engine, snapshot.run, engine.max_countdown_s())
+    engine.repair_timers(snapshot.run)
     lapsed = _lapsed(engine, snapshot.run, stalled(snapshot.run, now, grace))
     if not lapsed and not overdue(snapshot.run, now, grace):
         return 0
@@ -100,18 +100,6 @@ def _sweep_one(engine: Engine, dispatcher: Dispatcher, saga_id: str, grace: time
                     messages=[d.id for d in transition.dispatches])
         dispatcher.send(transition.run, transition.dispatches)
     return len(transition.dispatches)
-
-
-def _repair_timers(engine: Engine, run: SagaRun, max_countdown_s: float | None) -> None:
-    """Record again the timers of messages still waiting out a long delay (SPEC section 8):
-    on Redis Cluster a commit writes its timers beside it, not in it, and a crash between
-    the two leaves a timer out.  One already recorded keeps its due time; an overdue message
-    is sent again as any overdue message is."""
-    now = engine.clock()
-    waiting = [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in run.outbox.values()
-               if is_long(d, now, max_countdown_s)]
-    if waiting:
-        engine.store.add_timers(waiting)
 
 
 def _lapsed(engine: Engine, run: SagaRun, candidates: list[tuple[Kind, str, int]]

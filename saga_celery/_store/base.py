@@ -114,8 +114,12 @@ class SagaStore(Protocol):
     def ping(self) -> None:
         """Raise ``SagaStoreUnavailableError`` if the store cannot be reached."""
 
-    def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
-        """Store a new run at version 1 with its first events; False if the id exists."""
+    def create(self, run: SagaRun, events: Sequence[EventDict],
+               timers: Sequence[Timer] = ()) -> bool:
+        """Store a new run at version 1 with its first events; False if the id exists.
+
+        ``timers``: those of a saga whose first stage waits, recorded with the creation
+        (nothing else would record them but the recovery sweep)."""
 
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
         """The run and its version (None if unknown), and who holds ``lease`` if asked."""

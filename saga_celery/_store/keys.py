@@ -27,10 +27,11 @@ Global keys (no hash tag; never touched inside a saga's Lua script, so Cluster w
     <prefix>timers                zset    the timers (SPEC section 8): member = JSON
                                           [saga id, outbox entry id], score = due time in
                                           epoch ms (a claimed one: when its claim lapses).
-                                          On one Redis (or Sentinel) the commit script
-                                          writes it; on Cluster the commit's pipeline does
-                                          (another slot), and the recovery sweep repairs a
-                                          timer a failed pipeline left out
+                                          On one Redis (or Sentinel) the create or commit
+                                          script writes it; on Cluster their pipeline does
+                                          (another slot), and a redelivery of the message
+                                          whose commit it was (or the sweep) repairs a
+                                          timer a cut pipeline left out
     <prefix>finishing             zset    ids of ended sagas not yet compacted or archived,
                                           score = when marked (epoch ms); written with
                                           the commit that ends the saga (``finisher.py``)

@@ -71,7 +71,8 @@ class MemoryStore:
     def ping(self) -> None:
         return None
 
-    def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
+    def create(self, run: SagaRun, events: Sequence[EventDict],
+               timers: Sequence[Timer] = ()) -> bool:
         lines = _encode_events(run.id, events)
         with self._changed:
             self._index.setdefault(run.id, index_score(run))
@@ -81,6 +82,7 @@ class MemoryStore:
             record = _Record(version=1, data=encode_progress(run), plan=run.plan)
             self._records[run.id] = record
             self._append(record, lines)
+            self._add_timers(timers)
             return True
 
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
@@ -210,8 +212,12 @@ class MemoryStore:
 
     def add_timers(self, timers: Sequence[Timer]) -> None:
         with self._changed:
-            for timer in timers:
-                self._timers.setdefault((timer.saga_id, timer.dispatch_id), timer.due_ms)
+            self._add_timers(timers)
+
+    def _add_timers(self, timers: Sequence[Timer]) -> None:
+        """``add_timers`` under the lock."""
+        for timer in timers:
+            self._timers.setdefault((timer.saga_id, timer.dispatch_id), timer.due_ms)
 
     def claim_timers(self, now_ms: int, hold_ms: int, limit: int = 100) -> list[Timer]:
         with self._changed:

@@ -175,16 +175,25 @@ class RedisStore:
         with self._errors():
             self._client.ping()
 
-    def create(self, run: SagaRun, events: Sequence[EventDict]) -> bool:
+    def create(self, run: SagaRun, events: Sequence[EventDict],
+               timers: Sequence[Timer] = ()) -> bool:
         keys = [self._keys.state(run.id), self._keys.events(run.id)]
-        args: list[str | bytes] = [encode_progress(run), encode_plan(run.plan),
-                                   *_encode_events(run.id, events)]
+        args: list[str | bytes] = [encode_progress(run), encode_plan(run.plan)]
+        in_script = self._raw and bool(timers)  # Cluster: another slot, see ``keys.py``
+        if in_script:
+            keys.append(self._keys.timers)
+            args.append(str(len(timers)))
+        args += _encode_events(run.id, events)
+        if in_script:
+            args += _timer_args(timers)
         score = {run.id: index_score(run)}
 
         def queue(pipe: Pipeline) -> None:
             _queue_evalsha(pipe, self._create, keys, args)
             pipe.zadd(self._keys.index, score, nx=True)
             pipe.zadd(self._keys.active, score, nx=True)
+            if timers and not in_script:  # beside the creation, in its pipeline
+                pipe.zadd(self._keys.timers, _timer_scores(timers), nx=True)
 
         return int(self._pipeline(run.id, self._create, queue)[0]) == 1
 

@@ -9,18 +9,29 @@ A key of the wrong type is reported as ``WRONGTYPE <key> ...`` so the store can 
 from __future__ import annotations
 
 CREATE = """
--- Store a new saga at version 1 with its first events.
+-- Store a new saga at version 1 with its first events (and the timers of a first stage
+-- that waits, SPEC section 8).
 -- KEYS[1]   state hash     <prefix>{id}:state
 -- KEYS[2]   event stream   <prefix>{id}:events
+-- KEYS[3]   timers set     <prefix>timers, only with timers
 -- ARGV[1]   the run's progress JSON (no plan)   ARGV[2] the plan JSON (written only here)
--- ARGV[3..] event JSONs, oldest first
+-- ARGV[3..] event JSONs, oldest first; with KEYS[3], ARGV[3] is the number n of timers,
+--           the events follow it, then n pairs: a timer's due time (epoch ms) and member
 -- Returns 1 if created, 0 if the state key already exists (nothing written).
+local first, timers = 3, 0
+if #KEYS == 3 then first, timers = 4, tonumber(ARGV[3]) end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+-- The timers set's type is checked before anything is written.
+if timers > 0 then redis.call('ZCARD', KEYS[3]) end
 -- A stream left without its state (retention, a manual delete) belonged to an older saga.
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'v', '1', 'd', ARGV[1], 'p', ARGV[2], 't', '0')
-for i = 3, #ARGV do
+local last = #ARGV - 2 * timers
+for i = first, last do
   redis.call('XADD', KEYS[2], '*', 'e', ARGV[i])
+end
+for i = last + 1, #ARGV, 2 do
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[i], ARGV[i + 1])
 end
 return 1
 """

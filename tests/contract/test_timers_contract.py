@@ -114,3 +114,18 @@ def test_a_commit_taking_a_lease_records_its_timers_too(store: SagaStore) -> Non
     loaded = store.load(run.id, lease="step:reserve#1")
     assert loaded is not None and loaded.lease_holder == "token-1"
     assert store.claim_timers(NOW, 30_000) == [timer]
+
+
+def test_a_timer_is_recorded_with_the_creation_of_its_saga(backend: Backend) -> None:
+    """A saga whose first stage waits records its timer with its creation, in one script
+    (on Cluster beside it, in the same pipeline); a creation refused (the id exists)
+    records none, but on Cluster, where such a timer finds no outbox entry when it fires."""
+    store = backend.store
+    run = make_run("order-t7")
+    timer = Timer(run.id, "wake:0:1", NOW + 5_000)
+    assert store.create(run, [make_event(run, "saga_queued")], timers=[timer])
+    assert store.claim_timers(NOW + 5_000, 30_000) == [timer]
+    other = Timer(run.id, "wake:0:2", NOW + 6_000)
+    assert not store.create(run, [make_event(run, "saga_queued")], timers=[other])
+    expected = [other] if backend.kind == "cluster" else []
+    assert store.claim_timers(NOW + 6_000, 30_000) == expected

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 from structlog.testing import capture_logs
 
-from saga_celery import SagaApp, SagaConfigError
+from saga_celery import SagaApp, SagaConfigError, SagaStoreUnavailableError
 from saga_celery._celery.dispatch import Dispatcher
 from saga_celery._celery.timers import (
     CLAIM_HOLD_MS,
@@ -30,6 +30,8 @@ from saga_celery._core.model import (
     Policy,
     SagaRun,
     StepSpec,
+    WaitKind,
+    WaitSpec,
 )
 from saga_celery._engine import Engine, epoch_ms
 from saga_celery._store import MemoryStore, Timer
@@ -233,6 +235,88 @@ def test_the_recovery_sweep_puts_back_a_timer_a_cluster_commit_left_out(
     clock.now = T0 + timedelta(minutes=20)
     assert fire_due(engine, sent) == 1  # type: ignore[arg-type]
     assert sent.sent == [("repaired", f"step:{KEY}:2")]
+
+
+class CutStore(SpyStore):
+    """A store whose timer writes can be lost.  ``cut``: a creation's or commit's timers are
+    left out (a Cluster pipeline cut after the script), then the write fails as the cut
+    does; ``cut_adds``: every write of timers on their own fails (the connection is gone)."""
+
+    def __init__(self, *, cut: bool = False, cut_adds: bool = False) -> None:
+        super().__init__()
+        self.cut, self.cut_adds = cut, cut_adds
+
+    def create(self, run: SagaRun, events: Sequence[Any],  # type: ignore[override]
+               timers: Sequence[Timer] = ()) -> bool:
+        if self.cut and timers:
+            super().create(run, events)
+            raise SagaStoreUnavailableError("connection lost after the create script")
+        if not timers:
+            return super().create(run, events)
+        return super().create(run, events, timers=timers)
+
+    def commit(self, run: SagaRun, **kwargs: Any) -> bool:  # type: ignore[override]
+        if self.cut and kwargs.get("timers"):
+            super().commit(run, **{**kwargs, "timers": ()})
+            raise SagaStoreUnavailableError("connection lost after the commit script")
+        return super().commit(run, **kwargs)
+
+    def add_timers(self, timers: Sequence[Timer]) -> None:
+        if (self.cut or self.cut_adds) and timers:
+            raise SagaStoreUnavailableError("connection lost")
+        super().add_timers(timers)
+
+
+def sleeping_plan() -> Plan:
+    """A saga whose first stage is a one hour sleep."""
+    return Plan(stages=[[StepSpec(key="nap#1", name="nap", count=1, stage=0, index=0,
+                                  task="", policy=Policy(limit=1, delay_ms=0,
+                                                         backoff=Backoff.CONSTANT,
+                                                         timeout_ms=1000.0),
+                                  wait=WaitSpec(kind=WaitKind.SLEEP,
+                                                duration_ms=3_600_000.0))]])
+
+
+def test_a_saga_that_starts_by_waiting_records_its_timer_with_its_creation(
+        clock: Clock) -> None:
+    """The first stage's timer is written by the creation itself, not by a second write
+    that a crash or a lost connection can leave out (then only the sweep, which needs beat,
+    would find the saga)."""
+    store = CutStore(cut_adds=True)
+    engine = Engine(store, clock=clock, max_countdown_s=lambda: 60.0)
+    engine.submit(saga_id="napper", name="nap", plan=sleeping_plan(), params=None)
+    assert store.claim_timers(epoch_ms(T0 + timedelta(hours=1)), CLAIM_HOLD_MS) != []
+
+
+def test_a_redelivered_message_puts_back_the_timer_its_commit_lost(clock: Clock) -> None:
+    """On Cluster a commit's timers are written beside it: a cut after the script leaves
+    the commit in and the timer out, and the task hands its message back.  Its redelivery
+    changes nothing, but records the timer again, so the retry fires without the sweep."""
+    store = CutStore(cut=True)
+    engine = Engine(store, clock=clock, max_countdown_s=lambda: 60.0)
+    with pytest.raises(SagaStoreUnavailableError):
+        failed_once(engine, "cut", 20 * 60)
+    assert store.claim_timers(epoch_ms(T0 + timedelta(days=1)), 1) == []
+    store.cut = False
+    engine.handle("cut", AttemptFailed(kind=Kind.STEP, key=KEY, attempt=1,
+                                       error=ErrorInfo(type="E", message="down")))
+    clock.now = T0 + timedelta(minutes=20)
+    sent = Sent()
+    assert fire_due(engine, sent) == 1  # type: ignore[arg-type]
+    assert sent.sent == [("cut", f"step:{KEY}:2")]
+
+
+def test_a_creation_submitted_again_puts_back_a_lost_first_timer(clock: Clock) -> None:
+    """Calling ``start`` again is how a caller retries a creation that failed: it records
+    the first stage's timer again when the first attempt lost it."""
+    store = CutStore(cut=True)
+    engine = Engine(store, clock=clock, max_countdown_s=lambda: 60.0)
+    with pytest.raises(SagaStoreUnavailableError):
+        engine.submit(saga_id="again", name="nap", plan=sleeping_plan(), params=None)
+    store.cut = False
+    _, created = engine.submit(saga_id="again", name="nap", plan=sleeping_plan(), params=None)
+    assert not created
+    assert store.claim_timers(epoch_ms(T0 + timedelta(hours=1)), CLAIM_HOLD_MS) != []
 
 
 def _due(at: datetime, kind: Kind = Kind.STEP) -> Dispatch:
