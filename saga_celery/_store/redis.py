@@ -22,7 +22,6 @@ from redis.client import Pipeline
 
 from saga_celery._core.model import SagaRun
 from saga_celery._errors import SagaConfigError, SagaStoreError
-from saga_celery._store import scripts
 from saga_celery._store.archive import PostgresArchive
 from saga_celery._store.base import (
     CorruptRecord,
@@ -60,7 +59,6 @@ from saga_celery._store.redis_io import (
     reconnecting,
 )
 from saga_celery._store.retention import DEFAULT_RETENTION_MS
-from saga_celery._store.topology import StoreClient
 
 
 class RedisStore(FinishedSagas):
@@ -69,23 +67,6 @@ class RedisStore(FinishedSagas):
     ``client`` is a ``redis.Redis``, a Sentinel master client or a ``RedisCluster``
     (``topology.py``).  ``durability`` makes every saga write wait until that many replicas
     have it (``durability.py``; not on Redis Cluster)."""
-
-    def __init__(
-        self,
-        client: StoreClient,
-        *,
-        prefix: str = DEFAULT_PREFIX,
-        retention_ms: int | Mapping[str, int | None] | None = DEFAULT_RETENTION_MS,
-        durability: Durability | None = None,
-        archive: PostgresArchive | None = None,
-    ) -> None:
-        super().__init__(client, prefix=prefix, retention_ms=retention_ms,
-                         durability=durability, archive=archive)
-        self._create = client.register_script(scripts.CREATE)
-        self._commit = client.register_script(scripts.COMMIT)
-        self._renew = client.register_script(scripts.RENEW_LEASE)
-        self._release = client.register_script(scripts.RELEASE_LEASE)
-        self._claim = client.register_script(scripts.CLAIM_TIMERS)
 
     @classmethod
     def from_url(

@@ -32,6 +32,7 @@ from saga_celery._errors import (
     SagaStoreError,
     SagaStoreUnavailableError,
 )
+from saga_celery._store import scripts
 from saga_celery._store.connections import ThreadConnections, exchange, pack, pack_args
 from saga_celery._store.durability import Durability
 from saga_celery._store.encoding import with_plan
@@ -67,6 +68,12 @@ class RedisIO:
             client.connection_pool if isinstance(client, redis.Redis) else None)
         self._heads: dict[tuple[str, int], bytes] = {}
         self._timeout = socket_timeout_of(client)
+        # The scripts of a live saga (``scripts.py``); ``FinishedSagas`` registers its own.
+        self._create = client.register_script(scripts.CREATE)
+        self._commit = client.register_script(scripts.COMMIT)
+        self._renew = client.register_script(scripts.RENEW_LEASE)
+        self._release = client.register_script(scripts.RELEASE_LEASE)
+        self._claim = client.register_script(scripts.CLAIM_TIMERS)
 
     @property
     def prefix(self) -> str:
