@@ -58,13 +58,17 @@ class SoftLimitGate:
     A saga task calls ``begin`` first and ``end`` last; between them a soft limit that
     comes outside the body is held back: before the body, the body then starts by raising
     it (its time ran out first, so it is a timed-out attempt); after it, it is dropped (the
-    body has ended; its end, recorded in full, says whether it was late).  Outside saga
+    body has ended; its end, recorded in full, says whether it was late).  One that
+    reached the body makes the attempt a timed-out one even if the body swallowed it and
+    returned: Celery counts the limit from the task's start, before the commit that starts
+    the attempt, so the body's own duration may still look inside the timeout.  Outside saga
     tasks, and in every other process, the handler installed before is called as it was.
     """
 
     def __init__(self) -> None:
         self.holding = False  # between begin and end, outside the body
         self.held = False  # a soft limit came while holding
+        self.reached = False  # a soft limit was let through to the body
         self.installed_in = 0  # the process id the handler was looked at in
         self.wrapped = False  # whether it was there to wrap
 
@@ -84,11 +88,15 @@ class SoftLimitGate:
         if self.held:
             self.held = False
             raise SoftTimeLimitExceeded("the soft time limit came before the body began")
-        self.holding = False
+        self.holding, self.reached = False, False
         try:
-            return fn()
+            output = fn()
         finally:
             self.holding = True
+        if self.reached:
+            raise SoftTimeLimitExceeded("the body returned after its soft time limit "
+                                        "reached it (it swallowed the exception)")
+        return output
 
     def _install(self) -> bool:
         previous = signal.getsignal(SOFT_LIMIT_SIGNAL)
@@ -99,6 +107,7 @@ class SoftLimitGate:
             if self.holding:
                 self.held = True
                 return
+            self.reached = True
             previous(signum, frame)
 
         signal.signal(SOFT_LIMIT_SIGNAL, handle)
