@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -122,10 +122,8 @@ class Engine:
         transition = start_saga(saga_id=saga_id, name=name, plan=plan, params=params,
                                 now=self.clock(), format=format)
         events = _with_ids(transition.events, saga_id, 1)
-        timers = self.timers_of(transition)  # a saga that starts with a waiting stage
-        created = (self.store.create(transition.run, events, timers=timers) if timers
-                   else self.store.create(transition.run, events))
-        if created:
+        # A saga that starts with a waiting stage records its timers with its creation.
+        if self.store.create(transition.run, events, timers=self.timers_of(transition)):
             _log(events)
             return transition, True
         existing = self.load(saga_id).run
@@ -279,14 +277,7 @@ class Engine:
     def timers_of(self, transition: Transition) -> list[Timer]:
         """The timers to record with ``transition``: its messages due later than a Celery
         countdown may wait (SPEC section 8)."""
-        if not transition.dispatches:
-            return []
-        limit = self.max_countdown_s()
-        if limit is None and not transition.run.plan.waits:
-            return []
-        run, horizon, clock = transition.run, self._horizon, self.clock
-        return [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in transition.dispatches
-                if horizon.is_long(d, clock, limit)]
+        return self._long_timers(transition.run, transition.dispatches)
 
     def repair_timers(self, run: SagaRun) -> None:
         """Record again the timers of ``run``'s messages still waiting out a long delay
@@ -295,14 +286,21 @@ class Engine:
         made the commit is handed back.  Its redelivery, a creation submitted again and the
         recovery sweep call this; a timer already recorded keeps its due time.  Nothing to
         read or write for a saga that does not wait."""
-        limit = self.max_countdown_s()
-        if not run.outbox or (limit is None and not run.plan.waits):
-            return
-        now = self.clock()
-        waiting = [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in run.outbox.values()
-                   if is_long(d, now, limit)]
+        waiting = self._long_timers(run, list(run.outbox.values()))
         if waiting:
             self.store.add_timers(waiting)
+
+    def _long_timers(self, run: SagaRun, dispatches: Sequence[Dispatch]) -> list[Timer]:
+        """The timers of those of ``dispatches`` that wait longer than a Celery countdown
+        may (or are a waiting stage's wake-up); no clock read for a saga that does not wait."""
+        if not dispatches:
+            return []
+        limit = self.max_countdown_s()
+        if limit is None and not run.plan.waits:
+            return []
+        horizon, clock = self._horizon, self.clock
+        return [Timer(run.id, d.id, epoch_ms(d.due_at)) for d in dispatches
+                if horizon.is_long(d, clock, limit)]
 
     def release(self, saga_id: str, lease: Lease) -> None:
         self.store.release_lease(saga_id, lease.name, lease.token)
