@@ -49,6 +49,7 @@ import structlog
 from celery import Celery, chain, signals
 
 from saga_celery import RollbackContext, SagaApp, SagaDefinition, current_step
+from saga_celery._celery.acks import LateAck
 from workers.logs import configure_logging
 
 BROKER_DB = 0
@@ -374,7 +375,29 @@ def _saga_no_time_limits(saga_app: SagaApp) -> None:
             task.time_limit = task.soft_time_limit = None
 
 
+def _saga_no_ack(_: SagaApp) -> None:
+    """A probe, not a change to keep: saga tasks never send their own late ack (the main
+    process still forgets the message), to learn what the ack's round trip costs a run."""
+    from saga_celery._celery.dispatch import Dispatcher
+
+    def no_ack(self: Dispatcher, ack: LateAck | None) -> None:
+        if ack is not None:
+            ack.pending = False
+
+    Dispatcher._ack = no_ack  # type: ignore[method-assign]
+
+
+def _saga_no_compaction(_: SagaApp) -> None:
+    """A probe, not a change to keep: finished sagas are not compacted, to learn what the
+    finisher thread costs the pool processes while steps run."""
+    from saga_celery._store import redis as store_redis
+
+    store_redis.compacts = lambda run: False  # type: ignore[attr-defined]
+
+
 EXPERIMENTS: dict[str, Callable[[SagaApp], None]] = {
+    "saga_no_ack": _saga_no_ack,
+    "saga_no_compaction": _saga_no_compaction,
     "saga_no_time_limits": _saga_no_time_limits,
     "dispatch_ignore_result": _dispatch_ignore_result,
     "chain_extra_round_trip": _chain_extra_round_trip,
