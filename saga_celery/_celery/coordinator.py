@@ -27,6 +27,9 @@ from saga_celery._store.history import History, events_after
 
 LIST_SCAN_FACTOR = 10
 """``recent`` with a filter looks at this many times ``limit`` of the newest sagas."""
+LIST_READ_BATCH = 100
+"""``recent`` reads up to this many sagas (``limit``, if fewer) in one round trip and one
+archive query."""
 
 
 class SagaReader:
@@ -72,16 +75,18 @@ class SagaReader:
         """Up to ``limit`` sagas, newest first, with that status and name, among the
         ``LIST_SCAN_FACTOR`` x ``limit`` newest."""
         found = 0
-        for saga_id in self._store.list_ids(limit * LIST_SCAN_FACTOR):
-            snapshot = self._store.load(saga_id)
-            if snapshot is None:  # retention expired; the index keeps the id a while longer
-                continue
-            run = snapshot.run
-            if (status is None or run.status == status) and (name is None or run.name == name):
-                yield run
-                found += 1
-                if found == limit:
-                    return
+        ids = self._store.list_ids(limit * LIST_SCAN_FACTOR)
+        batch = max(1, min(limit, LIST_READ_BATCH))  # a page unfiltered, in one read
+        for start in range(0, len(ids), batch):
+            for run in self._store.load_runs(ids[start:start + batch]):
+                if run is None:  # retention expired; the index keeps the id a while longer
+                    continue
+                if (status is None or run.status == status) and (name is None
+                                                                  or run.name == name):
+                    yield run
+                    found += 1
+                    if found == limit:
+                        return
 
     def corrupt(self, limit: int = 100) -> list[CorruptRecord]:
         """The sagas the recovery sweep moved aside as unreadable, most recent first."""

@@ -124,6 +124,10 @@ class SagaStore(Protocol):
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
         """The run and its version (None if unknown), and who holds ``lease`` if asked."""
 
+    def load_runs(self, saga_ids: Sequence[str]) -> list[SagaRun | None]:
+        """The runs of ``saga_ids`` in their order, None for an unknown id: what a list of
+        sagas reads, in one round trip (and one archive query) rather than one a saga."""
+
     def commit(
         self,
         run: SagaRun,

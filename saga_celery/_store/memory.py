@@ -94,6 +94,10 @@ class MemoryStore:
             version, data, plan = record.version, record.data, record.plan
         return Snapshot(run=decode_run(data, plan), version=version, lease_holder=holder)
 
+    def load_runs(self, saga_ids: Sequence[str]) -> list[SagaRun | None]:
+        return [None if (found := self.load(saga_id)) is None else found.run
+                for saga_id in saga_ids]
+
     def commit(
         self,
         run: SagaRun,

@@ -60,6 +60,10 @@ from saga_celery._store.redis_io import (
 )
 from saga_celery._store.retention import DEFAULT_RETENTION_MS
 
+_STATE_FIELDS = (VERSION_FIELD, DATA_FIELD, PLAN_FIELD, JOURNAL_FIELD, HISTORY_FIELD,
+                 ARCHIVED_FIELD)
+"""The fields of a saga's state hash a load reads."""
+
 
 class RedisStore(FinishedSagas):
     """The production ``SagaStore``; works with ``fakeredis.FakeRedis`` clients too.
@@ -121,9 +125,7 @@ class RedisStore(FinishedSagas):
 
     def load(self, saga_id: str, *, lease: str | None = None) -> Snapshot | None:
         keys = [self._keys.state(saga_id)]
-        commands: list[tuple[str | bytes, ...]] = [
-            ("HMGET", keys[0], VERSION_FIELD, DATA_FIELD, PLAN_FIELD, JOURNAL_FIELD,
-             HISTORY_FIELD, ARCHIVED_FIELD)]
+        commands: list[tuple[str | bytes, ...]] = [("HMGET", keys[0], *_STATE_FIELDS)]
         if lease is not None:
             keys.append(self._keys.lease(saga_id, lease))
             commands.append(("GET", keys[1]))
@@ -147,6 +149,33 @@ class RedisStore(FinishedSagas):
         run, number = self._parse_state(saga_id, keys[0], version, data, plan, journal)
         return Snapshot(run=run, version=number, lease_holder=holder,
                         journal=count_entries(journal))
+
+    def load_runs(self, saga_ids: Sequence[str]) -> list[SagaRun | None]:
+        keys = [self._keys.state(saga_id) for saga_id in saga_ids]
+        if not keys:
+            return []
+        try:
+            replies = self._send([("HMGET", key, *_STATE_FIELDS) for key in keys])
+        except Exception as exc:
+            self._reraise(exc, None)
+        runs: list[SagaRun | None] = []
+        archived: dict[str, object] = {}  # read from the archive together, below
+        for saga_id, key, reply in zip(saga_ids, keys, replies, strict=True):
+            if isinstance(reply, redis.ResponseError):
+                with self._errors(saga_id, key=key):
+                    raise reply
+            version, data, plan, journal, history, marker = reply
+            if version is None and data is None:
+                runs.append(None)
+            elif history is None and marker is not None:
+                archived[saga_id] = marker
+                runs.append(None)
+            elif history is not None:
+                runs.append(self._finished(saga_id, key, history, None).run)
+            else:
+                runs.append(self._parse_state(saga_id, key, version, data, plan, journal)[0])
+        found = self._archived_runs(archived)
+        return [found.get(saga_id, run) for saga_id, run in zip(saga_ids, runs, strict=True)]
 
     def commit(
         self,

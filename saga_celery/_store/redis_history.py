@@ -18,7 +18,7 @@ import redis
 from pydantic import ValidationError
 from pydantic_core import to_json
 
-from saga_celery._core.model import FORMATS, TERMINAL_STATUSES
+from saga_celery._core.model import FORMATS, TERMINAL_STATUSES, SagaRun
 from saga_celery._errors import (
     SagaConfigError,
     SagaError,
@@ -274,18 +274,37 @@ class FinishedSagas(RedisIO):
             except (ValueError, ValidationError) as exc:
                 detail = f"{key} does not hold a readable saga history ({first_line(exc)})"
                 raise self._corrupt(saga_id, detail) from exc
+        found = self._archive_of(saga_id, archived).fetch(saga_id)
+        if found is None:
+            raise self._not_archived(saga_id)
+        return found
+
+    def _archived_runs(self, marked: Mapping[str, object]) -> dict[str, SagaRun]:
+        """The runs of the sagas ``marked`` archived in Redis (id: marker), in one archive
+        query; raises as ``_finished`` does for one the archive cannot give."""
+        if not marked:
+            return {}
+        first, archived = next(iter(marked.items()))
+        found = self._archive_of(first, archived).fetch_runs(list(marked))
+        missing = next((saga_id for saga_id in marked if saga_id not in found), None)
+        if missing is not None:
+            raise self._not_archived(missing)
+        return found
+
+    def _archive_of(self, saga_id: str, archived: object) -> PostgresArchive:
+        """The archive to read saga ``saga_id`` from, marked ``archived`` in Redis."""
         if self.archive is None:
             raise SagaStoreError(
                 f"saga {saga_id!r} was archived ({as_text(archived)}), and this process has no "
                 "archive: give SagaApp(archive=...) the archive's URL to read it.",
                 saga_id=saga_id)
-        found = self.archive.fetch(saga_id)
-        if found is None:
-            raise SagaStoreError(
-                f"saga {saga_id!r} is marked archived in Redis, but the archive at "
-                f"{self.archive.where} does not hold it (deleted, or its retention ran out).",
-                saga_id=saga_id)
-        return found
+        return self.archive
+
+    def _not_archived(self, saga_id: str) -> SagaStoreError:
+        where = self.archive.where if self.archive is not None else "?"
+        return SagaStoreError(
+            f"saga {saga_id!r} is marked archived in Redis, but the archive at {where} does "
+            "not hold it (deleted, or its retention ran out).", saga_id=saga_id)
 
     def _finished_events(self, saga_id: str) -> list[tuple[str, dict[str, Any]]] | None:
         """The events of a compacted or archived saga; None if its stream is its own."""

@@ -404,6 +404,21 @@ def test_list_ids_newest_first(store: SagaStore) -> None:
     assert store.list_ids(limit=1) == [runs[1].id]
 
 
+def test_load_runs_reads_each_run_in_order_none_for_an_unknown_id(store: SagaStore) -> None:
+    """What a list of sagas reads: each run as ``load`` gives it, in the order asked."""
+    runs = [make_run(created=seconds) for seconds in (10, 30, 20)]
+    for run in runs:
+        store.create(run, [])
+    store.commit(runs[1], version=1, events=[], terminal=True)
+    ids = [runs[2].id, "never-made", runs[1].id, runs[0].id]
+
+    loaded = store.load_runs(ids)
+
+    assert loaded == [None if (s := store.load(i)) is None else s.run for i in ids]
+    assert [r.id if r else None for r in loaded] == [runs[2].id, None, runs[1].id, runs[0].id]
+    assert store.load_runs([]) == []
+
+
 def test_memory_retention_expires_terminal_sagas() -> None:
     """The memory twin forgets a terminal saga's state and events once retention passes."""
     clock = {"now": 0.0}
@@ -486,6 +501,7 @@ def test_every_operation_is_one_round_trip(
             "ping": store.ping,
             "create": lambda: store.create(run, [make_event(run, "saga_queued")]),
             "load": lambda: store.load(run.id, lease=LEASE),
+            "load_runs": lambda: store.load_runs([run.id, "unknown-1", "unknown-2"]),
             "commit": lambda: store.commit(run, version=1, events=[], lease=acquire("w")),
             "renew_lease": lambda: store.renew_lease(run.id, LEASE, "w", 5000),
             "release_lease": lambda: store.release_lease(run.id, LEASE, "w"),

@@ -13,6 +13,7 @@ from saga_celery._errors import SagaConfigError, SagaStoreUnavailableError
 from saga_celery._store.archive import SCHEMA_VERSION, PostgresArchive
 from saga_celery._store.memory import MemoryStore
 from tests.integration.history_pg import archive_url  # noqa: F401  (a fixture)
+from tests.unit.sim import plan
 from tests.unit.test_history import run_to_end
 
 pytestmark = [pytest.mark.integration]
@@ -135,3 +136,35 @@ def test_an_archive_that_is_down_delays_archiving_and_loses_nothing(
     assert client.hexists("d:{down-1}:state", "a") and back.count() == 1
     assert store.load("down-1").run.status == "complete"  # type: ignore[union-attr]
     back.close()
+
+
+def test_a_list_reads_archived_sagas_in_one_archive_query(
+        archive: PostgresArchive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A list of sagas whose Redis records are tombstones reads their runs with one archive
+    query (no events), each as ``load`` gives it; a live saga among them from Redis."""
+    import fakeredis
+
+    from saga_celery._store import RedisStore
+
+    store = RedisStore(fakeredis.FakeRedis(), prefix="l:", archive=archive)
+    store.finisher.submit = lambda saga_id: None  # type: ignore[method-assign]
+    engine = Engine(store)
+    ids = [f"list-{n}" for n in range(4)]
+    for n, saga_id in enumerate(ids[:3]):
+        run_to_end(engine, saga_id, fail_last=n == 1)
+    assert store.finish_pending(older_than_ms=0) == 3  # archived: tombstones in Redis
+    engine.submit(saga_id=ids[3], name="five", plan=plan("a"), params={})
+    queries: list[list[str]] = []
+    fetch_runs = archive.fetch_runs
+
+    def counted(saga_ids: list[str]) -> object:
+        queries.append(list(saga_ids))
+        return fetch_runs(saga_ids)
+
+    monkeypatch.setattr(archive, "fetch_runs", counted)
+    runs = store.load_runs([*reversed(ids), "unknown"])
+
+    assert queries == [[ids[2], ids[1], ids[0]]]
+    assert [r.status if r else None for r in runs] == [
+        "queued", "complete", "errored", "complete", None]
+    assert runs[1:4] == [store.load(i).run for i in reversed(ids[:3])]  # type: ignore[union-attr]

@@ -205,6 +205,24 @@ def test_list_filters_by_status_and_name_and_limits(sagas: SagaApp) -> None:
     assert _ids(cli("list", "--limit", "1")) == ["l-3"]
 
 
+def test_list_reads_its_page_of_sagas_in_one_store_read(
+        sagas: SagaApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``list`` reads the sagas of a page together (one round trip to Redis, one archive
+    query), never one at a time; with a filter, a page's worth at a time."""
+    _three_sagas(sagas)
+    store = sagas.reader._store  # type: ignore[attr-defined]
+    reads: list[list[str]] = []
+    load_runs = store.load_runs
+    monkeypatch.setattr(store, "load_runs", lambda ids: reads.append(list(ids)) or
+                        load_runs(ids))
+
+    assert _ids(cli("list")) == ["l-3", "l-2", "l-1"]
+    assert reads == [["l-3", "l-2", "l-1"]]
+    reads.clear()
+    assert _ids(cli("list", "--name", "order", "--limit", "2")) == ["l-2", "l-1"]
+    assert reads == [["l-3", "l-2"], ["l-1"]]
+
+
 def test_list_with_no_match_says_so(sagas: SagaApp) -> None:
     """No saga matches: a message and exit status 0."""
     result = cli("list", "--status", "terminated")

@@ -196,6 +196,32 @@ def test_an_archived_saga_without_an_archive_says_what_to_configure(
         store.load("s8")
 
 
+def test_a_list_reads_compacted_and_live_sagas_as_a_load_does(store: RedisStore) -> None:
+    """``load_runs``, what a list of sagas reads, gives each saga's run as ``load`` does,
+    compacted or not, in the order asked, None for an id Redis no longer has."""
+    engine = Engine(store)
+    run_to_end(engine, "l1")
+    run_to_end(engine, "l2", fail_last=True)
+    assert store.finish("l1")
+    engine.submit(saga_id="l3", name="five", plan=plan(*STEPS), params={})
+
+    runs = store.load_runs(["l3", "gone", "l2", "l1"])
+
+    expected = [store.load(i) for i in ("l3", "gone", "l2", "l1")]
+    assert runs == [None if e is None else e.run for e in expected]
+    assert [r.status if r else None for r in runs] == [
+        SagaStatus.QUEUED, None, SagaStatus.ERRORED, SagaStatus.COMPLETE]
+
+
+def test_a_list_with_an_archived_saga_and_no_archive_says_what_to_configure(
+        store: RedisStore, client: fakeredis.FakeRedis) -> None:
+    run_to_end(Engine(store), "l8")
+    client.hset("h:{l8}:state", mapping={"a": "pg", "s": "complete"})
+    client.hdel("h:{l8}:state", "p")
+    with pytest.raises(SagaStoreError, match=r"archive=\.\.\."):
+        store.load_runs(["l8"])
+
+
 def test_history_round_trips_and_is_small() -> None:
     """The compacted value gives back the run, version and events; a five-step saga's
     fits well under 2 KB."""
