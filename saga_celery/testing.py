@@ -15,7 +15,8 @@ Failures are injected per attempt: ``fail``, ``fail_rollback``, ``timeout`` and
 path (a ``NonRetryableError`` skips the retries, a ``RetryLater`` sets the delay, a timeout
 is a ``TimeoutError`` attempt whose duration is the configured timeout).  Attempts run one
 at a time, each from its start to its end; ``while_running`` acts between the two (runs
-another message, terminates), which is how a sibling in flight is staged.
+another message, terminates), which is how a sibling in flight is staged.  What a test
+injected is kept, and applied through the runtime's body hook, by ``_faults.Faults``.
 
 Waiting (SPEC section 8) is virtual too.  A delay longer than the app's ``max_countdown`` (a
 long retry delay or ``RetryLater``, a sleep, a wait's timeout, a hold's timeout) is a timer
@@ -36,24 +37,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
 
 from pydantic import JsonValue
 
 from saga_celery._celery.app import InProcess, SagaApp
-from saga_celery._celery.control import Control
 from saga_celery._celery.definition import SagaDefinition
 from saga_celery._celery.dispatch import Message
 from saga_celery._celery.handle import SagaHandle
-from saga_celery._celery.runtime import Body
-from saga_celery._celery.tasks import SagaRollbackTask, SagaStepTask
-from saga_celery._celery.timeouts import AttemptTimeout, is_timeout
-from saga_celery._core.config import StepConfig
 from saga_celery._core.durations import parse_duration
-from saga_celery._core.model import Dispatch, Kind, SagaRun
+from saga_celery._core.model import Dispatch, SagaRun
 from saga_celery._core.state import SagaState
 from saga_celery._engine import epoch_ms
-from saga_celery._errors import SagaConfigError, SagaError, StepOutputError
+from saga_celery._errors import SagaConfigError, SagaError
+from saga_celery._faults import Faults
 from saga_celery._store.base import Timer
 from saga_celery._store.memory import MemoryStore
 
@@ -102,12 +98,11 @@ class _Clock:
     def move_to(self, when: datetime) -> None:
         self.current = max(self.current, when)
 
+    def elapse(self, duration: timedelta) -> None:
+        self.move_to(self.current + duration)
+
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-_Key = tuple[Kind, str, int, int]
-"""(step or rollback, step name, count, attempt): what an injected failure replaces."""
-
 
 class SagaTestEnv:
     """Run a ``SagaApp``'s sagas in this process, on a virtual clock; see the module.
@@ -124,12 +119,10 @@ class SagaTestEnv:
         self._clock = _Clock(start or datetime.now(UTC))
         self._queue: list[_Queued] = []
         self._seq = itertools.count()
-        self._injected: dict[_Key, Callable[[StepConfig], Body]] = {}
-        self._during: dict[_Key, list[Callable[[], object]]] = {}
-        self._body_errors: list[BaseException] = []
+        self._faults = faults = Faults(sagas.app, self._clock.elapse)
         self._store = store = MemoryStore(clock=self._clock.seconds, retention_ms=None)
         self._restore: Callable[[], None] | None = sagas._run_in_process(InProcess(
-            store=store, clock=self._clock.now, outlet=self._enqueue, body_hook=self._body,
+            store=store, clock=self._clock.now, outlet=self._enqueue, body_hook=faults.body,
             draw=random.Random(seed).random))
 
     # --- the environment's life ----------------------------------------------------------
@@ -237,33 +230,23 @@ class SagaTestEnv:
         """Attempt(s) ``attempt`` of ``step`` (its name or the step itself; its ``count``-th
         occurrence in a saga) raise ``error`` instead of running the body.  The default
         error is a ``RuntimeError`` naming the attempt."""
-        name = self._step_name(step, rollback=False)
-        for n in _attempts(attempt):
-            self._inject((Kind.STEP, name, count, n), _raising(error, name, n))
+        self._faults.fail(step, attempt, count, rollback=False, error=error)
 
     def fail_rollback(self, step: object, *, attempt: int | Iterable[int] = 1,
                       error: BaseException | None = None, count: int = 1) -> None:
         """Rollback attempt(s) ``attempt`` of ``step`` raise ``error`` instead of running its
         handler."""
-        name = self._step_name(step, rollback=True)
-        for n in _attempts(attempt):
-            self._inject((Kind.ROLLBACK, name, count, n),
-                         _raising(error, f"rollback of {name}", n))
+        self._faults.fail(step, attempt, count, rollback=True, error=error)
 
-    def timeout(self, step: object, *, attempt: int | Iterable[int] = 1, count: int = 1
-                ) -> None:
+    def timeout(self, step: object, *, attempt: int | Iterable[int] = 1, count: int = 1) -> None:
         """Attempt(s) ``attempt`` of ``step`` run past the step's timeout: the attempt takes
         the timeout's time on the virtual clock and fails with ``TimeoutError``."""
-        name = self._step_name(step, rollback=False)
-        for n in _attempts(attempt):
-            self._inject((Kind.STEP, name, count, n), self._timing_out)
+        self._faults.timeout(step, attempt, count, rollback=False)
 
     def timeout_rollback(self, step: object, *, attempt: int | Iterable[int] = 1,
                          count: int = 1) -> None:
         """Rollback attempt(s) ``attempt`` of ``step`` run past the handler's timeout."""
-        name = self._step_name(step, rollback=True)
-        for n in _attempts(attempt):
-            self._inject((Kind.ROLLBACK, name, count, n), self._timing_out)
+        self._faults.timeout(step, attempt, count, rollback=True)
 
     def while_running(self, step: object, action: Callable[[], object], *,
                       attempt: int | Iterable[int] = 1, rollback: bool = False,
@@ -273,20 +256,13 @@ class SagaTestEnv:
         injected in its place).  ``env.run_next`` there runs another message with this
         attempt in flight (a parallel sibling failing meanwhile); ``run.terminate`` stops the
         saga under it."""
-        name = self._step_name(step, rollback=rollback)
-        kind = Kind.ROLLBACK if rollback else Kind.STEP
-        for n in _attempts(attempt):
-            _check_count(count, name)
-            self._during.setdefault((kind, name, count, n), []).append(action)
+        self._faults.during(step, action, attempt, count, rollback=rollback)
 
     def fix(self, step: object, *, rollback: bool = False) -> None:
         """Drop every failure injected for ``step`` (its rollback, with ``rollback``) in
         attempts not run yet: the deploy that fixes it, before ``run.redrive()`` or
         ``run.retry_rollback()``."""
-        name = self._step_name(step, rollback=rollback)
-        kind = Kind.ROLLBACK if rollback else Kind.STEP
-        for key in [k for k in self._injected if k[0] == kind and k[1] == name]:
-            del self._injected[key]
+        self._faults.fix(step, rollback=rollback)
 
     # --- inside ---------------------------------------------------------------------------
 
@@ -346,91 +322,15 @@ class SagaTestEnv:
             raise SagaError(f"saga message for task {message.task!r}, which is not "
                             "registered in this app")
         args, kwargs = json.loads(json.dumps([message.args, message.kwargs]))
-        self._body_errors.clear()
+        self._faults.forget_errors()
         try:
             task.apply(args=args, kwargs=kwargs, task_id=message.task_id,
                        retries=message.retries, throw=True)
         except Exception as exc:
-            if not self._attempt_failure(exc):
+            if not self._faults.attempt_failure(exc):
                 raise
         finally:
-            self._body_errors.clear()
-
-    def _attempt_failure(self, exc: BaseException) -> bool:
-        """Whether ``exc`` is an attempt's failure (recorded as such), not a fault."""
-        return (any(exc is e for e in self._body_errors) or is_timeout(exc)
-                or isinstance(exc, StepOutputError))
-
-    def _body(self, control: Control, config: StepConfig, body: Body) -> Body:
-        """The runtime's body hook: an injected failure in place of the body, and every
-        error raised in the body's place noted (``_attempt_failure``)."""
-        key = (control.kind, control.step, control.count, control.attempt)
-        injected = self._injected.get(key)
-        run = body if injected is None else injected(config)
-        actions = self._during.get(key, [])
-
-        def observed() -> Any:
-            for action in actions:
-                action()
-            try:
-                return run()
-            except BaseException as exc:
-                self._body_errors.append(exc)
-                raise
-
-        return observed
-
-    def _timing_out(self, config: StepConfig) -> Body:
-        def late() -> Any:
-            self._clock.move_to(self._clock.now() + config.timeout)
-            raise AttemptTimeout
-
-        return late
-
-    def _inject(self, key: _Key, body: Callable[[StepConfig], Body]) -> None:
-        _check_count(key[2], key[1])
-        self._injected[key] = body
-
-    def _step_name(self, step: object, *, rollback: bool) -> str:
-        """The name of a registered step (given as itself or its name); ``SagaConfigError``
-        for anything else, or, with ``rollback``, a step with no rollback handler."""
-        name = getattr(step, "name", step)
-        task = self._sagas.app.tasks.get(name) if isinstance(name, str) else None
-        if not isinstance(task, SagaStepTask):
-            raise SagaConfigError(f"{step!r} is not a saga step of this app (give the step "
-                                  "or its name)")
-        if rollback and not isinstance(type(task).saga_rollback, SagaRollbackTask):
-            raise SagaConfigError(f"step {task.name!r} has no rollback handler to fail",
-                                  step=task.name)
-        return str(task.name)
-
-
-def _check_count(count: int, step: str) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise SagaConfigError(f"count must be 1 or more, not {count!r}", step=step)
-
-
-def _attempts(attempt: int | Iterable[int]) -> list[int]:
-    numbers = [attempt] if isinstance(attempt, int) else list(attempt)
-    bad = [n for n in numbers if isinstance(n, bool) or not isinstance(n, int) or n < 1]
-    if bad or not numbers:
-        raise SagaConfigError(f"attempt numbers start at 1; got {attempt!r}")
-    return numbers
-
-
-def _raising(error: BaseException | None, what: str, attempt: int
-             ) -> Callable[[StepConfig], Body]:
-    if error is not None and not isinstance(error, Exception):
-        raise SagaConfigError(f"error= must be an exception instance, got {error!r}")
-    chosen = error or RuntimeError(f"injected failure of {what}, attempt {attempt}")
-
-    def body(config: StepConfig) -> Body:
-        def fail() -> Any:
-            raise chosen
-
-        return fail
-
-    return body
+            self._faults.forget_errors()
 
 
 def _due(timer: Timer, entry: Dispatch) -> datetime:
