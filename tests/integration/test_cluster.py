@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import redis
@@ -93,12 +94,26 @@ def test_finished_sagas_are_compacted_on_the_cluster(
     deadline = time.monotonic() + 60
     while not all(cluster_client.hexists(key, "c") for key in keys) or any(
             cluster_client.zscore(finishing, run.id) is not None for run in runs):
-        assert time.monotonic() < deadline, "the finisher did not compact them"
+        assert time.monotonic() < deadline, _not_compacted(cluster_client, keys, finishing,
+                                                           runs, worker)
         time.sleep(0.1)
     assert len({cluster_client.get_node_from_key(key).name for key in keys}) > 1
     assert [shop.sagas.run(run.id).status() for run in runs] == states
     assert all(shop.sagas.run(run.id).events()[-1]["type"] == "saga_completed"
                for run in runs)
+
+
+def _not_compacted(client: RedisCluster, keys: list[str], finishing: str, runs: list[Any],
+                   worker: WorkerProcess) -> str:
+    """What the finisher left undone, and what the worker said about finishing: for a
+    failure to say why (seen once, on the lowest versions, in a whole CI run)."""
+    fields = {key: sorted(f.decode() if isinstance(f, bytes) else str(f)
+                         for f in client.hkeys(key)) for key in keys}
+    marked = [run.id for run in runs if client.zscore(finishing, run.id) is not None]
+    said = [line for line in worker.log().splitlines()
+            if "finish" in line or "Error" in line or "Traceback" in line]
+    return (f"the finisher did not compact them: state fields {fields}, still marked "
+            f"{marked}; the worker said: {said[-20:]}")
 
 
 def test_a_failing_saga_rolls_back_in_reverse_start_order(
