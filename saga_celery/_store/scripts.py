@@ -176,9 +176,11 @@ COMPACT = """
 -- KEYS[1]  state hash   KEYS[2]  event stream
 -- ARGV[1]  the version the history was read at   ARGV[2] the compacted history
 -- ARGV[3]  what older releases find in 'd' (a newer-format marker)
--- Returns 1 if compacted, 0 if the saga changed, runs again, or is compacted already.
+-- Returns 1 if compacted, now or already at this version (a batch sent again after another
+-- node of a Cluster answered NOSCRIPT), 0 if the saga changed, runs again, or is archived.
 local state = redis.call('HMGET', KEYS[1], 'v', 't', 'c', 'a')
-if state[1] ~= ARGV[1] or state[2] ~= '1' or state[3] or state[4] then return 0 end
+if state[1] ~= ARGV[1] or state[2] ~= '1' or state[4] then return 0 end
+if state[3] then return 1 end
 -- Written afresh (a hash keeps its large encoding after HDEL), with its time to live.
 local ttl = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2])

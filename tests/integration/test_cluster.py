@@ -21,12 +21,15 @@ from celery import Celery
 from redis.cluster import RedisCluster
 
 from saga_celery import SagaApp, SagaConfigError, SagaStoreUnavailableError
+from saga_celery._engine import Engine
 from saga_celery._store import RedisStore
+from saga_celery._store.scripts import COMPACT
 from tests.contract.conftest import make_run
 from tests.integration.harness import WorkerProcess
 from tests.integration.shop_fixtures import entries, import_shop_copy, module_shop_worker
 from tests.integration.topology_env import deployment
 from tests.redis_servers import ClusterServers, running
+from tests.unit.test_history import run_to_end
 from workers.settings import WorkerSettings
 from workers.state import state_options
 
@@ -193,3 +196,27 @@ def test_a_node_that_is_down_makes_its_sagas_unavailable_not_corrupt(
             store.load(on_down[0].id)
         assert store.load(elsewhere[0].id) is not None
         client.close()
+
+
+def test_compaction_sent_again_after_a_node_lacked_its_script_drops_every_marker(
+        cluster_client: RedisCluster) -> None:
+    """One node without the compaction script (restarted, or not asked yet) answers
+    NOSCRIPT while the others compact: the finisher loads it and sends the batch again, and
+    the sagas compacted the first time lose their markers too, not only the others."""
+    store = RedisStore(cluster_client, prefix=f"cf-{uuid.uuid4().hex[:6]}:")
+    store.finisher.submit = lambda saga_id: None  # type: ignore[method-assign]
+    engine = Engine(store)
+    ids = [f"cf-{n}" for n in range(8)]
+    for saga_id in ids:
+        run_to_end(engine, saga_id)
+    keys = [f"{store.prefix}{{{saga_id}}}:state" for saga_id in ids]
+    nodes = {cluster_client.get_node_from_key(key).name: key for key in keys}
+    assert len(nodes) > 1  # the batch spans nodes
+    cluster_client.script_load(COMPACT)  # on every node, then gone from one
+    cluster_client.get_node_from_key(keys[0]).redis_connection.script_flush()
+
+    assert store.finish_many(ids) == len(ids)
+
+    finishing = f"{store.prefix}finishing"
+    assert [saga_id for saga_id in ids if cluster_client.zscore(finishing, saga_id)] == []
+    assert all(cluster_client.hexists(key, "c") for key in keys)
