@@ -104,6 +104,7 @@ class _Clock:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+
 class SagaTestEnv:
     """Run a ``SagaApp``'s sagas in this process, on a virtual clock; see the module.
 

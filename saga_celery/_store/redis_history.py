@@ -274,9 +274,10 @@ class FinishedSagas(RedisIO):
             except (ValueError, ValidationError) as exc:
                 detail = f"{key} does not hold a readable saga history ({first_line(exc)})"
                 raise self._corrupt(saga_id, detail) from exc
-        found = self._archive_of(saga_id, archived).fetch(saga_id)
+        archive = self._archive_of(saga_id, archived)
+        found = archive.fetch(saga_id)
         if found is None:
-            raise self._not_archived(saga_id)
+            raise _not_archived(saga_id, archive)
         return found
 
     def _archived_runs(self, marked: Mapping[str, object]) -> dict[str, SagaRun]:
@@ -284,11 +285,11 @@ class FinishedSagas(RedisIO):
         query; raises as ``_finished`` does for one the archive cannot give."""
         if not marked:
             return {}
-        first, archived = next(iter(marked.items()))
-        found = self._archive_of(first, archived).fetch_runs(list(marked))
+        archive = self._archive_of(*next(iter(marked.items())))
+        found = archive.fetch_runs(list(marked))
         missing = next((saga_id for saga_id in marked if saga_id not in found), None)
         if missing is not None:
-            raise self._not_archived(missing)
+            raise _not_archived(missing, archive)
         return found
 
     def _archive_of(self, saga_id: str, archived: object) -> PostgresArchive:
@@ -300,11 +301,6 @@ class FinishedSagas(RedisIO):
                 saga_id=saga_id)
         return self.archive
 
-    def _not_archived(self, saga_id: str) -> SagaStoreError:
-        where = self.archive.where if self.archive is not None else "?"
-        return SagaStoreError(
-            f"saga {saga_id!r} is marked archived in Redis, but the archive at {where} does "
-            "not hold it (deleted, or its retention ran out).", saga_id=saga_id)
 
     def _finished_events(self, saga_id: str) -> list[tuple[str, dict[str, Any]]] | None:
         """The events of a compacted or archived saga; None if its stream is its own."""
@@ -347,6 +343,12 @@ def _check_retentions(retention: int | Mapping[str, int | None] | None
     if unknown:
         raise SagaConfigError(f"retention by outcome takes {sorted(outcomes)}, not {unknown}")
     return DEFAULT_RETENTION_MS, {k: _check_retention(v) for k, v in retention.items()}
+
+def _not_archived(saga_id: str, archive: PostgresArchive) -> SagaStoreError:
+    return SagaStoreError(
+        f"saga {saga_id!r} is marked archived in Redis, but the archive at {archive.where} "
+        "does not hold it (deleted, or its retention ran out).", saga_id=saga_id)
+
 
 def _log_deferred(saga_id: str, exc: Exception) -> None:
     import structlog

@@ -23,11 +23,7 @@ class SagaIndexes(FinishedSagas):
     """The index sets, corrupt records, timers and sweep record of a Redis saga store."""
 
     def active_ids(self, limit: int = 1000) -> list[str]:
-        if limit <= 0:
-            return []
-        with self._errors(key=self._keys.active):
-            ids = self._client.zrange(self._keys.active, 0, limit - 1)
-        return [as_str(i) for i in cast(list[bytes | str], ids)]
+        return self._first_ids(self._keys.active, limit, newest=False)
 
     def active_page(self, after_ms: int | None = None, count: int = 1000
                     ) -> tuple[list[str], int | None]:
@@ -69,10 +65,15 @@ class SagaIndexes(FinishedSagas):
                 for (saga_id, at_ms), why in zip(found, whys, strict=True)]
 
     def list_ids(self, limit: int = 100) -> list[str]:
+        return self._first_ids(self._keys.index, limit, newest=True)
+
+    def _first_ids(self, key: str, limit: int, *, newest: bool) -> list[str]:
+        """The first ``limit`` saga ids of the sorted set ``key``, oldest or newest first."""
         if limit <= 0:
             return []
-        with self._errors(key=self._keys.index):
-            ids = self._client.zrevrange(self._keys.index, 0, limit - 1)
+        with self._errors(key=key):
+            read = self._client.zrevrange if newest else self._client.zrange
+            ids = read(key, 0, limit - 1)
         return [as_str(i) for i in cast(list[bytes | str], ids)]
 
     def forget_active(self, saga_id: str) -> None:
